@@ -1,0 +1,165 @@
+"""Microbenchmark: fused Triton short-term attention vs the torch reference (eager) vs
+torch.compile of the reference; forward, backward and forward+backward.
+
+    python benchmarks/bench_kernel.py --out results/kernel.csv
+    python benchmarks/bench_kernel.py --batch 16384 --length 5 --dim 100   # one point
+
+Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs).
+"Minimum bytes" counts what any implementation must move once: forward reads x, the mask,
+W and P and writes short; backward reads x, the mask, W, P and the upstream gradient and
+writes dx and dW. Percent of peak uses the nominal bandwidth of the card (datasheet) and
+also the device-to-device copy bandwidth measured at the start of the run.
+Needs a CUDA GPU; on a CPU-only machine it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from common import machine, print_table, write_csv
+from fastattrec.kernels import position_encoding, short_term_attention_reference
+
+NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L4": 0.3}
+
+
+def nominal_bandwidth(name: str) -> float | None:
+    for key, tbps in NOMINAL_TBPS.items():
+        if key in name:
+            return tbps * 1e12
+    return None
+
+
+def measured_copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    from triton.testing import do_bench
+
+    n = 1 << 28  # 1 GiB of float32
+    a = torch.empty(n, device="cuda", dtype=torch.float32).normal_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def min_bytes(b: int, length: int, d: int, which: str) -> int:
+    x, mask, w, pos, short = b * length * d * 4, b * length, d * d * 4, length * d * 4, b * d * 4
+    fwd = x + mask + w + pos + short
+    bwd = x + mask + w + pos + short + x + w  # + upstream (B, d), dx, dW
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd - (x + mask + w + pos)}[which]
+
+
+def inputs(b: int, length: int, d: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(b, length, d, device="cuda", generator=g)
+    n = torch.randint(0, length + 1, (b,), device="cuda", generator=g)
+    mask = torch.arange(length, device="cuda")[None, :] >= (length - n)[:, None]
+    w = torch.empty(d, d, device="cuda").uniform_(-0.05, 0.05, generator=g)
+    pos = position_encoding(length, d, device="cuda")
+    up = torch.randn(b, d, device="cuda", generator=g)
+    return x, mask, w, pos, up
+
+
+def bench_impl(fn, x, mask, w, pos, up, which: str) -> float:
+    from triton.testing import do_bench
+
+    if which == "fwd":
+        with torch.no_grad():
+            return do_bench(lambda: fn(x, mask, w, pos), warmup=10, rep=40,
+                            return_mode="median")
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    if which == "bwd":
+        out = fn(xr, mask, wr, pos)
+        return do_bench(lambda: torch.autograd.grad(out, (xr, wr), up, retain_graph=True),
+                        warmup=10, rep=40, return_mode="median")
+    return do_bench(lambda: torch.autograd.grad(fn(xr, mask, wr, pos), (xr, wr), up),
+                    warmup=10, rep=40, return_mode="median")
+
+
+def fits(b: int, length: int, d: int, free: int, eager: bool) -> bool:
+    per = b * length * d * 4
+    need = (14 * per + 6 * b * length * length * 4) if eager else 5 * per
+    return need < 0.6 * free
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1024, 16384, 262144, 1048576])
+    ap.add_argument("--length", type=int, nargs="+", default=[5, 50, 200])
+    ap.add_argument("--dim", type=int, nargs="+", default=[64, 100, 128])
+    ap.add_argument("--compile-dims", type=int, nargs="*", default=None,
+                    help="d values for which torch.compile is measured (default: all)")
+    ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32"])
+    ap.add_argument("--out", type=Path, default=Path("results/bench_kernel.csv"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernel needs a CUDA GPU (the Triton kernel's speed means nothing in the "
+              "CPU interpreter); nothing measured.")
+        return 0
+    from fastattrec.kernels.attention import chosen_configs, short_term_attention_triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = machine()
+    meta["precision"] = args.precision
+    meta["copy_bandwidth_Bps"] = copy_bw = measured_copy_bandwidth()
+    nominal = nominal_bandwidth(meta["device"])
+    meta["nominal_bandwidth_Bps"] = nominal
+    print(f"{meta['device']}: measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, "
+          f"nominal {nominal / 1e12 if nominal else float('nan'):.2f} TB/s")
+
+    def triton_fn(x, m, w, p):
+        return short_term_attention_triton(x, m, w, p, precision=args.precision)
+
+    compiled = torch.compile(short_term_attention_reference, dynamic=True)
+    impls = {"triton": triton_fn, "eager": short_term_attention_reference, "compile": compiled}
+    rows = []
+    free = torch.cuda.mem_get_info()[0]
+    for length in args.length:
+        for d in args.dim:
+            for b in args.batch:
+                if not fits(b, length, d, free, eager=False):
+                    print(f"skip B={b} L={length} d={d}: does not fit in GPU memory")
+                    continue
+                data = inputs(b, length, d)
+                for which in ("fwd", "bwd", "fwd+bwd"):
+                    row = {"B": b, "L": length, "d": d, "pass": which}
+                    for name, fn in impls.items():
+                        if name != "triton" and not fits(b, length, d, free, eager=True):
+                            continue
+                        if name == "compile" and args.compile_dims is not None \
+                                and d not in args.compile_dims:
+                            continue
+                        try:
+                            row[f"{name}_ms"] = bench_impl(fn, *data, which)
+                        except torch.OutOfMemoryError:
+                            torch.cuda.empty_cache()
+                            row[f"{name}_ms"] = math.nan
+                    t = row["triton_ms"]
+                    nbytes = min_bytes(b, length, d, which)
+                    row["min_bytes"] = nbytes
+                    row["triton_GBps"] = nbytes / (t * 1e-3) / 1e9
+                    if nominal:
+                        row["pct_nominal_peak"] = 100 * nbytes / (t * 1e-3) / nominal
+                    row["pct_copy_peak"] = 100 * nbytes / (t * 1e-3) / copy_bw
+                    for base in ("eager", "compile"):
+                        if f"{base}_ms" in row:
+                            row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / t
+                    rows.append(row)
+                    print_table([row], list(row))
+                del data
+                torch.cuda.empty_cache()
+    meta["chosen_configs"] = {str(k): v for k, v in chosen_configs().items()}
+    write_csv(args.out, rows, meta)
+    cols = ["B", "L", "d", "pass", "triton_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
+            "speedup_vs_compile", "triton_GBps", "pct_nominal_peak"]
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+          f"precision {args.precision}  sha {meta['git_sha']}")
+    print_table(rows, cols)
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from fastattrec.cli import main
+
+main()

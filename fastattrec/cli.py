@@ -1,0 +1,413 @@
+"""The `fastattrec` command: each subcommand parses its options and calls one library
+function. Heavy imports (torch, polars) happen inside the commands, so `--help` is fast."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from fastattrec import __version__
+from fastattrec.errors import UserError
+
+
+def _user_errors(fn):
+    """Turn a UserError into click's one-line 'Error: ...' and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _table(rows: list[tuple[str, str]], title: str) -> str:
+    width = max(len(k) for k, _ in rows)
+    vwidth = max(len(v) for _, v in rows)
+    lines = [title, "-" * (width + vwidth + 3)]
+    lines += [f"{k:<{width}}   {v:>{vwidth}}" for k, v in rows]
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fastattrec")
+def main() -> None:
+    """AttRec, the self-attentive sequential recommender: prepare a ratings log, train,
+    evaluate and recommend.
+
+    \b
+    Typical run:
+      fastattrec synth -o demo/ratings.dat              # or use your own ratings file
+      fastattrec prep demo/ratings.dat -o demo/data
+      fastattrec train demo/data -o demo/run
+      fastattrec evaluate demo/run
+      fastattrec recommend demo/run --user 1
+    """
+
+
+@main.command()
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True,
+              help="File to write (MovieLens-1M format: UserID::ItemID::Rating::Timestamp).")
+@click.option("--users", default=6040, show_default=True, help="Number of users.")
+@click.option("--items", default=3706, show_default=True, help="Number of items.")
+@click.option("--interactions", default=1_000_209, show_default=True,
+              help="Total number of ratings (split over users with a heavy tail).")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same file).")
+@click.option("--clusters", type=int, default=None,
+              help="Item clusters the users move between (default: items/40, 2..64).")
+@click.option("--switch", default=0.15, show_default=True,
+              help="Probability per step that a user moves to another cluster.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_user_errors
+def synth(output: Path, users: int, items: int, interactions: int, seed: int,
+          clusters: int | None, switch: float, force: bool) -> None:
+    """Generate a synthetic ratings log with sequential structure (no download needed).
+
+    Defaults match MovieLens-1M's size. Users walk a Markov chain over item clusters
+    with Zipf popularity inside each cluster, so the next item is predictable from the
+    last few: a sequential model beats popularity on it.
+    """
+    import time
+
+    from fastattrec.data.synth import synthesize
+
+    if output.exists() and not force:
+        raise UserError(f"{output} already exists; pass --force to replace it.")
+    t = time.perf_counter()
+    info = synthesize(output, users, items, interactions, seed, clusters, switch)
+    click.echo(
+        f"wrote {output}: {info['interactions']:,} ratings, {info['users']:,} users, "
+        f"{info['items']:,} items, {info['clusters']} clusters "
+        f"({time.perf_counter() - t:.1f} s)"
+    )
+
+
+@main.command()
+@click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder to create for the prepared dataset.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv",
+                                 "parquet"]),
+              help="Input format. auto: '::' lines are MovieLens-1M ratings.dat, 4 tab-separated "
+                   "integers are MovieLens-100K u.data, a 'userId,movieId,rating,timestamp' "
+                   "header is MovieLens-20M/25M ratings.csv, '.inter' is RecBole; otherwise "
+                   "csv/tsv/parquet with named columns.")
+@click.option("--user-col", help="User column (csv/tsv/recbole/parquet). Default: guessed.")
+@click.option("--item-col", help="Item column (csv/tsv/recbole/parquet). Default: guessed.")
+@click.option("--time-col", help="Time column: numbers or dates. Default: guessed.")
+@click.option("--rating-col", help="Rating column (optional). Default: guessed if present.")
+@click.option("--trans-score", type=float, default=None,
+              help="Keep rows with rating >= this (implicit feedback). Default 1: every "
+                   "MovieLens rating.")
+@click.option("--test-negatives", type=int, default=None,
+              help="Distinct negatives per test user [default: 100; 101 with repeats under "
+                   "--compat notebook].")
+@click.option("--compat", type=click.Choice(["none", "notebook"]), default="none",
+              show_default=True,
+              help="notebook: sample as the original notebook (raw integer item ids as table "
+                   "rows, negatives from 1..max raw id, 101 test negatives with repeats).")
+@click.option("--seed", default=0, show_default=True, help="Seed for every random draw.")
+@click.option("--streaming", is_flag=True,
+              help="Run the plans on Polars' streaming engine (for logs larger than memory).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once complete).")
+@_user_errors
+def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
+         trans_score, test_negatives, compat, seed, streaming, force) -> None:
+    """Prepare a ratings log: time-ordered histories, leave-one-out split, negatives.
+
+    Each user's items are ordered by time (ties keep file order). The last item is the
+    test target, the one before it the validation target, the rest train targets; users
+    with a single item are dropped. Ids are remapped to 1..N (0 is padding). The folder
+    is written to a temporary name and renamed only when complete.
+    """
+    from fastattrec.data.prepare import PrepOptions, prepare
+    from fastattrec.data.readers import ColumnNames
+
+    opts = PrepOptions(
+        fmt=fmt, columns=ColumnNames(user_col, item_col, time_col, rating_col),
+        trans_score=trans_score, test_negatives=test_negatives, compat=compat, seed=seed,
+        streaming=streaming,
+    )
+    s = prepare(input_file, out_dir, opts, force=force, log=_log)
+    c = s.counts
+    rows = [
+        ("users", f"{c['users']:,}"),
+        ("items", f"{c['items']:,}"),
+        ("interactions", f"{c['interactions']:,}"),
+        ("train samples", f"{c['train_samples']:,}"),
+        ("validation samples", f"{c['val_samples']:,}"),
+        ("test samples", f"{c['test_samples']:,}"),
+        ("rows read", f"{c['rows_read']:,}"),
+        ("rows below --trans-score", f"{c['rows_read'] - c['rows_after_trans_score']:,}"),
+        ("users dropped (1 item)", f"{c['dropped_users']:,}"),
+        ("time", f"{s.seconds:.2f} s"),
+    ]
+    click.echo(_table(rows, f"prepared {out_dir}"))
+
+
+def _train_options(f):
+    opts = [
+        click.option("--maxlen", default=5, show_default=True,
+                     help="L: items in the short-term window."),
+        click.option("--dim", default=100, show_default=True, help="d: embedding size."),
+        click.option("--mode", type=click.Choice(["inner", "dist"]), default="inner",
+                     show_default=True,
+                     help="inner: dot-product scores, log-sigmoid pair loss; dist: squared "
+                          "distances of norm-clipped embeddings, hinge loss with --gamma."),
+        click.option("--w", default=0.5, show_default=True,
+                     help="Weight of the long-term part (1-w for the short-term part)."),
+        click.option("--gamma", default=0.5, show_default=True, help="Margin of mode dist."),
+        click.option("--embed-reg", default=1e-6, show_default=True,
+                     help="lambda of the L2 term over the whole embedding tables."),
+        click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate."),
+        click.option("--batch-size", default=1024, show_default=True),
+        click.option("--epochs", default=40, show_default=True),
+        click.option("--eval-every", default=5, show_default=True,
+                     help="Test metrics every N epochs (and after the last)."),
+        click.option("-k", "k", default=10, show_default=True,
+                     help="K of HR@K / NDCG@K in the log and for early stopping."),
+        click.option("--seed", default=0, show_default=True,
+                     help="Seed for initialisation, shuffling and resampled negatives."),
+        click.option("--device", default="auto", show_default=True,
+                     help="cpu, cuda or auto (cuda when available)."),
+        click.option("--negatives", type=click.Choice(["fixed", "resample"]), default="fixed",
+                     show_default=True,
+                     help="fixed: the negatives drawn by prep, every epoch (the notebook); "
+                          "resample: fresh uniform negatives every epoch."),
+        click.option("--early-stop", default=0, show_default=True,
+                     help="Stop after N epochs without a better validation NDCG@K (full "
+                          "ranking of the validation targets); 0: never. best.pt keeps the "
+                          "best epoch."),
+        click.option("--kernel", type=click.Choice(["auto", "triton", "structured", "torch"]),
+                     default="auto", show_default=True,
+                     help="Short-term attention: triton (fused kernel, CUDA), structured "
+                          "(the kernel's algorithm in torch ops, hand-written backward), torch "
+                          "(the plain reference), auto (triton on CUDA, structured on CPU)."),
+        click.option("--precision", type=click.Choice(["ieee", "tf32"]), default="ieee",
+                     show_default=True,
+                     help="Triton kernel's matrix products: ieee float32, or tf32 tensor "
+                          "cores (faster, ~1e-3 relative error)."),
+        click.option("--compile/--no-compile", default=True, show_default=True,
+                     help="On CUDA, capture the training step as a CUDA graph and replay it. "
+                          "No effect on CPU."),
+        click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
+                     show_default=True,
+                     help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),
+        click.option("--threads", default=0, show_default=True,
+                     help="CPU threads for torch (0: one per core)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path),
+              help="Run folder: config.json, checkpoints, log.csv, metrics.jsonl, curves.png.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Continue the interrupted run in this folder (same data and options; "
+                   "--epochs may be raised).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty run folder.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar per epoch [default: when writing to a terminal].")
+@_train_options
+@_user_errors
+def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> None:
+    """Train AttRec on a prepared dataset (DATA_DIR from `fastattrec prep`).
+
+    Each epoch prints one line (losses, validation NDCG, speed) and writes an atomic
+    checkpoint, so an interrupted run continues with --resume and ends with the same
+    weights. Test metrics (sampled and full ranking) come every --eval-every epochs.
+    """
+    from fastattrec.train import TrainConfig, set_threads
+    from fastattrec.train import train as run_training
+
+    set_threads(threads)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if resume_dir is not None:
+        if run_dir is not None and Path(run_dir) != Path(resume_dir):
+            raise UserError("give either -o RUN_DIR for a new run or --resume RUN_DIR, not both.")
+        ctx = click.get_current_context()
+        changed = {
+            k: v for k, v in opts.items()
+            if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+        }
+        if set(changed) - {"epochs", "device"}:
+            names = ", ".join("--" + c.replace("_", "-") for c in changed)
+            raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
+                            f"change (got {names}).")
+        base = None
+        if changed:
+            import json
+
+            saved = json.loads((Path(resume_dir) / "config.json").read_text())["train"] \
+                if (Path(resume_dir) / "config.json").exists() else {}
+            base = TrainConfig.from_dict({**saved, **changed})
+        res = run_training(None, resume_dir, base, resume=True, log=_log, progress=progress)
+    else:
+        if data_dir is None or run_dir is None:
+            raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
+        cfg = TrainConfig(**opts)
+        res = run_training(data_dir, run_dir, cfg, log=_log, progress=progress, force=force)
+    last = [h for h in res.history if "test" in h]
+    if last:
+        _print_metrics({"AttRec": last[-1]["test"]}, f"test metrics after epoch "
+                       f"{last[-1]['epoch']} ({res.backend} kernel, {res.device})")
+    click.echo(f"run saved in {res.run_dir}")
+
+
+def _print_metrics(results: dict[str, dict], title: str) -> None:
+    """One table: a row per (model, protocol), columns HR@K, NDCG@K, MRR."""
+    first = next(iter(results.values()))
+    proto0 = next(iter(first.values()))
+    keys = [k for k in proto0 if k.startswith("HR@")]
+    ks = [k.split("@")[1] for k in keys]
+    header = ["model", "protocol"] + [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
+    rows = []
+    for name, res in results.items():
+        for proto, m in res.items():
+            rows.append([name, proto] + [f"{m[f'HR@{k}']:.4f}" for k in ks]
+                        + [f"{m[f'NDCG@{k}']:.4f}" for k in ks] + [f"{m['MRR']:.4f}"])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    click.echo(title)
+    for r in [header, *rows]:
+        click.echo("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--protocol", type=click.Choice(["sampled", "full", "both"]), default="both",
+              show_default=True,
+              help="sampled: the target against its user's test negatives (the notebook); "
+                   "full: against every item the user has not had before.")
+@click.option("-k", "ks", multiple=True, type=int, default=(1, 5, 10, 20), show_default=True,
+              help="Cut-offs K for HR@K and NDCG@K (repeat the option).")
+@click.option("--ndcg-log", type=click.Choice(["2", "e"]), default=None,
+              help="NDCG's log base [default: the run's].")
+@click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
+              show_default=True,
+              help="best.pt, checkpoint.pt, or auto: best with --early-stop runs, else last.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Prepared data [default: the run's DATA_DIR].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-baseline", is_flag=True, help="Skip the popularity baseline.")
+@_user_errors
+def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_baseline) -> None:
+    """Evaluate a trained run beside the popularity baseline (HR@K, NDCG@K, MRR).
+
+    Writes eval.json into RUN_DIR.
+    """
+    import time
+
+    from fastattrec.atomic import atomic_write_json
+    from fastattrec.evaluate import ModelRanker, PopularityRanker
+    from fastattrec.evaluate import evaluate as run_eval
+    from fastattrec.runs import load_run
+
+    run = load_run(run_dir, checkpoint, device, data_dir)
+    ndcg_log = ndcg_log or run.cfg.ndcg_log
+    ks = sorted(set(ks))
+    t = time.perf_counter()
+    results = {"AttRec": run_eval(ModelRanker(run.model), run.data, run.cfg.maxlen, protocol, ks,
+                                  ndcg_log)}
+    seconds = time.perf_counter() - t
+    if not no_baseline:
+        pop = PopularityRanker(run.data.item_popularity())
+        results["popularity"] = run_eval(pop, run.data, run.cfg.maxlen, protocol, ks, ndcg_log)
+    _print_metrics(results, f"{run_dir} ({run.checkpoint} checkpoint, epoch {run.epoch}; "
+                            f"NDCG log base {ndcg_log}; model evaluated in {seconds:.3f} s)")
+    atomic_write_json(Path(run_dir) / "eval.json", {
+        "checkpoint": run.checkpoint, "epoch": run.epoch, "ndcg_log": ndcg_log,
+        "seconds": seconds, "results": results})
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--user", "raw_user", help="Raw user id (as in the ratings file).")
+@click.option("--all-users", is_flag=True, help="Recommend for every user (needs -o).")
+@click.option("-k", "k", default=10, show_default=True, help="Items per user.")
+@click.option("--movies", type=click.Path(path_type=Path),
+              help="MovieLens movies.dat, to print titles.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Parquet file for --all-users (raw_user, rank, raw_item, score[, title]).")
+@click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
+              show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_user_errors
+def recommend(run_dir, raw_user, all_users, k, movies, output, checkpoint, device) -> None:
+    """Top-K items for a user from their latest window, excluding items they have seen."""
+    import torch
+
+    from fastattrec.atomic import atomic_path
+    from fastattrec.recommend import dense_user, read_titles, recommend_frame
+    from fastattrec.runs import load_run
+
+    if bool(raw_user) == bool(all_users):
+        raise UserError("give exactly one of --user RAW_ID or --all-users.")
+    if all_users and output is None:
+        raise UserError("--all-users writes a Parquet file: add -o FILE.parquet.")
+    if k < 1:
+        raise UserError("-k must be at least 1.")
+    titles = read_titles(movies) if movies else None
+    run = load_run(run_dir, checkpoint, device)
+    dev = run.data.device
+    if all_users:
+        users = torch.arange(1, run.prepared.n_users + 1, device=dev)
+        frame = recommend_frame(run, users, k, titles)
+        with atomic_path(output) as tmp:
+            frame.write_parquet(tmp)
+        click.echo(f"wrote {frame.height:,} recommendations for {users.shape[0]:,} users "
+                   f"to {output}")
+        return
+    users = torch.tensor([dense_user(run, raw_user)], device=dev)
+    frame = recommend_frame(run, users, k, titles)
+    click.echo(f"top {frame.height} for user {raw_user}:")
+    for row in frame.iter_rows(named=True):
+        title = f"  {row['title']}" if titles is not None and row.get("title") else ""
+        click.echo(f"{row['rank']:3d}. item {row['raw_item']}  (score {row['score']:.4f}){title}")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["ml-100k", "ml-1m", "ml-20m", "ml-25m"]))
+@click.option("--dir", "dest", type=click.Path(path_type=Path), default=Path("data"),
+              show_default=True, help="Folder to unpack into.")
+@click.option("--url", help="Download from this address instead (a mirror).")
+@click.option("--md5", help="Expected MD5 of the archive at --url.")
+@click.option("--force", is_flag=True, help="Download again even if already unpacked.")
+@_user_errors
+def download(name, dest, url, md5, force) -> None:
+    """Fetch a MovieLens archive from GroupLens, verify its MD5 and unpack it.
+
+    MovieLens' licence forbids redistribution: keep the data out of version control.
+    """
+    from tqdm import tqdm
+
+    from fastattrec.data.download import download as fetch
+
+    bar = tqdm(unit="B", unit_scale=True, desc=name, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total or None
+        bar.n = done
+        bar.refresh()
+
+    path = fetch(name, dest, url, md5, progress, force)
+    bar.close()
+    click.echo(f"{name} ready: {path}\nnext: fastattrec prep {path} -o {dest}/{name}-prep")
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m fastattrec`
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data preparation: raw ratings logs -> a prepared dataset folder (Polars, lazily)."""

@@ -1,0 +1,295 @@
+"""`fastattrec prep`: a ratings log -> a prepared dataset folder (SPEC section 1).
+
+The log is read once into a typed frame (or, with `streaming`, sunk to a Parquet file
+that the later plans scan), then every output is one lazy Polars plan over it: dense id
+maps, the time-ordered flat sequences, per-user offsets, the train/validation negatives
+(one per row) and the test negatives. Nothing loops over users or rows in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from fastattrec import __version__
+from fastattrec.atomic import atomic_dir, atomic_write_json
+from fastattrec.data.dataset import FORMAT_VERSION
+from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
+from fastattrec.data.readers import ColumnNames, read_ratings, sink_ratings
+from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
+from fastattrec.errors import UserError
+
+COMPAT_MODES = ("none", "notebook")
+NOTEBOOK_TEST_NEGATIVES = 101
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    """Every parameter of a preparation; all of them are recorded in meta.json."""
+
+    fmt: str = "auto"
+    columns: ColumnNames = field(default_factory=ColumnNames)
+    trans_score: float | None = None  # None: keep every row (SPEC default 1 on 1..5 ratings)
+    test_negatives: int | None = None  # None: 100, or 101 with --compat notebook
+    compat: str = "none"
+    seed: int = 0
+    streaming: bool = False
+
+
+@dataclass
+class PrepSummary:
+    """What `prep` did, for the printed table."""
+
+    out_dir: Path
+    counts: dict[str, int]
+    seconds: float
+    steps: list[tuple[str, float]]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _collect(lf: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
+    return lf.collect(engine="streaming") if streaming else lf.collect()
+
+
+def prepare(
+    source: Path,
+    out_dir: Path,
+    opts: PrepOptions,
+    force: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> PrepSummary:
+    """Prepare `source` into `out_dir` (written atomically; see module docstring)."""
+    source, out_dir = Path(source), Path(out_dir)
+    if opts.compat not in COMPAT_MODES:
+        raise UserError(f"unknown --compat {opts.compat!r}; use one of {', '.join(COMPAT_MODES)}.")
+    notebook = opts.compat == "notebook"
+    n_test_neg = opts.test_negatives
+    if n_test_neg is None:
+        n_test_neg = NOTEBOOK_TEST_NEGATIVES if notebook else 100
+    if n_test_neg < 1:
+        raise UserError(f"--test-negatives must be at least 1, got {n_test_neg}.")
+    t0 = time.perf_counter()
+    steps: list[tuple[str, float]] = []
+
+    def step(name: str) -> None:
+        now = time.perf_counter() - t0
+        steps.append((name, now))
+        log(f"[{now:6.2f}s] {name}")
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        step("reading " + str(source))
+        if opts.streaming:
+            raw, scan = sink_ratings(source, tmp / "_canonical.parquet", opts.fmt, opts.columns)
+        else:
+            frame, scan = read_ratings(source, opts.fmt, opts.columns)
+            raw = frame.lazy()
+        rows_read = int(_collect(raw.select(pl.len()), opts.streaming).item())
+
+        if opts.trans_score is not None and not scan.has_rating:
+            raise UserError(
+                f"{source} has no rating column, so --trans-score cannot filter; "
+                f"drop --trans-score or name the column with --rating-col."
+            )
+        trans = 1.0 if opts.trans_score is None else float(opts.trans_score)
+        if scan.has_rating and opts.trans_score is not None or scan.has_rating:
+            raw = raw.filter(pl.col("rating") >= trans)
+        raw = raw.select("user", "item", "time", "_line")
+        if notebook:
+            raw = _check_notebook_ids(raw, source, opts.streaming)
+
+        step("splitting users")
+        per_user = _collect(raw.group_by("user").agg(pl.len().alias("n")), opts.streaming)
+        rows_kept = int(per_user.get_column("n").sum())
+        if rows_kept == 0:
+            raise UserError(
+                f"{source}: no rows left after --trans-score {trans:g}; lower it "
+                f"(ratings below it are dropped)."
+            )
+        short_users = per_user.filter(pl.col("n") < 2)
+        item_max_raw = (
+            int(_collect(raw.select(pl.col("item").max()), opts.streaming).item())
+            if notebook else 0
+        )
+        kept = raw.join(
+            per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
+        )
+
+        user_map = _collect(
+            kept.select(pl.col("user").alias("raw_user")).unique().sort("raw_user")
+            .with_row_index("user", offset=1).with_columns(pl.col("user").cast(pl.Int32)),
+            opts.streaming,
+        )
+        if user_map.height == 0:
+            raise UserError(
+                f"{source}: every user has a single interaction, so no sample can be made; "
+                f"each user needs at least 2."
+            )
+        if notebook:
+            item_map = _collect(
+                kept.select(pl.col("item").alias("raw_item")).unique().sort("raw_item")
+                .with_columns(pl.col("raw_item").cast(pl.Int32).alias("item")),
+                opts.streaming,
+            ).select("item", "raw_item")
+            universe = item_max_raw
+        else:
+            item_map = _collect(
+                kept.select(pl.col("item").alias("raw_item")).unique().sort("raw_item")
+                .with_row_index("item", offset=1).with_columns(pl.col("item").cast(pl.Int32)),
+                opts.streaming,
+            )
+            universe = item_map.height
+        item_rows = universe + 1
+
+        step("ordering sequences")
+        seq = _collect(
+            kept.join(user_map.lazy(), left_on="user", right_on="raw_user")
+            .drop("user").rename({"user_right": "user"})
+            .join(item_map.lazy(), left_on="item", right_on="raw_item")
+            .drop("item").rename({"item_right": "item"})
+            .sort("user", "time", "_line")
+            .select("user", "item"),
+            opts.streaming,
+        )
+        n_rows = seq.height
+        users = _collect(
+            seq.lazy().group_by("user").agg(
+                pl.len().cast(pl.Int32).alias("length"),
+                pl.col("item").n_unique().cast(pl.Int64).alias("distinct"),
+            ).sort("user")
+            .with_columns((pl.col("length").cast(pl.Int64).cum_sum() - pl.col("length"))
+                          .alias("offset"))
+            .join(user_map.lazy(), on="user"),
+            opts.streaming,
+        ).with_columns((universe - pl.col("distinct")).alias("unseen"))
+
+        full = users.filter(pl.col("unseen") < 1)
+        if full.height:
+            raise UserError(
+                f"{source}: user {full.item(0, 'raw_user')} has interacted with every one of "
+                f"the {universe} items, so no negative can be drawn; remove that user."
+            )
+        test_users = users.filter(pl.col("length") >= 2)
+        if not notebook:
+            short = test_users.filter(pl.col("unseen") < n_test_neg)
+            if short.height:
+                row = short.row(0, named=True)
+                raise UserError(
+                    f"{source}: user {row['raw_user']} has seen {row['distinct']} of the "
+                    f"{universe} items, so {n_test_neg} distinct test negatives cannot be "
+                    f"drawn; lower --test-negatives to at most {row['unseen']}."
+                )
+
+        step("drawing negatives")
+        stride = universe + 1
+        ref = seen_reference(seq.lazy(), stride).collect()
+        seq_g = seq.lazy().with_row_index("g")
+        train_negs = _collect(
+            map_unseen(
+                seq_g.join(users.lazy().select("user", "unseen"), on="user").with_columns(
+                    random_below(opts.seed, STREAM_TRAIN_NEG, pl.col("g"), pl.col("unseen"))
+                    .alias("r")
+                ).select("g", "user", "r"),
+                ref.lazy(), stride,
+            ).sort("g").select("neg"),
+            opts.streaming,
+        )
+        if notebook:
+            draws = (
+                test_users.lazy().select("user", "unseen")
+                .with_columns(pl.int_ranges(0, n_test_neg).alias("k")).explode("k")
+                .with_columns(
+                    random_below(
+                        opts.seed, STREAM_TEST_NEG,
+                        pl.col("user").cast(pl.UInt64) * (1 << 32) + pl.col("k").cast(pl.UInt64),
+                        pl.col("unseen"),
+                    ).alias("r")
+                ).select("user", pl.col("k").cast(pl.Int64), "r")
+                .collect()
+            )
+        else:
+            draws = distinct_test_draws(test_users.select("user", "unseen"), n_test_neg,
+                                        opts.seed)
+        test_negs = map_unseen(draws.lazy(), ref.lazy(), stride).sort("user", "k").select(
+            "user", "neg"
+        ).collect()
+
+        step("writing " + str(out_dir))
+        pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
+                      "neg": train_negs.get_column("neg")}).write_parquet(
+            tmp / "sequences.parquet")
+        users.select("user", "raw_user", "offset", "length").write_parquet(tmp / "users.parquet")
+        item_map.select("item", "raw_item").write_parquet(tmp / "items.parquet")
+        test_negs.write_parquet(tmp / "test_negatives.parquet")
+        (tmp / "_canonical.parquet").unlink(missing_ok=True)
+
+        lengths = users.get_column("length")
+        counts = {
+            "rows_read": rows_read,
+            "rows_after_trans_score": rows_kept,
+            "users": users.height,
+            "items": item_map.height,
+            "item_rows": item_rows,
+            "interactions": n_rows,
+            "train_samples": int((lengths - 3).clip(lower_bound=0).sum()),
+            "val_samples": int((lengths >= 3).sum()),
+            "test_samples": int((lengths >= 2).sum()),
+            "dropped_users": short_users.height,
+            "dropped_interactions": int(short_users.get_column("n").sum()),
+        }
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "fastattrec_version": __version__,
+            "source": {
+                "path": str(source.resolve()),
+                "size": source.stat().st_size,
+                "sha256": file_sha256(source),
+                "format": scan.fmt,
+            },
+            "params": {
+                "format": opts.fmt,
+                "columns": asdict(opts.columns),
+                "trans_score": trans if scan.has_rating else None,
+                "test_negatives_per_user": n_test_neg,
+                "test_negatives_distinct": not notebook,
+                "compat": opts.compat,
+                "seed": opts.seed,
+                "negative_universe": [1, universe],
+                "streaming": opts.streaming,
+            },
+            "counts": counts,
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+    seconds = time.perf_counter() - t0
+    steps.append(("done", seconds))
+    return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
+
+
+def _check_notebook_ids(raw: pl.LazyFrame, source: Path, streaming: bool) -> pl.LazyFrame:
+    """--compat notebook keeps raw item ids as embedding rows: they must be integers >= 1."""
+    schema = raw.collect_schema()
+    if not schema["item"].is_integer():
+        raise UserError(
+            f"{source}: --compat notebook keeps raw item ids as table rows, so they must be "
+            f"integers, but the item column holds {schema['item']}; drop --compat."
+        )
+    low = _collect(raw.select(pl.col("item").min()), streaming).item()
+    if low is not None and low < 1:
+        raise UserError(
+            f"{source}: --compat notebook needs item ids >= 1 (0 is padding) but found "
+            f"{low}; drop --compat."
+        )
+    return raw

@@ -1,0 +1,140 @@
+"""The AttRec module (SPEC section 2): embedding tables, scores and losses.
+
+The short-term interest comes from `fastattrec.kernels.short_term_attention`, which runs
+the fused Triton kernel on CUDA and the plain torch reference elsewhere; this module only
+gathers embeddings and combines them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastattrec.kernels import position_encoding, short_term_attention
+
+MODES = ("inner", "dist")
+
+
+@dataclass
+class AttRecConfig:
+    """Every hyper-parameter of the model (the notebook's defaults)."""
+
+    n_users: int  # table rows, padding row 0 included
+    n_items: int  # table rows, padding row 0 included
+    dim: int = 100
+    maxlen: int = 5
+    mode: str = "inner"
+    w: float = 0.5  # weight of the long-term part
+    gamma: float = 0.5  # margin in mode "dist"
+    embed_reg: float = 1e-6  # lambda of the whole-table L2 term
+    kernel: str = "auto"  # short-term attention backend: auto | triton | torch
+    precision: str = "ieee"  # Triton dot precision: ieee | tf32
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_rows(t: torch.Tensor) -> torch.Tensor:
+    """tf.clip_by_norm(t, 1, axis=-1): rows longer than 1 scaled to length 1."""
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    return t / norm.clamp(min=1.0)
+
+
+class AttRec(nn.Module):
+    """AttRec: long-term user-item part plus self-attentive short-term part."""
+
+    def __init__(self, cfg: AttRecConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        # All tables N(0, 0.05^2), row 0 included and trainable (SPEC section 2).
+        self.user_emb = nn.Parameter(torch.empty(cfg.n_users, d).normal_(0, 0.05,
+                                                                           generator=generator))
+        self.item_emb = nn.Parameter(torch.empty(cfg.n_items, d).normal_(0, 0.05,
+                                                                           generator=generator))
+        self.item2_emb = nn.Parameter(torch.empty(cfg.n_items, d).normal_(0, 0.05,
+                                                                            generator=generator))
+        self.proj = nn.Parameter(torch.empty(d, d).uniform_(-0.05, 0.05, generator=generator))
+        self.register_buffer("pos_enc", position_encoding(cfg.maxlen, d), persistent=False)
+
+    def tables(self) -> list[nn.Parameter]:
+        """The three embedding tables that carry the L2 term."""
+        return [self.user_emb, self.item_emb, self.item2_emb]
+
+    def short_term(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids, 0 = padding -> (B, d) short-term interest."""
+        x = F.embedding(windows, self.item_emb)  # (B, L, d)
+        mask = windows != 0  # (B, L)
+        return short_term_attention(x, mask, self.proj, self.pos_enc,
+                                    backend=self.cfg.kernel, precision=self.cfg.precision)
+
+    def score(self, users: torch.Tensor, short: torch.Tensor,
+              items: torch.Tensor) -> torch.Tensor:
+        """Scores of `items` (B,) or (B, K) for users (B,) with short-term interest (B, d).
+
+        Mode inner: higher is better; mode dist: lower is better (a squared distance).
+        """
+        u = F.embedding(users, self.user_emb)  # (B, d)
+        e = F.embedding(items, self.item_emb)  # (B, [K,] d)
+        e2 = F.embedding(items, self.item2_emb)
+        if items.dim() == 2:
+            u, short = u[:, None, :], short[:, None, :]
+        w = self.cfg.w
+        if self.cfg.mode == "inner":
+            return w * (u * e2).sum(-1) + (1 - w) * (short * e).sum(-1)
+        u, e, e2 = clip_rows(u), clip_rows(e), clip_rows(e2)
+        return w * (u - e2).pow(2).sum(-1) + (1 - w) * (short - e).pow(2).sum(-1)
+
+    def goodness_all(self, users: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+        """(B, n_items) scores of every item row, oriented so that higher is better."""
+        w = self.cfg.w
+        if self.cfg.mode == "inner":
+            left = torch.cat([w * self.user_emb[users], (1 - w) * short], dim=1)  # (B, 2d)
+            right = torch.cat([self.item2_emb, self.item_emb], dim=1)  # (I, 2d)
+            return left @ right.T
+        u = clip_rows(self.user_emb[users])
+        e, e2 = clip_rows(self.item_emb), clip_rows(self.item2_emb)
+        # ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2, as one matrix product for all items.
+        left = torch.cat([w * u, (1 - w) * short], dim=1)
+        right = torch.cat([e2, e], dim=1)
+        dist = (w * u.pow(2).sum(1, keepdim=True) + (1 - w) * short.pow(2).sum(1, keepdim=True)
+                - 2 * left @ right.T
+                + (w * e2.pow(2).sum(1) + (1 - w) * e.pow(2).sum(1))[None, :])
+        return -dist
+
+    def pair_losses(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
+                    neg: torch.Tensor) -> torch.Tensor:
+        """(B,) per-sample losses before reduction: softplus(neg - pos) for inner
+        (= -log sigmoid(pos - neg)), relu(pos - neg + gamma) for dist."""
+        short = self.short_term(windows)
+        s = self.score(users, short, torch.stack([pos, neg], dim=1))  # (B, 2): one gather
+        s_pos, s_neg = s[:, 0], s[:, 1]
+        if self.cfg.mode == "inner":
+            return F.softplus(s_neg - s_pos)
+        return torch.relu(s_pos - s_neg + self.cfg.gamma)
+
+    def forward(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
+                neg: torch.Tensor, valid: torch.Tensor | None = None,
+                count: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The batch loss without the L2 term: mean (inner) or sum (dist) over the valid
+        samples. `valid` (B,) 0/1 marks padding samples of a fixed-shape last batch;
+        `count` overrides the mean's denominator (for batches split across processes)."""
+        losses = self.pair_losses(users, windows, pos, neg)
+        if valid is not None:
+            losses = losses * valid
+        if self.cfg.mode == "dist":
+            return losses.sum()
+        if count is None:
+            count = valid.sum() if valid is not None else losses.shape[0]
+        return losses.sum() / count
+
+    def reg_loss(self) -> torch.Tensor:
+        """lambda * (||U||^2 + ||E||^2 + ||E2||^2) over whole tables (SPEC section 2)."""
+        return self.cfg.embed_reg * sum(t.pow(2).sum() for t in self.tables())

@@ -1,0 +1,134 @@
+"""Training end to end on CPU: learning beats popularity, resume is exact, early stopping
+keeps the best epoch, the run folder holds what the README says, and the CLI explains
+mistakes."""
+
+import csv
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from fastattrec.data.prepare import PrepOptions, prepare
+from fastattrec.data.synth import synthesize
+from fastattrec.train import TrainConfig, train
+from tests.helpers import cli
+
+SMALL = dict(dim=16, batch_size=256, eval_every=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root / "r.dat", 200, 600, 16000, seed=1, clusters=12)
+    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
+    return root / "data"
+
+
+def test_learns_and_beats_popularity(data_dir, tmp_path):
+    res = train(data_dir, tmp_path / "run", TrainConfig(epochs=6, lr=5e-3, **SMALL), log=print)
+    r = cli("evaluate", tmp_path / "run", "-k", "10")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())["results"]
+    for proto in ("sampled", "full"):
+        assert ev["AttRec"][proto]["HR@10"] > ev["popularity"][proto]["HR@10"] + 0.05
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    # Run folder contents.
+    run = tmp_path / "run"
+    for f in ("config.json", "checkpoint.pt", "best.pt", "log.csv", "metrics.jsonl",
+              "curves.png", "eval.json"):
+        assert (run / f).exists(), f
+    rows = list(csv.reader((run / "log.csv").open()))
+    assert rows[0] == ["Iteration", "fit_time", "evaluate_time", "hit_rate", "ndcg", "mrr"]
+    assert [int(r[0]) for r in rows[1:]] == [2, 4, 6]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("mode,negatives", [("inner", "fixed"), ("dist", "resample")])
+def test_resume_gives_identical_weights_and_metrics(data_dir, tmp_path, mode, negatives):
+    cfg = dict(epochs=4, mode=mode, negatives=negatives, **SMALL)
+    full = train(data_dir, tmp_path / "full", TrainConfig(**cfg), log=print)
+    part = TrainConfig(**{**cfg, "epochs": 2})
+    train(data_dir, tmp_path / "part", part, log=print)
+    r = cli("train", "--resume", tmp_path / "part", "--epochs", "4")
+    assert r.exit_code == 0, r.output
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = ("fit_time", "eval_time", "samples_per_s")
+    ha = [{k: v for k, v in h.items() if k not in strip} for h in full.history]
+    hb = [{k: v for k, v in h.items() if k not in strip} for h in b["history"]]
+    assert ha == hb
+
+
+def test_early_stop_keeps_best(data_dir, tmp_path):
+    res = train(data_dir, tmp_path / "run", TrainConfig(epochs=30, lr=3e-2, early_stop=2,
+                                                         **SMALL), log=print)
+    assert res.stopped_early and len(res.history) < 30
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    metric = [h["val_metric"] for h in res.history]
+    assert best["epoch"] == 1 + max(range(len(metric)), key=metric.__getitem__)
+    assert len(res.history) - best["epoch"] == 2
+
+
+def test_triton_backend_in_interpreter_matches_reference(tmp_path):
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel in the CPU interpreter")
+    synthesize(tmp_path / "r.dat", 20, 80, 400, seed=2)
+    prepare(tmp_path / "r.dat", tmp_path / "data", PrepOptions(test_negatives=10))
+    cfg = dict(epochs=1, eval_every=1, dim=8, batch_size=128, device="cpu")
+    a = train(tmp_path / "data", tmp_path / "t", TrainConfig(kernel="triton", **cfg), log=print)
+    b = train(tmp_path / "data", tmp_path / "r", TrainConfig(kernel="torch", **cfg), log=print)
+    assert a.backend == "triton"
+    assert a.history[0]["train_loss"] == pytest.approx(b.history[0]["train_loss"], rel=1e-5)
+
+
+def test_recommend(data_dir, tmp_path):
+    train(data_dir, tmp_path / "run", TrainConfig(epochs=1, **SMALL), log=print)
+    r = cli("recommend", tmp_path / "run", "--user", "7", "-k", "5")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("item ") == 5
+    out = tmp_path / "recs.parquet"
+    r = cli("recommend", tmp_path / "run", "--all-users", "-o", out, "-k", "3")
+    assert r.exit_code == 0, r.output
+    recs = pl.read_parquet(out)
+    assert recs.height == 200 * 3 and recs.columns == ["raw_user", "rank", "raw_item", "score"]
+    # Never an item the user already has.
+    from fastattrec.data.readers import read_ratings
+
+    seen, _ = read_ratings(data_dir.parent / "r.dat")
+    clash = recs.join(seen.select(pl.col("user").alias("raw_user"),
+                                  pl.col("item").alias("raw_item")),
+                      on=["raw_user", "raw_item"])
+    assert clash.height == 0
+    r = cli("recommend", tmp_path / "run", "--user", "99999")
+    assert r.exit_code != 0 and "not in the prepared data" in r.output
+
+
+def test_cli_errors(data_dir, tmp_path):
+    r = cli("train", tmp_path / "missing", "-o", tmp_path / "run")
+    assert r.exit_code != 0 and "does not exist" in r.output
+    (tmp_path / "notdata").mkdir()
+    r = cli("train", tmp_path / "notdata", "-o", tmp_path / "run")
+    assert r.exit_code != 0 and "not a prepared dataset" in r.output
+    r = cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "0")
+    assert r.exit_code != 0 and "--epochs must be at least 1" in r.output
+    r = cli("evaluate", tmp_path / "nowhere")
+    assert r.exit_code != 0 and "not a run folder" in r.output
+    r = cli("train", "--resume", tmp_path / "notdata")
+    assert r.exit_code != 0 and "no checkpoint.pt" in r.output
+    r = cli("train", data_dir, "-o", tmp_path / "r2", "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert r.exit_code != 0 and "no CUDA GPU" in r.output
+    # A finished run is not overwritten by accident.
+    train(data_dir, tmp_path / "done", TrainConfig(epochs=1, **SMALL), log=print)
+    r = cli("train", data_dir, "-o", tmp_path / "done", "--epochs", "1")
+    assert r.exit_code != 0 and "--resume" in r.output
+    r = cli("train", "--resume", tmp_path / "done", "--lr", "0.1")
+    assert r.exit_code != 0 and "only --epochs and --device" in r.output
