@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-from common import machine, print_table, write_csv
+
 from fastattrec.kernels import position_encoding, short_term_attention_reference
+
+from common import machine, print_table, write_csv
 
 NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L4": 0.3}
 

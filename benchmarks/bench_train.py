@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, print_table, write_csv
 
 from fastattrec.batches import DeviceData
 from fastattrec.data.prepare import PrepOptions, prepare
@@ -29,6 +28,8 @@ from fastattrec.data.synth import synthesize
 from fastattrec.evaluate import ModelRanker, evaluate
 from fastattrec.runs import load_run
 from fastattrec.train import TrainConfig, train
+
+from common import machine, print_table, write_csv
 
 SIZES = {
     "ml-100k": (943, 1682, 100_000),

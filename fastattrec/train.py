@@ -141,6 +141,10 @@ class EpochRunner:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.perm = torch.zeros(max(self.n_train, 1), dtype=torch.long, device=dev)
         self.negs = data.negs.clone()
+        # Per-sample arrays, cut once: windows (T, L), users, targets, and this epoch's
+        # negatives (refreshed by set_negatives); int32 halves what each step gathers.
+        self.windows, self.users, self.targets = data.train_arrays(cfg.maxlen)
+        self.train_negs = self.negs[data.train_rows].to(torch.int32)
         self.slot = torch.arange(self.local_bs, device=dev) + self.rank * self.local_bs
         # DDP averages gradients over processes; each process's loss is its share of the
         # global batch's sum (inner: divided by the global count), scaled by `world`, so the
@@ -149,22 +153,26 @@ class EpochRunner:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self) -> None:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
         lo = self.step * self.global_bs
         hi = torch.clamp(lo + self.global_bs, max=self.n_train)
         pos = lo + self.slot  # (b,) positions in the permutation
         valid = pos < hi
-        rows = data.train_rows[self.perm[pos.clamp(max=self.n_train - 1)]]  # (b,)
-        users = data.row_user[rows]
-        windows = data.windows_before(rows, cfg.maxlen)  # (b, L)
+        idx = self.perm[pos.clamp(max=self.n_train - 1)]  # (b,) train sample indices
         vf = valid.to(torch.float32)
         count = (hi - lo).to(torch.float32)  # samples in the whole global batch
-        loss = self.forward(users, windows, data.items[rows], self.negs[rows], vf, count)
+        loss = self.forward(self.users[idx], self.windows[idx], self.targets[idx],
+                            self.train_negs[idx], vf, count)
         (loss * self.loss_scale).backward()
         self.opt.step()
         local_sum = loss.detach() * (count if cfg.mode == "inner" else 1.0)
         self.loss_sum += local_sum.to(torch.float64)
         self.step += 1
+
+    def set_negatives(self, negs: torch.Tensor) -> None:
+        """Use `negs` (N,), one per flat row, from now on (in place: graphs see it)."""
+        self.negs.copy_(negs)
+        self.train_negs.copy_(negs[self.data.train_rows])
 
     def capture(self) -> None:
         """Record one step as a CUDA graph, leaving weights and optimiser untouched."""
@@ -371,7 +379,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
     for epoch in range(start + 1, cfg.epochs + 1):
         t1 = time.perf_counter()
         if cfg.negatives == "resample":
-            runner.negs.copy_(data.sample_negatives(g_negs))
+            runner.set_negatives(data.sample_negatives(g_negs))
         runner.perm.copy_(torch.randperm(n_train, generator=g_shuffle, device=device))
         bar = None
         if progress and main_proc:

@@ -165,6 +165,135 @@ def _attn_bwd(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, dx_ptr, dh_ptr,
                  mask=row_ok[:, None] & (krows < D)[None, :])
 
 
+# Long windows (next power of two of L above 64): one window per program. Its whole
+# (L x L) score matrix would not fit on chip, so Q goes to a scratch buffer once and the
+# scores are formed BLOCK_M query rows at a time against all keys.
+
+
+@triton.jit
+def _store_q_long(x_ptr, w_ptr, pos_ptr, q_ptr, kgrow, kr, k_ok,
+                  D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Q = relu((X + P) W) of the window's rows, written tile by tile to the scratch."""
+    for n0 in range(0, D, BLOCK_D):
+        q = tl.maximum(_projection_block(x_ptr, w_ptr, pos_ptr, kgrow, kr, k_ok, n0,
+                                         D, R, BLOCK_D, PRECISION), 0.0)
+        cols = n0 + tl.arange(0, BLOCK_D)
+        tl.store(q_ptr + kgrow[:, None] * D + cols[None, :], q,
+                 mask=k_ok[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
+                D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Softmax rows i0 .. i0 + BLOCK_M of one window against all its keys: (BLOCK_M, R)."""
+    qr = i0 + tl.arange(0, BLOCK_M)
+    q_ok = qr < L
+    qgrow = base + qr
+    s = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for m0 in range(0, D, BLOCK_D):
+        qi = _load_rows(q_ptr, qgrow, q_ok, m0, D, BLOCK_D)
+        qk = _load_rows(q_ptr, kgrow, k_ok, m0, D, BLOCK_D)
+        s += tl.dot(qi, tl.trans(qk), input_precision=PRECISION)
+    s = s * scale
+    valid = q_ok[:, None] & k_ok[None, :]
+    s = tl.where(key_ok[None, :], s, -4294967295.0)
+    s = tl.where(valid, s, float("-inf"))
+    m = tl.where(q_ok, tl.max(s, axis=1), 0.0)
+    e = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
+    denom = tl.where(q_ok, tl.sum(e, axis=1), 1.0)
+    return e / denom[:, None], qgrow, q_ok, valid
+
+
+@triton.jit
+def _attn_fwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, out_ptr,
+                   L, scale,
+                   D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * L
+    kr = tl.arange(0, R)
+    k_ok = kr < L
+    kgrow = base + kr
+    key_ok = tl.load(mask_ptr + kgrow, mask=k_ok, other=0) != 0
+    _store_q_long(x_ptr, w_ptr, pos_ptr, q_ptr, kgrow, kr.to(tl.int64), k_ok,
+                  D, R, BLOCK_D, PRECISION)
+    tl.debug_barrier()
+    p_bar = tl.zeros((R,), dtype=tl.float32)
+    for i0 in range(0, R, BLOCK_M):
+        a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
+                                            D, R, BLOCK_M, BLOCK_D, PRECISION)
+        p_bar += tl.sum(a, axis=0)
+    p_bar = p_bar / L
+    for d0 in range(0, D, BLOCK_D):
+        xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tl.store(out_ptr + b * D + cols, tl.sum(p_bar[:, None] * xt, axis=0), mask=cols < D)
+
+
+@triton.jit
+def _attn_bwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, q_ptr, dx_ptr, dh_ptr,
+                   L, scale,
+                   D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base = b * L
+    kr = tl.arange(0, R)
+    k_ok = kr < L
+    kgrow = base + kr
+    brow = kr * 0 + b  # every row reads the window's upstream gradient row
+    key_ok = tl.load(mask_ptr + kgrow, mask=k_ok, other=0) != 0
+    _store_q_long(x_ptr, w_ptr, pos_ptr, q_ptr, kgrow, kr.to(tl.int64), k_ok,
+                  D, R, BLOCK_D, PRECISION)
+    tl.debug_barrier()
+    p_bar = tl.zeros((R,), dtype=tl.float32)
+    for i0 in range(0, R, BLOCK_M):
+        a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
+                                            D, R, BLOCK_M, BLOCK_D, PRECISION)
+        p_bar += tl.sum(a, axis=0)
+    p_bar = p_bar / L
+    dp = tl.zeros((R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
+        gt = _load_rows(g_ptr, brow, k_ok, d0, D, BLOCK_D)
+        dp += tl.sum(xt * gt, axis=1)
+    c = dp / L
+    for n0 in range(0, D, BLOCK_D):
+        cols = n0 + tl.arange(0, BLOCK_D)
+        q_all = _load_rows(q_ptr, kgrow, k_ok, n0, D, BLOCK_D)  # (R, BLOCK_D)
+        acc_t = tl.zeros((R, BLOCK_D), dtype=tl.float32)  # sum over blocks of dS_I^T Q_I
+        for i0 in range(0, R, BLOCK_M):
+            a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L,
+                                                scale, D, R, BLOCK_M, BLOCK_D, PRECISION)
+            rows = tl.sum(a * c[None, :], axis=1)
+            ds = a * (c[None, :] - rows[:, None])
+            ds = tl.where(valid & key_ok[None, :], ds, 0.0) * scale
+            t_a = tl.dot(ds, q_all, input_precision=PRECISION)  # dS_I Q, rows of block I
+            tl.store(dh_ptr + qgrow[:, None] * D + cols[None, :], t_a,
+                     mask=q_ok[:, None] & (cols < D)[None, :])
+            q_i = _load_rows(q_ptr, qgrow, q_ok, n0, D, BLOCK_D)
+            acc_t += tl.dot(tl.trans(ds), q_i, input_precision=PRECISION)
+        tl.debug_barrier()
+        dq = _load_rows(dh_ptr, kgrow, k_ok, n0, D, BLOCK_D) + acc_t
+        tl.debug_barrier()
+        tl.store(dh_ptr + kgrow[:, None] * D + cols[None, :], tl.where(q_all > 0, dq, 0.0),
+                 mask=k_ok[:, None] & (cols < D)[None, :])
+    tl.debug_barrier()
+    for k0 in range(0, D, BLOCK_D):
+        acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
+        krows = k0 + tl.arange(0, BLOCK_D)
+        for n0 in range(0, D, BLOCK_D):
+            dh = _load_rows(dh_ptr, kgrow, k_ok, n0, D, BLOCK_D)
+            ncols = n0 + tl.arange(0, BLOCK_D)
+            wt = tl.load(w_ptr + krows[:, None] * D + ncols[None, :],
+                         mask=(krows < D)[:, None] & (ncols < D)[None, :], other=0.0)
+            acc += tl.dot(dh, tl.trans(wt), input_precision=PRECISION)
+        acc += p_bar[:, None] * _load_rows(g_ptr, brow, k_ok, k0, D, BLOCK_D)
+        tl.store(dx_ptr + kgrow[:, None] * D + krows[None, :], acc,
+                 mask=k_ok[:, None] & (krows < D)[None, :])
+
+
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
@@ -193,13 +322,23 @@ def _candidates(length: int, dim: int) -> list[tuple[int, int, int]]:
     full_d = max(16, triton.next_power_of_2(dim))
     need = max(16, triton.next_power_of_2(length))  # a block holds whole windows
     if need <= 32:
-        shapes = [(r, bd) for r in (max(need, 32), 64)
-                  for bd in sorted({min(full_d, 64), min(full_d, 128)})]
-    elif need == 64:
+        shapes = sorted({(max(need, 32), min(full_d, 128)), (64, min(full_d, 64))})
+    else:  # one window per program
         shapes = [(64, bd) for bd in sorted({min(full_d, 32), min(full_d, 64)})]
-    else:  # one window per program; S is (need x need)
-        shapes = [(need, min(full_d, 32))]
     return [(r, bd, 4 if r * bd <= 2048 else (8 if r < 256 else 16)) for r, bd in shapes]
+
+
+LONG = 64  # windows longer than this (rounded up to a power of two) use the long kernels
+
+
+def _long_meta(length: int, dim: int) -> dict:
+    r = triton.next_power_of_2(length)
+    return {"R": r, "BLOCK_M": 32, "BLOCK_D": min(max(16, triton.next_power_of_2(dim)), 32),
+            "num_warps": 8}
+
+
+def _is_long(length: int) -> bool:
+    return triton.next_power_of_2(length) > LONG
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, pos: torch.Tensor) -> None:
@@ -283,6 +422,11 @@ def attention_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
     if b == 0:
         return out
     mask8 = _as_bytes(mask)
+    if _is_long(length):
+        q = torch.empty_like(x)
+        _attn_fwd_long[(b,)](x, mask8, w, pos, q, out, length, 1.0 / math.sqrt(dim), D=dim,
+                             PRECISION=precision, **_long_meta(length, dim))
+        return out
 
     def run(cfg):
         meta = _meta(cfg, length)
@@ -322,6 +466,21 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     if b == 0:
         return dx, torch.zeros_like(w)
     mask8 = _as_bytes(mask)
+    if _is_long(length):
+        q = torch.empty_like(x)
+        _attn_bwd_long[(b,)](x, mask8, w, pos, grad, q, dx, dh, length, 1.0 / math.sqrt(dim),
+                             D=dim, PRECISION=precision, **_long_meta(length, dim))
+    else:
+        _run_bwd(x, mask8, w, pos, grad, dx, dh, precision)
+    dh_flat = dh.view(b * length, dim)
+    with _matmul_precision(precision):
+        # dW = sum_b (X_b + P)^T dH_b = X_flat^T dH_flat + P^T (sum_b dH_b)
+        dw = torch.addmm(pos.T @ dh.sum(dim=0), x.view(b * length, dim).T, dh_flat)
+    return dx, dw
+
+
+def _run_bwd(x, mask8, w, pos, grad, dx, dh, precision) -> None:
+    b, length, dim = x.shape
 
     def run(cfg):
         meta = _meta(cfg, length)
@@ -331,11 +490,6 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                         PRECISION=precision, **meta)
 
     run(_pick("bwd", length, dim, precision, b, run))
-    dh_flat = dh.view(b * length, dim)
-    with _matmul_precision(precision):
-        # dW = sum_b (X_b + P)^T dH_b = X_flat^T dH_flat + P^T (sum_b dH_b)
-        dw = torch.addmm(pos.T @ dh.sum(dim=0), x.view(b * length, dim).T, dh_flat)
-    return dx, dw
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from tests.helpers import cli
+from helpers import cli
 
 
 @pytest.fixture()

@@ -16,7 +16,8 @@ from fastattrec.evaluate import (
     metrics_from_ranks,
     sampled_ranks,
 )
-from tests.helpers import TINY_ML1M, write
+
+from helpers import TINY_ML1M, write
 
 # Goodness of items 0..7 (0 is padding and must never count).
 G = torch.tensor([100.0, 0.1, 0.9, 0.5, 0.6, 0.6, 0.7, 0.2])

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from fastattrec.kernels import position_encoding, short_term_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +28,8 @@ SHAPES = [
     (5, 5, 100, "none"),
     (2, 50, 16, "partial"),
     (2, 200, 8, "partial"),
+    (2, 100, 40, "prefix"),
+    (1, 65, 24, "none"),
     (3, 7, 33, "prefix"),
 ]
 if DEVICE == "cuda":  # sizes that would take minutes in the interpreter

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from fastattrec.data.dataset import load_prepared
 from fastattrec.data.prepare import PrepOptions, prepare
-from tests.helpers import TINY_ML1M, cli, write
+
+from helpers import TINY_ML1M, cli, write
 
 
 def test_hand_worked_split(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 from fastattrec.data.readers import ColumnNames, detect_format, read_ratings
 from fastattrec.errors import UserError
-from tests.helpers import cli, write
+
+from helpers import cli, write
 
 ROWS = [(1, 10, 5.0, 100), (1, 20, 3.0, 50), (2, 10, 4.0, 10)]
 

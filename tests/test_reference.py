@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import torch
+
 from fastattrec.kernels import position_encoding, short_term_attention_reference
 
 

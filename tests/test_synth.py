@@ -5,7 +5,8 @@ import polars as pl
 
 from fastattrec.data.readers import read_ratings
 from fastattrec.data.synth import synthesize
-from tests.helpers import cli
+
+from helpers import cli
 
 
 def test_counts_format_and_determinism(tmp_path):

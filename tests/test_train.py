@@ -12,7 +12,8 @@ import torch
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
 from fastattrec.train import TrainConfig, train
-from tests.helpers import cli
+
+from helpers import cli
 
 SMALL = dict(dim=16, batch_size=256, eval_every=2, device="cpu")
 
