@@ -230,10 +230,23 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
     checkpoint, so an interrupted run continues with --resume and ends with the same
     weights. Test metrics (sampled and full ranking) come every --eval-every epochs.
     """
-    from fastattrec.train import TrainConfig, set_threads
-    from fastattrec.train import train as run_training
+    from fastattrec.distributed import from_environment, shutdown
+    from fastattrec.train import set_threads
 
     set_threads(threads)
+    try:
+        dist = from_environment(opts["device"])
+        _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts)
+    finally:
+        shutdown()
+
+
+def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> None:
+    from fastattrec.train import TrainConfig
+    from fastattrec.train import train as run_training
+
+    main_proc = dist is None or dist.rank == 0
+    log = _log if main_proc else (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
     if resume_dir is not None:
@@ -255,12 +268,16 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
             saved = json.loads((Path(resume_dir) / "config.json").read_text())["train"] \
                 if (Path(resume_dir) / "config.json").exists() else {}
             base = TrainConfig.from_dict({**saved, **changed})
-        res = run_training(None, resume_dir, base, resume=True, log=_log, progress=progress)
+        res = run_training(None, resume_dir, base, resume=True, log=log, progress=progress,
+                           distributed=dist)
     else:
         if data_dir is None or run_dir is None:
             raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
         cfg = TrainConfig(**opts)
-        res = run_training(data_dir, run_dir, cfg, log=_log, progress=progress, force=force)
+        res = run_training(data_dir, run_dir, cfg, log=log, progress=progress, force=force,
+                           distributed=dist)
+    if not main_proc:
+        return
     last = [h for h in res.history if "test" in h]
     if last:
         _print_metrics({"AttRec": last[-1]["test"]}, f"test metrics after epoch "

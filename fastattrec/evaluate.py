@@ -86,9 +86,11 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int,
-                  chunk: int = 8192) -> torch.Tensor:
-    """(U_test,) ranks of each test target among that user's test negatives."""
+def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 8192,
+                  users: tuple[int, int] | None = None) -> torch.Tensor:
+    """(U_test,) ranks of each test target among that user's test negatives (only test
+    users lo..hi-1 with `users=(lo, hi)`)."""
+    lo_u, hi_u = users or (0, data.test_rows.shape[0])
     out = []
     n_cand = 1 + data.test_negs.shape[1]
     # With a moderate catalogue one matrix product against every item and a gather beats
@@ -96,16 +98,19 @@ def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int,
     via_all = data.n_items <= 64 * n_cand
     if via_all:
         chunk = min(chunk, _full_chunk_size(data.n_items, data.device))
-    for lo, hi in _chunks(data.test_rows.shape[0], chunk):
+    for lo, hi in _chunks(hi_u - lo_u, chunk):
+        lo, hi = lo + lo_u, hi + lo_u
         rows = data.test_rows[lo:hi]
-        users = data.row_user[rows]
+        who = data.row_user[rows]
         windows = data.windows_before(rows, maxlen)  # (B, L)
         cand = torch.cat([data.items[rows][:, None], data.test_negs[lo:hi]], dim=1)  # (B, 1+n)
         if via_all:
-            g = ranker.goodness_all(users, windows).gather(1, cand)
+            g = ranker.goodness_all(who, windows).gather(1, cand)
         else:
-            g = ranker.goodness(users, windows, cand)
+            g = ranker.goodness(who, windows, cand)
         out.append((g[:, 1:] >= g[:, :1]).sum(dim=1))
+    if not out:
+        return torch.zeros(0, dtype=torch.long, device=data.device)
     return torch.cat(out)
 
 
@@ -137,18 +142,31 @@ def full_ranks(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int
         g[b, data.items[data.offsets[users][b] + within]] = -math.inf
         g[torch.arange(r.shape[0], device=r.device), target] = -math.inf
         out.append((g >= g_t).sum(dim=1))
+    if not out:
+        return torch.zeros(0, dtype=torch.long, device=data.device)
     return torch.cat(out)
 
 
 def evaluate(ranker: Ranker, data: DeviceData, maxlen: int, protocol: str = "both",
-             ks: Sequence[int] = DEFAULT_KS, ndcg_log: str = "2") -> dict[str, dict]:
-    """Test metrics under the sampled and/or full-ranking protocol."""
+             ks: Sequence[int] = DEFAULT_KS, ndcg_log: str = "2",
+             dist=None) -> dict[str, dict]:
+    """Test metrics under the sampled and/or full-ranking protocol. With `dist` (a
+    fastattrec.distributed.Distributed) each process ranks its share of the users and the
+    ranks are gathered, so every process returns the same metrics."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    n = data.test_rows.shape[0]
+    lo, hi = (0, n) if dist is None else (n * dist.rank // dist.world,
+                                           n * (dist.rank + 1) // dist.world)
+
+    def collect(ranks: torch.Tensor) -> torch.Tensor:
+        return ranks if dist is None else dist.gather(ranks, n)
+
     res: dict[str, dict] = {}
     if protocol in ("sampled", "both"):
-        res["sampled"] = metrics_from_ranks(sampled_ranks(ranker, data, maxlen), ks, ndcg_log)
+        ranks = collect(sampled_ranks(ranker, data, maxlen, users=(lo, hi)))
+        res["sampled"] = metrics_from_ranks(ranks, ks, ndcg_log)
     if protocol in ("full", "both"):
-        res["full"] = metrics_from_ranks(full_ranks(ranker, data, data.test_rows, maxlen), ks,
-                                         ndcg_log)
+        ranks = collect(full_ranks(ranker, data, data.test_rows[lo:hi], maxlen))
+        res["full"] = metrics_from_ranks(ranks, ks, ndcg_log)
     return res

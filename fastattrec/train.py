@@ -216,16 +216,19 @@ class EpochRunner:
 
 
 @torch.no_grad()
-def validation_loss(model: AttRec, data: DeviceData, maxlen: int,
-                    chunk: int = 65536) -> float:
+def validation_loss(model: AttRec, data: DeviceData, maxlen: int, chunk: int = 65536,
+                    dist=None) -> float:
     """Mean per-sample loss of the validation targets with their fixed negatives."""
-    total, rows_all = 0.0, data.val_rows
+    rows_all = data.val_rows if dist is None else dist.shard(data.val_rows)
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
     for lo in range(0, rows_all.shape[0], chunk):
         rows = rows_all[lo:lo + chunk]
         losses = model.pair_losses(data.row_user[rows], data.windows_before(rows, maxlen),
                                    data.items[rows], data.negs[rows])
-        total += float(losses.double().sum())
-    return total / max(1, rows_all.shape[0])
+        total += losses.double().sum()
+    if dist is not None:
+        total = dist.all_sum(total)
+    return float(total) / max(1, data.val_rows.shape[0])
 
 
 def _csv_text(history: list[dict]) -> str:
@@ -322,11 +325,13 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
         cfg.data_dir = str(Path(data_dir).resolve())
     cfg.check()
     meta = read_meta(Path(data_dir))
-    device = pick_device(cfg.device)
+    device = distributed.device if distributed else pick_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     rank, world = (distributed.rank, distributed.world) if distributed else (0, 1)
     main_proc = rank == 0
+    if not main_proc:
+        log = lambda s: None  # noqa: E731 - only rank 0 speaks
     try:
         backend = resolve_backend(cfg.kernel, device)
     except RuntimeError as e:
@@ -411,8 +416,13 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
         with torch.no_grad():
             reg = float(model.reg_loss())
         ranker = ModelRanker(model)
-        val_loss = validation_loss(model, data, cfg.maxlen) + reg
-        val_ranks = full_ranks(ranker, data, data.val_rows, cfg.maxlen)
+        val_loss = validation_loss(model, data, cfg.maxlen, dist=distributed) + reg
+        if distributed:
+            val_ranks = distributed.gather(
+                full_ranks(ranker, data, distributed.shard(data.val_rows), cfg.maxlen),
+                data.val_rows.shape[0])
+        else:
+            val_ranks = full_ranks(ranker, data, data.val_rows, cfg.maxlen)
         val_metric = _ndcg(val_ranks, cfg.k)
         row: dict[str, Any] = {
             "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
@@ -423,7 +433,8 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
         tested = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
         if tested:
             ks = sorted(set(DEFAULT_KS) | {cfg.k})
-            row["test"] = evaluate(ranker, data, cfg.maxlen, "both", ks, cfg.ndcg_log)
+            row["test"] = evaluate(ranker, data, cfg.maxlen, "both", ks, cfg.ndcg_log,
+                                   dist=distributed)
         row["eval_time"] = time.perf_counter() - t2
         history.append(row)
         improved = val_metric > best["metric"]
@@ -434,7 +445,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
             stale += 1
         stop = cfg.early_stop > 0 and stale >= cfg.early_stop
         if main_proc:
-            state = {
+            state = {  # (the same on every process)
                 "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "rng": {"shuffle": g_shuffle.get_state(), "negatives": g_negs.get_state()},
                 "history": history, "best": best, "stale": stale, "config": asdict(cfg),
