@@ -114,6 +114,8 @@ def main() -> int:
     def triton_fn(x, m, w, p):
         return short_term_attention_triton(x, m, w, p, precision=args.precision)
 
+    # The backward benchmark replays one graph (retain_graph), which donated buffers forbid.
+    torch._functorch.config.donated_buffer = False
     compiled = torch.compile(short_term_attention_reference, dynamic=True)
     impls = {"triton": triton_fn, "eager": short_term_attention_reference, "compile": compiled}
     rows = []

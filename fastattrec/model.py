@@ -47,6 +47,30 @@ def clip_rows(t: torch.Tensor) -> torch.Tensor:
     return t / norm.clamp(min=1.0)
 
 
+def pair_scores(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.Tensor,
+                mode: str, w: float) -> torch.Tensor:
+    """Scores (B, K) of K items with embeddings e, e2 (B, K, d) for users u (B, d) with
+    short-term interest `short` (B, d). inner: higher is better; dist: lower is better."""
+    u, short = u[:, None, :], short[:, None, :]
+    if mode == "inner":
+        return w * (u * e2).sum(-1) + (1 - w) * (short * e).sum(-1)
+    u, e, e2 = clip_rows(u), clip_rows(e), clip_rows(e2)
+    return w * (u - e2).pow(2).sum(-1) + (1 - w) * (short - e).pow(2).sum(-1)
+
+
+def batch_loss(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.Tensor,
+               valid: torch.Tensor, count: torch.Tensor, mode: str, w: float,
+               gamma: float) -> torch.Tensor:
+    """The batch loss from gathered embeddings (item 0 of e/e2 is the positive, item 1 the
+    negative): mean of softplus(s_neg - s_pos) (= -log sigmoid(s_pos - s_neg)) over the
+    valid samples for inner, sum of relu(s_pos - s_neg + gamma) for dist. A pure tensor
+    function, so on CUDA torch.compile can fuse it into a couple of kernels."""
+    s = pair_scores(u, e, e2, short, mode, w)  # (B, 2)
+    if mode == "inner":
+        return (F.softplus(s[:, 1] - s[:, 0]) * valid).sum() / count
+    return (torch.relu(s[:, 0] - s[:, 1] + gamma) * valid).sum()
+
+
 class AttRec(nn.Module):
     """AttRec: long-term user-item part plus self-attentive short-term part."""
 
@@ -63,6 +87,12 @@ class AttRec(nn.Module):
                                                                             generator=generator))
         self.proj = nn.Parameter(torch.empty(d, d).uniform_(-0.05, 0.05, generator=generator))
         self.register_buffer("pos_enc", position_encoding(cfg.maxlen, d), persistent=False)
+        self._batch_loss = batch_loss  # replaced by a compiled version on request
+
+    def compile_loss(self) -> None:
+        """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
+        training step is launch-bound; the first step pays the compilation)."""
+        self._batch_loss = torch.compile(batch_loss, dynamic=False, fullgraph=True)
 
     def tables(self) -> list[nn.Parameter]:
         """The three embedding tables that carry the L2 term."""
@@ -82,15 +112,12 @@ class AttRec(nn.Module):
         Mode inner: higher is better; mode dist: lower is better (a squared distance).
         """
         u = F.embedding(users, self.user_emb)  # (B, d)
-        e = F.embedding(items, self.item_emb)  # (B, [K,] d)
+        one = items.dim() == 1
+        items = items[:, None] if one else items
+        e = F.embedding(items, self.item_emb)  # (B, K, d)
         e2 = F.embedding(items, self.item2_emb)
-        if items.dim() == 2:
-            u, short = u[:, None, :], short[:, None, :]
-        w = self.cfg.w
-        if self.cfg.mode == "inner":
-            return w * (u * e2).sum(-1) + (1 - w) * (short * e).sum(-1)
-        u, e, e2 = clip_rows(u), clip_rows(e), clip_rows(e2)
-        return w * (u - e2).pow(2).sum(-1) + (1 - w) * (short - e).pow(2).sum(-1)
+        s = pair_scores(u, e, e2, short, self.cfg.mode, self.cfg.w)  # (B, K)
+        return s[:, 0] if one else s
 
     def goodness_all(self, users: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
         """(B, n_items) scores of every item row, oriented so that higher is better."""
@@ -126,14 +153,19 @@ class AttRec(nn.Module):
         """The batch loss without the L2 term: mean (inner) or sum (dist) over the valid
         samples. `valid` (B,) 0/1 marks padding samples of a fixed-shape last batch;
         `count` overrides the mean's denominator (for batches split across processes)."""
-        losses = self.pair_losses(users, windows, pos, neg)
-        if valid is not None:
-            losses = losses * valid
-        if self.cfg.mode == "dist":
-            return losses.sum()
+        short = self.short_term(windows)  # (B, d)
+        items = torch.stack([pos, neg], dim=1)  # (B, 2): one gather per table
+        u = F.embedding(users, self.user_emb)
+        e = F.embedding(items, self.item_emb)
+        e2 = F.embedding(items, self.item2_emb)
+        if valid is None:
+            valid = torch.ones(users.shape[0], dtype=e.dtype, device=e.device)
         if count is None:
-            count = valid.sum() if valid is not None else losses.shape[0]
-        return losses.sum() / count
+            count = valid.sum()
+        if not torch.is_tensor(count):
+            count = torch.tensor(float(count), dtype=e.dtype, device=e.device)
+        return self._batch_loss(u, e, e2, short, valid, count, self.cfg.mode, self.cfg.w,
+                                self.cfg.gamma)
 
     def reg_loss(self) -> torch.Tensor:
         """lambda * (||U||^2 + ||E||^2 + ||E2||^2) over whole tables (SPEC section 2)."""

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,7 +35,7 @@ from fastattrec.data.dataset import load_prepared, read_meta
 from fastattrec.errors import UserError
 from fastattrec.evaluate import DEFAULT_KS, ModelRanker, evaluate, full_ranks
 from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
-from fastattrec.model import MODES, AttRec, AttRecConfig
+from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 
 NEGATIVE_MODES = ("fixed", "resample")
 LOG_COLUMNS = ("Iteration", "fit_time", "evaluate_time", "hit_rate", "ndcg", "mrr")
@@ -183,7 +184,16 @@ class EpochRunner:
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: allocations, kernel autotuning, Adam state
                 self.opt.zero_grad(set_to_none=True)
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fall back rather than fail a run
+                    if self.model._batch_loss is batch_loss:
+                        raise
+                    warnings.warn(f"torch.compile of the loss failed ({e}); using eager "
+                                  f"loss inside the CUDA graph", stacklevel=1)
+                    self.model._batch_loss = batch_loss
+                    self.opt.zero_grad(set_to_none=True)
+                    self._step()
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             for p, v in zip(self.model.parameters(), params, strict=True):
@@ -347,6 +357,8 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
                         embed_reg=cfg.embed_reg, kernel=backend, precision=cfg.precision)
     model = AttRec(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     use_graph = cfg.compile and device.type == "cuda" and distributed is None
+    if cfg.compile and device.type == "cuda":
+        model.compile_loss()
     opt = make_optimizer(model, cfg, device, capturable=use_graph)
     g_shuffle = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     g_negs = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -370,7 +382,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
     kernel_note = (f"triton fused kernel, {cfg.precision} dots" if backend == "triton"
                    else "torch reference")
     log(f"device {device}; short-term attention: {kernel_note}; "
-        f"step: {'CUDA graph' if use_graph else 'eager'}; "
+        f"step: {'CUDA graph, compiled loss' if use_graph else 'eager'}; "
         f"{data.train_rows.shape[0]:,} train samples, batch {cfg.batch_size}"
         + (f", {world} processes" if world > 1 else ""))
 
