@@ -58,6 +58,40 @@ def map_unseen(
     ).drop("key", "ref_user", "cnt")
 
 
+def _candidates(todo: pl.LazyFrame, seed: int) -> pl.LazyFrame:
+    """`extra` fresh draws r in [0, unseen) per user, numbered k = drawn .. drawn+extra-1."""
+    return (
+        todo.with_columns(pl.int_ranges(pl.col("drawn"), pl.col("drawn") + pl.col("extra"))
+                          .alias("k"))
+        .explode("k")
+        .with_columns(
+            random_below(
+                seed, STREAM_TEST_NEG,
+                pl.col("user").cast(pl.UInt64) * (1 << 32) + pl.col("k").cast(pl.UInt64),
+                pl.col("unseen"),
+            ).alias("r")
+        )
+        .select("user", pl.col("k").cast(pl.Int64), "r")
+    )
+
+
+def _first_distinct(frame: pl.LazyFrame, n_neg: int) -> pl.LazyFrame:
+    """Per user, the first `n_neg` distinct r in draw order (rows arrive in draw order)."""
+    return (
+        frame.unique(subset=["user", "r"], keep="first", maintain_order=True)
+        .filter(pl.int_range(pl.len()).over("user") < n_neg)
+    )
+
+
+def _extra(need: pl.Expr, have: pl.Expr) -> pl.Expr:
+    # Over-draw (more so when few unseen items remain) so that one round nearly always
+    # suffices: a fresh candidate is new with probability (unseen - have) / unseen.
+    return (
+        need.cast(pl.Float64) * pl.col("unseen").cast(pl.Float64)
+        / (pl.col("unseen") - have).clip(lower_bound=1).cast(pl.Float64) * 1.25 + 8
+    ).ceil().cast(pl.Int64)
+
+
 def distinct_test_draws(
     users: pl.DataFrame, n_neg: int, seed: int, max_rounds: int = 64
 ) -> pl.DataFrame:
@@ -65,57 +99,28 @@ def distinct_test_draws(
 
     Candidates are drawn i.i.d. and the first `n_neg` distinct ones are kept, which is
     exactly sampling without replacement. Users still short after a round draw again;
-    the loop runs over rounds (a handful), never over users.
+    the loop runs over rounds (nearly always one), never over users.
     """
-    have = pl.DataFrame(
-        schema={"user": users.schema["user"], "k": pl.Int64, "r": pl.UInt64}
-    )
-    drawn = users.select("user", "unseen").with_columns(pl.lit(0, pl.Int64).alias("drawn"))
+    todo = users.select("user", "unseen").with_columns(
+        pl.lit(0, pl.Int64).alias("drawn"), _extra(pl.lit(n_neg), pl.lit(0)).alias("extra"))
+    have = _first_distinct(_candidates(todo.lazy(), seed), n_neg).collect()
     for _ in range(max_rounds):
-        counts = have.group_by("user").agg(pl.len().alias("n"))
-        todo = (
-            drawn.join(counts, on="user", how="left")
-            .with_columns(pl.col("n").fill_null(0))
-            .filter(pl.col("n") < n_neg)
+        counts = have.group_by("user").agg(pl.len().alias("n"), pl.col("k").max().alias("kmax"))
+        short = (todo.join(counts, on="user", how="left")
+                 .with_columns(pl.col("n").fill_null(0))
+                 .filter(pl.col("n") < n_neg))
+        if short.height == 0:
+            return have.sort("user", "k")
+        # Continue each short user's draw numbering after everything drawn so far.
+        short = short.with_columns(
+            (pl.col("drawn") + pl.col("extra")).alias("drawn"),
+            _extra(n_neg - pl.col("n"), pl.col("n")).alias("extra"),
         )
-        if todo.height == 0:
-            break
-        # Over-draw (more so when few unseen items remain) so one round nearly always
-        # suffices: a fresh candidate is new with probability (unseen - n) / unseen.
-        todo = todo.with_columns(
-            (
-                (n_neg - pl.col("n")).cast(pl.Float64)
-                * pl.col("unseen").cast(pl.Float64)
-                / (pl.col("unseen") - pl.col("n")).clip(lower_bound=1).cast(pl.Float64)
-                * 1.25
-                + 8
-            ).ceil().cast(pl.Int64).alias("extra")
-        )
-        cand = (
-            todo.lazy()
-            .with_columns(pl.int_ranges(pl.col("drawn"), pl.col("drawn") + pl.col("extra"))
-                          .alias("k"))
-            .explode("k")
-            .with_columns(
-                random_below(
-                    seed, STREAM_TEST_NEG,
-                    pl.col("user").cast(pl.UInt64) * (1 << 32) + pl.col("k").cast(pl.UInt64),
-                    pl.col("unseen"),
-                ).alias("r")
-            )
-            .select("user", pl.col("k").cast(pl.Int64), "r")
-        )
-        have = (
-            pl.concat([have.lazy(), cand])
-            .unique(subset=["user", "r"], keep="first", maintain_order=True)
-            .filter(pl.int_range(pl.len()).over("user") < n_neg)
-            .collect()
-        )
-        drawn = drawn.join(
-            todo.select("user", "extra"), on="user", how="left"
-        ).with_columns((pl.col("drawn") + pl.col("extra").fill_null(0)).alias("drawn")).drop(
-            "extra"
-        )
-    else:  # pragma: no cover - needs astronomically bad luck
-        raise UserError("could not draw distinct test negatives; try another --seed.")
-    return have.sort("user", "k")
+        todo = todo.join(short.select("user", "drawn", "extra"), on="user", how="left",
+                         suffix="_new").with_columns(
+            pl.coalesce("drawn_new", "drawn").alias("drawn"),
+            pl.coalesce("extra_new", "extra").alias("extra"),
+        ).drop("drawn_new", "extra_new")
+        more = _candidates(short.select("user", "unseen", "drawn", "extra").lazy(), seed)
+        have = _first_distinct(pl.concat([have.lazy(), more]), n_neg).collect()
+    raise UserError("could not draw distinct test negatives; try another --seed.")

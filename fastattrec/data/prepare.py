@@ -197,16 +197,13 @@ def prepare(
         stride = universe + 1
         ref = seen_reference(seq.lazy(), stride).collect()
         seq_g = seq.lazy().with_row_index("g")
-        train_negs = _collect(
-            map_unseen(
-                seq_g.join(users.lazy().select("user", "unseen"), on="user").with_columns(
-                    random_below(opts.seed, STREAM_TRAIN_NEG, pl.col("g"), pl.col("unseen"))
-                    .alias("r")
-                ).select("g", "user", "r"),
-                ref.lazy(), stride,
-            ).sort("g").select("neg"),
-            opts.streaming,
-        )
+        train_plan = map_unseen(
+            seq_g.join(users.lazy().select("user", "unseen"), on="user").with_columns(
+                random_below(opts.seed, STREAM_TRAIN_NEG, pl.col("g"), pl.col("unseen"))
+                .alias("r")
+            ).select("g", "user", "r"),
+            ref.lazy(), stride,
+        ).sort("g").select("neg")
         if notebook:
             draws = (
                 test_users.lazy().select("user", "unseen")
@@ -223,9 +220,11 @@ def prepare(
         else:
             draws = distinct_test_draws(test_users.select("user", "unseen"), n_test_neg,
                                         opts.seed)
-        test_negs = map_unseen(draws.lazy(), ref.lazy(), stride).sort("user", "k").select(
-            "user", "neg"
-        ).collect()
+        test_plan = map_unseen(draws.lazy(), ref.lazy(), stride).sort("user", "k").select(
+            "user", "neg")
+        # Both negative tables in one call, so Polars runs them side by side.
+        train_negs, test_negs = pl.collect_all(
+            [train_plan, test_plan], engine="streaming" if opts.streaming else "auto")
 
         step("writing " + str(out_dir))
         pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
