@@ -126,6 +126,9 @@ def main() -> int:
 
     DeviceData.from_prepared(load_prepared(data_dir), args.device)
     configs = [("fastattrec", dict(kernel="auto", compile=True), args.epochs)]
+    if args.device == "cuda" and not args.no_baseline:
+        configs.append(("triton eager step", dict(kernel="triton", compile=False),
+                        args.baseline_epochs or args.epochs))
     if not args.no_baseline:
         configs.append(("baseline torch no-compile", dict(kernel="torch", compile=False),
                         args.baseline_epochs or args.epochs))
@@ -147,9 +150,10 @@ def main() -> int:
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0]
                if isinstance(mine[0][k], float | int) and not isinstance(mine[0][k], bool)}
         summary.append({"config": label, "kernel": mine[0]["kernel"], "runs": len(mine), **med})
-    if len(summary) == 2:
-        summary[0]["epoch_speedup_vs_baseline"] = (summary[1]["epoch_s_median"]
-                                                   / summary[0]["epoch_s_median"])
+    if len(summary) >= 2:
+        for row in summary[:-1]:
+            row["epoch_speedup_vs_baseline"] = (summary[-1]["epoch_s_median"]
+                                                / row["epoch_s_median"])
     meta["args"] = {k: str(v) for k, v in vars(args).items()}
     write_csv(args.out, summary, meta)
     print(f"\n{meta['device']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
