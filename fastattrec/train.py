@@ -299,6 +299,52 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+def _to_host(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor copied to host memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a background thread, so the next epoch does not wait for
+    the disk. The state is copied to host memory first (training keeps changing it);
+    each file is still written to a temporary name and renamed; `wait` joins."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._threading = threading
+        self._thread = None
+        self._error: BaseException | None = None
+
+    def submit(self, files: list[tuple[Path, dict[str, Any]]]) -> None:
+        self.wait()
+        files = [(p, _to_host(s)) for p, s in files]
+
+        def work() -> None:
+            try:
+                for path, state in files:
+                    save_checkpoint(path, state)
+            except BaseException as e:  # reported by wait()
+                self._error = e
+
+        self._thread = self._threading.Thread(target=work, daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -392,6 +438,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
         runner.capture()
     val_name = f"NDCG@{cfg.k}(full)"
     stopped_early = False
+    writer = CheckpointWriter()
     n_train = runner.n_train
     for epoch in range(start + 1, cfg.epochs + 1):
         t1 = time.perf_counter()
@@ -463,11 +510,12 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
                 "history": history, "best": best, "stale": stale, "config": asdict(cfg),
                 "model_config": mcfg.to_dict(), "fastattrec_version": __version__,
             }
+            files = [(run_dir / "checkpoint.pt", state)]
             if improved:
-                save_checkpoint(run_dir / "best.pt", {
+                files.insert(0, (run_dir / "best.pt", {
                     "epoch": epoch, "model": state["model"], "model_config": state["model_config"],
-                    "config": state["config"]})
-            save_checkpoint(run_dir / "checkpoint.pt", state)
+                    "config": state["config"]}))
+            writer.submit(files)
             write_logs(run_dir, history)
         line = (f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f} (+reg {reg:.4f})  "
                 f"val loss {val_loss:.4f}  val {val_name} {val_metric:.4f}  "
@@ -482,6 +530,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
                 f"best epoch {best['epoch']} is kept in best.pt")
             stopped_early = True
             break
+    writer.wait()
     if main_proc and history:
         plot_curves(run_dir, history)
     return TrainResult(run_dir, history, backend, str(device), stopped_early)
