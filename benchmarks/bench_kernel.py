@@ -115,7 +115,9 @@ def main() -> int:
         return short_term_attention_triton(x, m, w, p, precision=args.precision)
 
     # The backward benchmark replays one graph (retain_graph), which donated buffers forbid.
-    torch._functorch.config.donated_buffer = False
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     compiled = torch.compile(short_term_attention_reference, dynamic=True)
     impls = {"triton": triton_fn, "eager": short_term_attention_reference, "compile": compiled}
     rows = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a lent CUDA machine (the `device` tool) or any CUDA box:
-#   bash benchmarks/gpu_check.sh [quick|full]
+#   bash benchmarks/gpu_check.sh [quick|full|kernel]
 # Installs what the machine lacks from wheels carried in .whl/ (Polars; fastattrec itself:
 # `make gpu-wheels` builds them), runs the kernel and CUDA training tests on the GPU (no
 # interpreter), then the benchmarks, most important first, skipping what would overrun
@@ -36,9 +36,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -c "import torch, triton, polars, fastattrec; print('torch', torch.__version__, 'triton', triton.__version__, 'polars', polars.__version__, 'fastattrec', fastattrec.__file__, torch.cuda.get_device_name())" || exit 1
 
+if [ "$MODE" = kernel ]; then  # the training-step tests and the kernel's bar points only
+  step "CUDA training tests"
+  run 75 python3 -P -m pytest -q -p no:cacheprovider tests/test_train_cuda.py 2>&1 \
+    | grep -v DEBUG | tail -15
+  step "kernel benchmark L=5, d=100"
+  run 120 python3 benchmarks/bench_kernel.py --length 5 --dim 100 \
+    --out results/gpu_run/kernel_L5_d100.csv 2>&1 | tail -16
+  exit 0
+fi
+
 step "tests on CUDA"
 run 170 python3 -P -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_kernel_attention.py \
-  tests/test_train_cuda.py 2>&1 | tail -25
+  tests/test_train_cuda.py 2>&1 | grep -v DEBUG | tail -25
 
 if [ "$MODE" = quick ]; then
   step "kernel benchmark (bar points)"

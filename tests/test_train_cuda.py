@@ -1,12 +1,17 @@
 """Training on CUDA: the CUDA-graph step against the eager step, and the Triton kernel
 against the torch reference inside the whole model. Skipped without a GPU."""
 
+import copy
+
 import pytest
 import torch
 
+from fastattrec.batches import DeviceData
+from fastattrec.data.dataset import load_prepared
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.train import TrainConfig, train
+from fastattrec.model import AttRec, AttRecConfig
+from fastattrec.train import EpochRunner, TrainConfig, make_optimizer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,21 +24,49 @@ def data_dir(tmp_path_factory):
     return root / "data"
 
 
-def weights(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
-
-
 @pytest.mark.parametrize("mode", ["inner", "dist"])
-def test_graph_step_matches_eager_step(data_dir, tmp_path, mode):
-    common = dict(device="cuda", epochs=2, eval_every=2, mode=mode, kernel="triton",
-                  batch_size=256)
+def test_graph_replay_equals_eager_steps(data_dir, mode):
+    """From the same state, three replays of the captured step and three eager steps give
+    the same weights (same kernels, same order: only launch mechanics differ)."""
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cuda")
+    cfg = TrainConfig(device="cuda", mode=mode, kernel="triton", batch_size=256)
+    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, mode=mode,
+                        kernel="triton")
+    base = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).cuda()
+    runs = []
+    for graphed in (True, False):
+        model = copy.deepcopy(base)
+        model.compile_loss()
+        opt = make_optimizer(model, cfg, torch.device("cuda"), capturable=True)
+        runner = EpochRunner(model, opt, data, cfg)
+        runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
+                                         generator=torch.Generator("cuda").manual_seed(1)))
+        if graphed:
+            runner.capture()
+        runner.step.zero_()
+        for _ in range(3):
+            if graphed:
+                runner.graph.replay()
+            else:
+                opt.zero_grad(set_to_none=True)
+                runner._step()
+        torch.cuda.synchronize()
+        runs.append((copy.deepcopy(model.state_dict()), float(runner.loss_sum)))
+    (wa, la), (wb, lb) = runs
+    assert la == pytest.approx(lb, rel=1e-5)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_whole_runs_agree(data_dir, tmp_path):
+    """Graph + compiled loss vs eager over two epochs: Adam amplifies rounding where
+    gradients are tiny, so whole runs agree in loss and metrics, not bit for bit."""
+    common = dict(device="cuda", epochs=2, eval_every=2, kernel="triton", batch_size=256)
     a = train(data_dir, tmp_path / "graph", TrainConfig(compile=True, **common), log=print)
     b = train(data_dir, tmp_path / "eager", TrainConfig(compile=False, **common), log=print)
-    wa, wb = weights(tmp_path / "graph"), weights(tmp_path / "eager")
-    # Same maths in a different order (compiled loss): equal up to float rounding.
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
-    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-3)
+    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-2)
+    sa, sb = a.history[-1]["test"]["sampled"], b.history[-1]["test"]["sampled"]
+    assert sa["HR@10"] == pytest.approx(sb["HR@10"], abs=0.03)
 
 
 def test_triton_model_matches_reference_model(data_dir, tmp_path):
