@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from fastattrec.data import FORMAT_VERSION
 from fastattrec.errors import UserError
 
-FORMAT_VERSION = 1
 FILES = ("meta.json", "sequences.parquet", "users.parquet", "items.parquet",
          "test_negatives.parquet")
 

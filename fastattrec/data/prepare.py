@@ -19,7 +19,7 @@ import polars as pl
 
 from fastattrec import __version__
 from fastattrec.atomic import atomic_dir, atomic_write_json
-from fastattrec.data.dataset import FORMAT_VERSION
+from fastattrec.data import FORMAT_VERSION
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
 from fastattrec.data.readers import ColumnNames, read_ratings, sink_ratings
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
