@@ -195,10 +195,12 @@ def _train_options(f):
                           "(the plain reference), auto (triton on CUDA, structured on CPU)."),
         click.option("--precision", type=click.Choice(["ieee", "tf32"]), default="ieee",
                      show_default=True,
-                     help="Triton kernel's matrix products: ieee float32, or tf32 tensor "
-                          "cores (faster, ~1e-3 relative error)."),
+                     help="Triton kernel's matrix products: ieee float32 (matches the "
+                          "reference to float32 rounding), or tf32 tensor cores (relative "
+                          "error measured 6e-4 on the output, 5e-3 on dW)."),
         click.option("--compile/--no-compile", default=True, show_default=True,
-                     help="On CUDA, capture the training step as a CUDA graph and replay it. "
+                     help="On CUDA, capture the training step as a CUDA graph and replay "
+                          "it, with the score-and-loss arithmetic fused by torch.compile. "
                           "No effect on CPU."),
         click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
                      show_default=True,
@@ -229,6 +231,7 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
     Each epoch prints one line (losses, validation NDCG, speed) and writes an atomic
     checkpoint, so an interrupted run continues with --resume and ends with the same
     weights. Test metrics (sampled and full ranking) come every --eval-every epochs.
+    Several GPUs or hosts: torchrun --nproc_per_node N -m fastattrec train ...
     """
     from fastattrec.distributed import from_environment, shutdown
     from fastattrec.train import set_threads
