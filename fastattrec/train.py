@@ -33,7 +33,13 @@ from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.batches import DeviceData
 from fastattrec.data.dataset import load_prepared, read_meta
 from fastattrec.errors import UserError
-from fastattrec.evaluate import DEFAULT_KS, ModelRanker, evaluate, full_ranks
+from fastattrec.evaluate import (
+    DEFAULT_KS,
+    ModelRanker,
+    evaluate,
+    full_ranks,
+    metrics_from_ranks,
+)
 from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
 from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 
@@ -482,7 +488,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
                 data.val_rows.shape[0])
         else:
             val_ranks = full_ranks(ranker, data, data.val_rows, cfg.maxlen)
-        val_metric = _ndcg(val_ranks, cfg.k)
+        val_metric = metrics_from_ranks(val_ranks, (cfg.k,))[f"NDCG@{cfg.k}"]
         row: dict[str, Any] = {
             "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
             "train_loss_total": train_loss + reg, "val_loss": val_loss,
@@ -534,11 +540,6 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
     if main_proc and history:
         plot_curves(run_dir, history)
     return TrainResult(run_dir, history, backend, str(device), stopped_early)
-
-
-def _ndcg(ranks: torch.Tensor, k: int) -> float:
-    r = ranks.double()
-    return float(((r < k).double() / torch.log2(r + 2)).mean())
 
 
 def keep_freed_memory() -> bool:

@@ -105,7 +105,7 @@ def prepare(
                 f"drop --trans-score or name the column with --rating-col."
             )
         trans = 1.0 if opts.trans_score is None else float(opts.trans_score)
-        if scan.has_rating and opts.trans_score is not None or scan.has_rating:
+        if scan.has_rating:
             raw = raw.filter(pl.col("rating") >= trans)
         raw = raw.select("user", "item", "time", "_line")
         if notebook:

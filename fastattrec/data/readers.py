@@ -359,7 +359,6 @@ def sink_ratings(
         raise UserError(f"{path} holds no ratings (only a header or blank lines).")
     lf = lf.drop([c for c in ("_s1", "_s2", "_s3") if c in lf.collect_schema().names()])
     if not lf.collect_schema()["time"].is_numeric():
-        sample = lf.filter(pl.col("time").is_not_null()).collect(engine="streaming")
-        normalise_time(sample, path)  # raises on the first bad value
-        lf = pl.from_dataframe(normalise_time(sample, path)).lazy()
+        # Date strings: parse them in memory (only this rare case is not streamed).
+        lf = normalise_time(lf.collect(engine="streaming"), path).lazy()
     return lf, scan
