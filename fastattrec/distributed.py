@@ -40,16 +40,19 @@ class Distributed:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """[lo, hi) of the contiguous block of n items that process `rank` takes."""
+        r = self.rank if rank is None else rank
+        return n * r // self.world, n * (r + 1) // self.world
+
     def shard(self, rows: torch.Tensor) -> torch.Tensor:
         """This process's part of `rows` (contiguous blocks, in order)."""
-        n = rows.shape[0]
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        lo, hi = self.bounds(rows.shape[0])
         return rows[lo:hi]
 
     def gather(self, t: torch.Tensor, total: int) -> torch.Tensor:
         """Concatenate every process's `shard` result, in rank order."""
-        sizes = [total * (r + 1) // self.world - total * r // self.world
-                 for r in range(self.world)]
+        sizes = [hi - lo for lo, hi in (self.bounds(total, r) for r in range(self.world))]
         width = max(sizes)
         padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[: t.shape[0]] = t

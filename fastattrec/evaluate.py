@@ -156,17 +156,22 @@ def evaluate(ranker: Ranker, data: DeviceData, maxlen: int, protocol: str = "bot
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
     n = data.test_rows.shape[0]
-    lo, hi = (0, n) if dist is None else (n * dist.rank // dist.world,
-                                           n * (dist.rank + 1) // dist.world)
-
-    def collect(ranks: torch.Tensor) -> torch.Tensor:
-        return ranks if dist is None else dist.gather(ranks, n)
-
     res: dict[str, dict] = {}
     if protocol in ("sampled", "both"):
-        ranks = collect(sampled_ranks(ranker, data, maxlen, users=(lo, hi)))
+        lo, hi = (0, n) if dist is None else dist.bounds(n)
+        ranks = sampled_ranks(ranker, data, maxlen, users=(lo, hi))
+        ranks = ranks if dist is None else dist.gather(ranks, n)
         res["sampled"] = metrics_from_ranks(ranks, ks, ndcg_log)
     if protocol in ("full", "both"):
-        ranks = collect(full_ranks(ranker, data, data.test_rows[lo:hi], maxlen))
+        ranks = full_ranks_of(ranker, data, data.test_rows, maxlen, dist)
         res["full"] = metrics_from_ranks(ranks, ks, ndcg_log)
     return res
+
+
+def full_ranks_of(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int,
+                  dist=None) -> torch.Tensor:
+    """`full_ranks` of all `rows`; with `dist`, each process ranks its share and the ranks
+    are gathered, so every process returns all of them."""
+    if dist is None:
+        return full_ranks(ranker, data, rows, maxlen)
+    return dist.gather(full_ranks(ranker, data, dist.shard(rows), maxlen), rows.shape[0])

@@ -58,6 +58,14 @@ def pair_scores(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch
     return w * (u - e2).pow(2).sum(-1) + (1 - w) * (short - e).pow(2).sum(-1)
 
 
+def pair_terms(s: torch.Tensor, mode: str, gamma: float) -> torch.Tensor:
+    """(B,) per-sample losses from (B, 2) scores [positive, negative]: softplus(s_neg -
+    s_pos) (= -log sigmoid(s_pos - s_neg)) for inner, relu(s_pos - s_neg + gamma) for dist."""
+    if mode == "inner":
+        return F.softplus(s[:, 1] - s[:, 0])
+    return torch.relu(s[:, 0] - s[:, 1] + gamma)
+
+
 def batch_loss(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.Tensor,
                valid: torch.Tensor, count: torch.Tensor, mode: str, w: float,
                gamma: float) -> torch.Tensor:
@@ -65,10 +73,8 @@ def batch_loss(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.
     negative): mean of softplus(s_neg - s_pos) (= -log sigmoid(s_pos - s_neg)) over the
     valid samples for inner, sum of relu(s_pos - s_neg + gamma) for dist. A pure tensor
     function, so on CUDA torch.compile can fuse it into a couple of kernels."""
-    s = pair_scores(u, e, e2, short, mode, w)  # (B, 2)
-    if mode == "inner":
-        return (F.softplus(s[:, 1] - s[:, 0]) * valid).sum() / count
-    return (torch.relu(s[:, 0] - s[:, 1] + gamma) * valid).sum()
+    total = (pair_terms(pair_scores(u, e, e2, short, mode, w), mode, gamma) * valid).sum()
+    return total / count if mode == "inner" else total
 
 
 class AttRec(nn.Module):
@@ -140,12 +146,8 @@ class AttRec(nn.Module):
                     neg: torch.Tensor) -> torch.Tensor:
         """(B,) per-sample losses before reduction: softplus(neg - pos) for inner
         (= -log sigmoid(pos - neg)), relu(pos - neg + gamma) for dist."""
-        short = self.short_term(windows)
-        s = self.score(users, short, torch.stack([pos, neg], dim=1))  # (B, 2): one gather
-        s_pos, s_neg = s[:, 0], s[:, 1]
-        if self.cfg.mode == "inner":
-            return F.softplus(s_neg - s_pos)
-        return torch.relu(s_pos - s_neg + self.cfg.gamma)
+        s = self.score(users, self.short_term(windows), torch.stack([pos, neg], dim=1))
+        return pair_terms(s, self.cfg.mode, self.cfg.gamma)
 
     def forward(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
                 neg: torch.Tensor, valid: torch.Tensor | None = None,

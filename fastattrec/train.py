@@ -37,7 +37,7 @@ from fastattrec.evaluate import (
     DEFAULT_KS,
     ModelRanker,
     evaluate,
-    full_ranks,
+    full_ranks_of,
     metrics_from_ranks,
 )
 from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
@@ -147,11 +147,10 @@ class EpochRunner:
         self.step = torch.zeros((), dtype=torch.long, device=dev)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         self.perm = torch.zeros(max(self.n_train, 1), dtype=torch.long, device=dev)
-        self.negs = data.negs.clone()
         # Per-sample arrays, cut once: windows (T, L), users, targets, and this epoch's
         # negatives (refreshed by set_negatives); int32 halves what each step gathers.
         self.windows, self.users, self.targets = data.train_arrays(cfg.maxlen)
-        self.train_negs = self.negs[data.train_rows].to(torch.int32)
+        self.train_negs = data.negs[data.train_rows].to(torch.int32)
         self.slot = torch.arange(self.local_bs, device=dev) + self.rank * self.local_bs
         # DDP averages gradients over processes; each process's loss is its share of the
         # global batch's sum (inner: divided by the global count), scaled by `world`, so the
@@ -178,7 +177,6 @@ class EpochRunner:
 
     def set_negatives(self, negs: torch.Tensor) -> None:
         """Use `negs` (N,), one per flat row, from now on (in place: graphs see it)."""
-        self.negs.copy_(negs)
         self.train_negs.copy_(negs[self.data.train_rows])
 
     def capture(self) -> None:
@@ -431,8 +429,9 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
             "data": {"path": cfg.data_dir, "source_sha256": meta["source"]["sha256"],
                      "counts": meta["counts"]},
         })
-    kernel_note = (f"triton fused kernel, {cfg.precision} dots" if backend == "triton"
-                   else "torch reference")
+    kernel_note = {"triton": f"triton fused kernel, {cfg.precision} dots",
+                   "structured": "structured (torch ops, hand-written backward)",
+                   "torch": "torch reference"}[backend]
     log(f"device {device}; short-term attention: {kernel_note}; "
         f"step: {'CUDA graph, compiled loss' if use_graph else 'eager'}; "
         f"{data.train_rows.shape[0]:,} train samples, batch {cfg.batch_size}"
@@ -482,12 +481,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
             reg = float(model.reg_loss())
         ranker = ModelRanker(model)
         val_loss = validation_loss(model, data, cfg.maxlen, dist=distributed) + reg
-        if distributed:
-            val_ranks = distributed.gather(
-                full_ranks(ranker, data, distributed.shard(data.val_rows), cfg.maxlen),
-                data.val_rows.shape[0])
-        else:
-            val_ranks = full_ranks(ranker, data, data.val_rows, cfg.maxlen)
+        val_ranks = full_ranks_of(ranker, data, data.val_rows, cfg.maxlen, distributed)
         val_metric = metrics_from_ranks(val_ranks, (cfg.k,))[f"NDCG@{cfg.k}"]
         row: dict[str, Any] = {
             "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
