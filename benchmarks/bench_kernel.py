@@ -8,7 +8,11 @@ Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between 
 "Minimum bytes" counts what any implementation must move once: forward reads x, the mask,
 W and P and writes short; backward reads x, the mask, W, P and the upstream gradient and
 writes dx and dW. Percent of peak uses the nominal bandwidth of the card (datasheet) and
-also the device-to-device copy bandwidth measured at the start of the run.
+also the device-to-device copy bandwidth measured at the start of the run. "floor_ms" is
+the least time the card's datasheet allows (minimum bytes at peak bandwidth or minimum
+flops at the peak of the chosen precision, whichever is larger), and
+"max_pct_nominal_peak" the bandwidth share that floor leaves reachable: in IEEE float32 at
+d = 100 the FMA units bind, not memory.
 Needs a CUDA GPU; on a CPU-only machine it says so and exits.
 """
 
@@ -26,6 +30,9 @@ from fastattrec.kernels import position_encoding, short_term_attention_reference
 from common import machine, print_table, write_csv
 
 NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L4": 0.3}
+# Dense float32 peaks (datasheet, TFLOP/s): FMA units (IEEE fp32 dots) and TF32 tensor cores.
+NOMINAL_TFLOPS = {"H100": {"ieee": 67.0, "tf32": 494.7}, "H200": {"ieee": 67.0, "tf32": 494.7},
+                  "A100": {"ieee": 19.5, "tf32": 156.0}, "L4": {"ieee": 30.3, "tf32": 60.0}}
 
 
 def nominal_bandwidth(name: str) -> float | None:
@@ -44,6 +51,28 @@ def measured_copy_bandwidth() -> float:
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
     return 2 * n * 4 / (ms * 1e-3)
+
+
+def nominal_flops(name: str, precision: str) -> float | None:
+    for key, peaks in NOMINAL_TFLOPS.items():
+        if key in name:
+            return peaks[precision] * 1e12
+    return None
+
+
+def min_flops(b: int, length: int, d: int, which: str) -> int:
+    """Floating-point operations any implementation must do (no recomputation).
+
+    Forward: the projection (X + P) W (2 B L d^2), S = Q Q^T (2 B L^2 d) and p_bar^T X
+    (2 B L d). Backward: dX = dH W^T and dW = (X + P)^T dH (2 B L d^2 each), dQ = dS Q
+    (2 B L^2 d) and the value path (2 B L d). At d = 100 the three d x d products
+    dominate: about 300 flops per element of x against 8 bytes moved (x in, dx out),
+    so in IEEE float32 the FMA units, not memory, set the floor.
+    """
+    proj, attn, vals = 2 * b * length * d * d, 2 * b * length * length * d, 2 * b * length * d
+    fwd = proj + attn + vals
+    bwd = 2 * proj + attn + vals
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[which]
 
 
 def min_bytes(b: int, length: int, d: int, which: str) -> int:
@@ -108,6 +137,8 @@ def main() -> int:
     meta["copy_bandwidth_Bps"] = copy_bw = measured_copy_bandwidth()
     nominal = nominal_bandwidth(meta["device"])
     meta["nominal_bandwidth_Bps"] = nominal
+    peak_flops = nominal_flops(meta["device"], args.precision)
+    meta["nominal_flops"] = peak_flops
     print(f"{meta['device']}: measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, "
           f"nominal {nominal / 1e12 if nominal else float('nan'):.2f} TB/s")
 
@@ -149,6 +180,14 @@ def main() -> int:
                     if nominal:
                         row["pct_nominal_peak"] = 100 * nbytes / (t * 1e-3) / nominal
                     row["pct_copy_peak"] = 100 * nbytes / (t * 1e-3) / copy_bw
+                    if nominal and peak_flops:
+                        # The least time the card allows: memory or arithmetic, whichever
+                        # binds; and the share of peak bandwidth that floor leaves reachable.
+                        floor_s = max(nbytes / nominal,
+                                      min_flops(b, length, d, which) / peak_flops)
+                        row["floor_ms"] = floor_s * 1e3
+                        row["pct_of_floor"] = 100 * floor_s / (t * 1e-3)
+                        row["max_pct_nominal_peak"] = 100 * nbytes / floor_s / nominal
                     for base in ("eager", "compile"):
                         if f"{base}_ms" in row:
                             row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / t
@@ -159,7 +198,8 @@ def main() -> int:
     meta["chosen_configs"] = {str(k): v for k, v in chosen_configs().items()}
     write_csv(args.out, rows, meta)
     cols = ["B", "L", "d", "pass", "triton_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
-            "speedup_vs_compile", "triton_GBps", "pct_nominal_peak"]
+            "speedup_vs_compile", "triton_GBps", "pct_nominal_peak", "floor_ms",
+            "max_pct_nominal_peak"]
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"precision {args.precision}  sha {meta['git_sha']}")
     print_table(rows, cols)

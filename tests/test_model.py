@@ -91,13 +91,14 @@ def test_initialisation_and_padding_row_trainable():
 def test_adam_weight_decay_equals_explicit_l2_gradient():
     """The trainer adds lambda * ||T||^2 through Adam's weight_decay = 2 lambda; one step
     must equal one step on the loss with the explicit term."""
+    from fastattrec.optim import KerasAdam
     from fastattrec.train import TrainConfig, make_optimizer
 
     batch = (torch.tensor([1, 2]), torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([6, 7]),
              torch.tensor([8, 9]))
     a, b = make("inner", embed_reg=1e-2).float(), make("inner", embed_reg=1e-2).float()
     opt_a = make_optimizer(a, TrainConfig(embed_reg=1e-2), torch.device("cpu"), False)
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+    opt_b = KerasAdam(b.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
     for _ in range(3):
         opt_a.zero_grad()
         a(*batch).backward()

@@ -1,0 +1,106 @@
+"""Adam with the notebook's epsilon placement (SPEC section 3).
+
+The notebook trains with Keras's Adam, whose update is
+
+    p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+
+with eps added to the raw sqrt(v). PyTorch's Adam adds eps to the bias-corrected
+sqrt(v / (1 - b2^t)) instead. The two differ only in the first few thousand steps, and
+most for rows whose gradient is tiny (table rows that only the L2 term touches), but
+they differ, so fastattrec uses the Keras rule. They agree exactly when PyTorch's eps is
+eps / sqrt(1 - b2^t), so:
+
+- the eager path (CPU, and CUDA without graphs) sets that eps before every step and runs
+  PyTorch's fused Adam: one multi-tensor kernel, nothing extra per step;
+- the capturable path (a CUDA graph, where no Python runs between replays) does the same
+  arithmetic with device tensors and foreach kernels, the step count on the device.
+
+Both keep PyTorch's state layout (`step`, `exp_avg`, `exp_avg_sq`), so checkpoints move
+between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class KerasAdam(torch.optim.Adam):
+    """torch.optim.Adam with eps added to sqrt(v) before bias correction (Keras's rule).
+
+    `weight_decay` is L2 added to the gradient, as in torch.optim.Adam (not AdamW).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7,
+                 weight_decay: float = 0.0, capturable: bool = False,
+                 fused: bool | None = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         capturable=capturable, fused=None if capturable else fused,
+                         foreach=False if not capturable else None)
+        self.keras_eps = eps
+        self._t: int | None = None  # steps taken so far (eager path), read once from state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:  # this optimiser's own path, whatever wrote the state
+            g["eps"] = self.keras_eps
+            for key in ("capturable", "fused", "foreach"):
+                g[key] = self.defaults[key]
+        self._t = None
+
+    def _steps_taken(self) -> int:
+        if self._t is None:  # once per run or resume: one read of the stored step count
+            steps = [st["step"] for st in self.state.values() if "step" in st]
+            self._t = int(steps[0].item()) if steps else 0
+        return self._t
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - the Optimizer signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.defaults["capturable"]:
+            self._device_step()
+            return loss
+        t = self._steps_taken() + 1
+        for g in self.param_groups:
+            g["eps"] = self.keras_eps / math.sqrt(1.0 - g["betas"][1] ** t)
+        super().step()
+        self._t = t
+        return loss
+
+    def _device_step(self) -> None:
+        """The Keras update from device tensors only (safe to capture in a CUDA graph)."""
+        for g in self.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            b1, b2 = g["betas"]
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            steps = [st["step"] for st in states]
+            m = [st["exp_avg"] for st in states]
+            v = [st["exp_avg_sq"] for st in states]
+            torch._foreach_add_(steps, 1.0)
+            grads = [p.grad for p in params]
+            if g["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, self.keras_eps)
+            t = steps[0].double()  # every parameter of a group has taken the same steps
+            alpha = (g["lr"] * torch.sqrt(1.0 - torch.pow(b2, t)) / (1.0 - torch.pow(b1, t)))
+            step_m = torch._foreach_mul(m, alpha.to(torch.float32))
+            torch._foreach_addcdiv_(params, step_m, denom, value=-1.0)
