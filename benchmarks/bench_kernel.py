@@ -123,6 +123,11 @@ def main() -> int:
     ap.add_argument("--compile-dims", type=int, nargs="*", default=None,
                     help="d values for which torch.compile is measured (default: all)")
     ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32"])
+    ap.add_argument("--impls", nargs="+", default=["triton", "split", "eager", "compile"],
+                    choices=["triton", "split", "structured", "eager", "compile"],
+                    help="triton: the fused kernel (projection in Triton); split: projections "
+                         "in cuBLAS, the rest in Triton; structured: the same algorithm in "
+                         "torch ops; eager / compile: the reference, plain or torch.compile'd")
     ap.add_argument("--out", type=Path, default=Path("results/bench_kernel.csv"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,6 +135,8 @@ def main() -> int:
               "CPU interpreter); nothing measured.")
         return 0
     from fastattrec.kernels.attention import chosen_configs, short_term_attention_triton
+    from fastattrec.kernels.attention_split import short_term_attention_split
+    from fastattrec.kernels.structured import short_term_attention_structured
 
     torch.backends.cuda.matmul.allow_tf32 = False
     meta = machine()
@@ -145,12 +152,21 @@ def main() -> int:
     def triton_fn(x, m, w, p):
         return short_term_attention_triton(x, m, w, p, precision=args.precision)
 
+    def split_fn(x, m, w, p):
+        return short_term_attention_split(x, m, w, p, precision=args.precision)
+
     # The backward benchmark replays one graph (retain_graph), which donated buffers forbid.
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
     compiled = torch.compile(short_term_attention_reference, dynamic=True)
-    impls = {"triton": triton_fn, "eager": short_term_attention_reference, "compile": compiled}
+    every = {"triton": triton_fn, "split": split_fn,
+             "structured": short_term_attention_structured,
+             "eager": short_term_attention_reference, "compile": compiled}
+    impls = {k: every[k] for k in args.impls}
+    ours = [k for k in impls if k not in ("eager", "compile")]
+    if args.precision == "tf32":  # cuBLAS and torch ops follow the same switch
+        torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     free = torch.cuda.mem_get_info()[0]
     for length in args.length:
@@ -163,7 +179,7 @@ def main() -> int:
                 for which in ("fwd", "bwd", "fwd+bwd"):
                     row = {"B": b, "L": length, "d": d, "pass": which}
                     for name, fn in impls.items():
-                        if name != "triton" and not fits(b, length, d, free, eager=True):
+                        if name in ("eager", "compile") and not fits(b, length, d, free, True):
                             continue
                         if name == "compile" and args.compile_dims is not None \
                                 and d not in args.compile_dims:
@@ -173,33 +189,37 @@ def main() -> int:
                         except torch.OutOfMemoryError:
                             torch.cuda.empty_cache()
                             row[f"{name}_ms"] = math.nan
-                    t = row["triton_ms"]
                     nbytes = min_bytes(b, length, d, which)
                     row["min_bytes"] = nbytes
-                    row["triton_GBps"] = nbytes / (t * 1e-3) / 1e9
-                    if nominal:
-                        row["pct_nominal_peak"] = 100 * nbytes / (t * 1e-3) / nominal
-                    row["pct_copy_peak"] = 100 * nbytes / (t * 1e-3) / copy_bw
+                    floor_s = None
                     if nominal and peak_flops:
                         # The least time the card allows: memory or arithmetic, whichever
                         # binds; and the share of peak bandwidth that floor leaves reachable.
                         floor_s = max(nbytes / nominal,
                                       min_flops(b, length, d, which) / peak_flops)
                         row["floor_ms"] = floor_s * 1e3
-                        row["pct_of_floor"] = 100 * floor_s / (t * 1e-3)
                         row["max_pct_nominal_peak"] = 100 * nbytes / floor_s / nominal
-                    for base in ("eager", "compile"):
-                        if f"{base}_ms" in row:
-                            row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / t
+                    for name in ours:
+                        t = row.get(f"{name}_ms", math.nan) * 1e-3
+                        row[f"{name}_GBps"] = nbytes / t / 1e9
+                        if nominal:
+                            row[f"{name}_pct_nominal_peak"] = 100 * nbytes / t / nominal
+                        row[f"{name}_pct_copy_peak"] = 100 * nbytes / t / copy_bw
+                        if floor_s:
+                            row[f"{name}_pct_of_floor"] = 100 * floor_s / t
+                        for base in ("eager", "compile"):
+                            if f"{base}_ms" in row:
+                                row[f"{name}_vs_{base}"] = row[f"{base}_ms"] / (t * 1e3)
                     rows.append(row)
                     print_table([row], list(row))
                 del data
                 torch.cuda.empty_cache()
     meta["chosen_configs"] = {str(k): v for k, v in chosen_configs().items()}
     write_csv(args.out, rows, meta)
-    cols = ["B", "L", "d", "pass", "triton_ms", "eager_ms", "compile_ms", "speedup_vs_eager",
-            "speedup_vs_compile", "triton_GBps", "pct_nominal_peak", "floor_ms",
+    cols = ["B", "L", "d", "pass", *[f"{k}_ms" for k in impls], "floor_ms",
             "max_pct_nominal_peak"]
+    for name in ours:
+        cols += [f"{name}_vs_eager", f"{name}_vs_compile", f"{name}_pct_nominal_peak"]
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
           f"precision {args.precision}  sha {meta['git_sha']}")
     print_table(rows, cols)

@@ -47,12 +47,13 @@ if [ "$MODE" = kernel ]; then  # the training-step tests and the kernel's bar po
 fi
 
 step "tests on CUDA"
-run 170 python3 -P -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_kernel_attention.py \
+run 220 python3 -P -m pytest -q -p no:cacheprovider --maxfail=5 tests/test_kernel_attention.py \
   tests/test_train_cuda.py tests/test_optim.py 2>&1 | grep -v DEBUG | tail -25
 
 if [ "$MODE" = quick ]; then
   step "kernel benchmark (bar points; ieee, then tf32: in ieee the FMA units cap B=1M at ~31% of H100 bandwidth)"
   run 150 python3 benchmarks/bench_kernel.py --length 5 --dim 100 --batch 16384 1048576 \
+    --impls triton split structured eager compile \
     --out results/gpu_run/kernel_bar.csv 2>&1 | tail -12
   run 90 python3 benchmarks/bench_kernel.py --length 5 --dim 100 --batch 16384 1048576 \
     --precision tf32 --out results/gpu_run/kernel_bar_tf32.csv 2>&1 | tail -12

@@ -72,21 +72,33 @@ def _attention_probs(x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale,
 
     Returns A, the row bookkeeping and the key mask, shared by forward and backward.
     """
+    wl, gw, grow, prow, row_ok, key_ok = _block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
+    s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, D, BLOCK_D):
+        q = tl.maximum(_projection_block(x_ptr, w_ptr, pos_ptr, grow, prow, row_ok, n0,
+                                         D, BLOCK_R, BLOCK_D, PRECISION), 0.0)
+        s += tl.dot(q, tl.trans(q), input_precision=PRECISION)
+    a, same = _block_softmax(s * scale, wl, row_ok, key_ok)
+    return a, wl, gw, grow, prow, row_ok, key_ok, same
+
+
+@triton.jit
+def _block_rows(mask_ptr, b0, B, L: tl.constexpr, WPB: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Bookkeeping of a block of BLOCK_R flattened rows holding windows b0 .. b0+WPB-1."""
     r = tl.arange(0, BLOCK_R)
     wl = r // L  # window of each row, within the block
     p = r % L  # position of each row in its window
     gw = (b0 + wl).to(tl.int64)
     row_ok = (wl < WPB) & (gw < B)
     grow = gw * L + p  # row in the flattened (B * L, D) input
-    prow = p.to(tl.int64)
     key_ok = tl.load(mask_ptr + grow, mask=row_ok, other=0) != 0
+    return wl, gw, grow, p.to(tl.int64), row_ok, key_ok
 
-    s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, D, BLOCK_D):
-        q = tl.maximum(_projection_block(x_ptr, w_ptr, pos_ptr, grow, prow, row_ok, n0,
-                                         D, BLOCK_R, BLOCK_D, PRECISION), 0.0)
-        s += tl.dot(q, tl.trans(q), input_precision=PRECISION)
-    s = s * scale
+
+@triton.jit
+def _block_softmax(s, wl, row_ok, key_ok):
+    """Row softmax of the scaled scores s (BLOCK_R, BLOCK_R), masked keys at -(2^32) + 1,
+    entries of different windows excluded (block-diagonal). Returns A and that pattern."""
     same = (wl[:, None] == wl[None, :]) & row_ok[:, None] & row_ok[None, :]
     s = tl.where(key_ok[None, :], s, -4294967295.0)  # masked keys: -(2^32) + 1
     s = tl.where(same, s, float("-inf"))
@@ -95,20 +107,14 @@ def _attention_probs(x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale,
     e = tl.where(same, tl.exp(s - m[:, None]), 0.0)
     denom = tl.sum(e, axis=1)
     denom = tl.where(row_ok, denom, 1.0)
-    a = e / denom[:, None]
-    return a, wl, gw, grow, prow, row_ok, key_ok, same
+    return e / denom[:, None], same
 
 
 @triton.jit
-def _attn_fwd(x_ptr, mask_ptr, w_ptr, pos_ptr, out_ptr,
-              B, scale,
-              L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """out[b] = p_bar_b^T X_b for the WPB windows of this program."""
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
-        x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
-    p_bar = tl.sum(a, axis=0) / L  # (BLOCK_R,) column means within each window
+def _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B,
+                 D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b] = p_bar_b^T X_b for the block's windows."""
     wo = tl.arange(0, WB)
     sel = tl.where(wo[:, None] == wl[None, :], p_bar[None, :], 0.0)  # (WB, BLOCK_R)
     out_rows = (b0 + wo).to(tl.int64)
@@ -122,15 +128,11 @@ def _attn_fwd(x_ptr, mask_ptr, w_ptr, pos_ptr, out_ptr,
 
 
 @triton.jit
-def _attn_bwd(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, dx_ptr, dh_ptr,
-              B, scale,
-              L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dX and dH = dL/d((X + P) W) for the WPB windows of this program (dW comes later)."""
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
-        x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
-    p_bar = tl.sum(a, axis=0) / L
+def _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale,
+                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """M = (dS + dS^T) * scale for upstream gradient g: the gradient reaching Q through
+    both the query and the key side of S = Q Q^T."""
     # dp_bar_j = <g_{w(j)}, x_j>; dA_ij = dp_bar_j / L for every query row i.
     dp = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -141,7 +143,35 @@ def _attn_bwd(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, dx_ptr, dh_ptr,
     rows = tl.sum(a * c[None, :], axis=1)
     ds = a * (c[None, :] - rows[:, None])
     ds = tl.where(key_ok[None, :] & same, ds, 0.0) * scale
-    msym = ds + tl.trans(ds)  # S = Q Q^T: gradient through both the query and key side
+    return ds + tl.trans(ds)
+
+
+@triton.jit
+def _attn_fwd(x_ptr, mask_ptr, w_ptr, pos_ptr, out_ptr,
+              B, scale,
+              L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b] = p_bar_b^T X_b for the WPB windows of this program."""
+    b0 = tl.program_id(0) * WPB
+    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
+        x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
+    p_bar = tl.sum(a, axis=0) / L  # (BLOCK_R,) column means within each window
+    _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D,
+                 PRECISION)
+
+
+@triton.jit
+def _attn_bwd(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, dx_ptr, dh_ptr,
+              B, scale,
+              L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dX and dH = dL/d((X + P) W) for the WPB windows of this program (dW comes later)."""
+    b0 = tl.program_id(0) * WPB
+    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
+        x_ptr, mask_ptr, w_ptr, pos_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
+    p_bar = tl.sum(a, axis=0) / L
+    msym = _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D, BLOCK_R,
+                       BLOCK_D)
     for n0 in range(0, D, BLOCK_D):
         h = _projection_block(x_ptr, w_ptr, pos_ptr, grow, prow, row_ok, n0,
                               D, BLOCK_R, BLOCK_D, PRECISION)
@@ -380,12 +410,13 @@ def _meta(cfg: tuple[int, int, int], length: int) -> dict:
             "WB": max(16, triton.next_power_of_2(wpb))}
 
 
-def _pick(kind: str, length: int, dim: int, precision: str, b: int, run) -> tuple:
+def _pick(kind: str, length: int, dim: int, precision: str, b: int, run,
+          cands: list[tuple[int, int, int]] | None = None) -> tuple:
     """The fastest candidate for this (kind, L, d, precision, size class), timed once."""
     key = (kind, length, dim, precision, b >= 16384, _interpreted())
     if key in _chosen:
         return _chosen[key]
-    cands = _candidates(length, dim)
+    cands = cands if cands is not None else _candidates(length, dim)
     if _interpreted():  # the interpreter's cost is per program and per loop trip
         best = max(cands, key=lambda c: (c[1], c[0]))
     elif len(cands) == 1 or not _autotune[0]:
