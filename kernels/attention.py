@@ -489,11 +489,7 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     """(dx (B, L, d), dw (d, d)) for upstream gradient `grad` (B, d)."""
     _check(x, mask, w, pos)
     b, length, dim = x.shape
-    grad = grad.contiguous()
-    if grad.shape != (b, dim) or grad.dtype != torch.float32:
-        raise ValueError(f"grad must be float32 (B, d) = {(b, dim)}, got {tuple(grad.shape)}")
-    dx = torch.empty_like(x)
-    dh = torch.empty_like(x)
+    grad, dx, dh = _grad_buffers(grad, x)
     if b == 0:
         return dx, torch.zeros_like(w)
     mask8 = _as_bytes(mask)
@@ -503,11 +499,25 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                              D=dim, PRECISION=precision, **_long_meta(length, dim))
     else:
         _run_bwd(x, mask8, w, pos, grad, dx, dh, precision)
-    dh_flat = dh.view(b * length, dim)
+    return dx, _weight_grad(x, pos, dh, precision)
+
+
+def _grad_buffers(grad: torch.Tensor, x: torch.Tensor):
+    """The checked upstream gradient (B, d), and empty dX and dH shaped like x."""
+    b, _, dim = x.shape
+    grad = grad.contiguous()
+    if grad.shape != (b, dim) or grad.dtype != torch.float32:
+        raise ValueError(f"grad must be float32 (B, d) = {(b, dim)}, got {tuple(grad.shape)}")
+    return grad, torch.empty_like(x), torch.empty_like(x)
+
+
+def _weight_grad(x: torch.Tensor, pos: torch.Tensor, dh: torch.Tensor,
+                 precision: str) -> torch.Tensor:
+    """dW = sum_b (X_b + P)^T dH_b = X_flat^T dH_flat + P^T (sum_b dH_b): one product."""
+    b, length, dim = x.shape
     with _matmul_precision(precision):
-        # dW = sum_b (X_b + P)^T dH_b = X_flat^T dH_flat + P^T (sum_b dH_b)
-        dw = torch.addmm(pos.T @ dh.sum(dim=0), x.view(b * length, dim).T, dh_flat)
-    return dx, dw
+        return torch.addmm(pos.T @ dh.sum(dim=0), x.view(b * length, dim).T,
+                           dh.view(b * length, dim))
 
 
 def _run_bwd(x, mask8, w, pos, grad, dx, dh, precision) -> None:

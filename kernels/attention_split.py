@@ -31,12 +31,14 @@ from .attention import (
     _block_rows,
     _block_softmax,
     _check,
+    _grad_buffers,
     _is_long,
     _load_rows,
     _matmul_precision,
     _pick,
     _score_grad,
     _store_short,
+    _weight_grad,
     short_term_attention_triton,
 )
 
@@ -138,11 +140,7 @@ def split_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, w: t
                    precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (B, L, d), dw (d, d)) for upstream gradient `grad` (B, d)."""
     b, length, dim = x.shape
-    grad = grad.contiguous()
-    if grad.shape != (b, dim) or grad.dtype != torch.float32:
-        raise ValueError(f"grad must be float32 (B, d) = {(b, dim)}, got {tuple(grad.shape)}")
-    dx = torch.empty_like(x)
-    dh = torch.empty_like(x)
+    grad, dx, dh = _grad_buffers(grad, x)
     if b == 0:
         return dx, torch.zeros_like(w)
     mask8 = _as_bytes(mask)
@@ -157,12 +155,9 @@ def split_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, w: t
                          D=dim, PRECISION=precision, **meta)
 
     run(_pick("split_bwd", length, dim, precision, b, run, _split_candidates(length, dim)))
-    dh_flat = dh.view(b * length, dim)
     with _matmul_precision(precision):
-        dx.view(b * length, dim).addmm_(dh_flat, w.T)  # dX += dH W^T, in place
-        # dW = sum_b (X_b + P)^T dH_b = X_flat^T dH_flat + P^T (sum_b dH_b)
-        dw = torch.addmm(pos.T @ dh.sum(dim=0), x.view(b * length, dim).T, dh_flat)
-    return dx, dw
+        dx.view(b * length, dim).addmm_(dh.view(b * length, dim), w.T)  # dX += dH W^T
+    return dx, _weight_grad(x, pos, dh, precision)
 
 
 class _SplitAttention(torch.autograd.Function):
