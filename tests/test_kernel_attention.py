@@ -179,3 +179,29 @@ def test_launcher_rejects_cpu_without_interpreter(monkeypatch):
 def test_empty_batch():
     x, mask, w, pos, _ = make_inputs(0, 5, 16, "partial")
     assert short_term_attention(x, mask, w, pos, backend="triton").shape == (0, 16)
+
+
+@pytest.mark.parametrize("variant", ["triton", "split"])
+def test_every_candidate_block_size(variant):
+    """Each block-size candidate the GPU autotuner may pick computes the same thing (the
+    interpreter otherwise runs only one of them)."""
+    b, length, d = 13, 5, 100
+    inputs = make_inputs(b, length, d, "prefix", seed=4)
+    ref32 = run("torch", *inputs)
+    ref64 = run("torch", *[t.double() if t.is_floating_point() else t for t in inputs])
+    if variant == "split":
+        cands, kinds = attention_split._split_candidates(length, d), ("split_fwd", "split_bwd")
+    else:
+        cands, kinds = attention._candidates(length, d), ("fwd", "bwd")
+    assert len(cands) >= 2
+    saved = dict(attention._chosen)
+    try:
+        for cfg in cands:
+            for kind in kinds:
+                attention._chosen[(kind, length, d, "ieee", False, attention._interpreted())] = cfg
+            for got, r32, r64, what in zip(run(variant, *inputs), ref32, ref64,
+                                           ("out", "dx", "dw"), strict=True):
+                check_close(got, r32, r64, f"{what} with {cfg}")
+    finally:
+        attention._chosen.clear()
+        attention._chosen.update(saved)
