@@ -181,8 +181,17 @@ def _attn_bwd(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, dx_ptr, dh_ptr,
         tl.store(dh_ptr + grow[:, None] * D + cols[None, :], dh,
                  mask=row_ok[:, None] & (cols < D)[None, :])
     tl.debug_barrier()  # this program's dH stores are read back by its other threads
+    _store_dx(dh_ptr, w_ptr, g_ptr, dx_ptr, p_bar, grow, gw, row_ok, D, BLOCK_R, BLOCK_D,
+              PRECISION)
+
+
+@triton.jit
+def _store_dx(dh_ptr, w_ptr, g_ptr, dx_ptr, p_bar, grow, gw, row_ok,
+              D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """dX = dH W^T (dH read back from dh_ptr) + p_bar_j g_{w(j)} (the value path)."""
     for k0 in range(0, D, BLOCK_D):
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
         krows = k0 + tl.arange(0, BLOCK_D)
         for n0 in range(0, D, BLOCK_D):
             dh = _load_rows(dh_ptr, grow, row_ok, n0, D, BLOCK_D)
@@ -237,11 +246,10 @@ def _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
 
 
 @triton.jit
-def _attn_fwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, out_ptr,
-                   L, scale,
-                   D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+def _long_window(x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, b, L, scale,
+                 D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Window b: its rows, key mask, Q written to the scratch buffer, and p_bar (R,)."""
     base = b * L
     kr = tl.arange(0, R)
     k_ok = kr < L
@@ -249,13 +257,23 @@ def _attn_fwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, out_ptr,
     key_ok = tl.load(mask_ptr + kgrow, mask=k_ok, other=0) != 0
     _store_q_long(x_ptr, w_ptr, pos_ptr, q_ptr, kgrow, kr.to(tl.int64), k_ok,
                   D, R, BLOCK_D, PRECISION)
-    tl.debug_barrier()
+    tl.debug_barrier()  # Q is read back by the program's other threads
     p_bar = tl.zeros((R,), dtype=tl.float32)
     for i0 in range(0, R, BLOCK_M):
         a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
                                             D, R, BLOCK_M, BLOCK_D, PRECISION)
         p_bar += tl.sum(a, axis=0)
-    p_bar = p_bar / L
+    return base, kr, k_ok, kgrow, key_ok, p_bar / L
+
+
+@triton.jit
+def _attn_fwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, out_ptr,
+                   L, scale,
+                   D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
+        x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, b, L, scale, D, R, BLOCK_M, BLOCK_D, PRECISION)
     for d0 in range(0, D, BLOCK_D):
         xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -268,21 +286,9 @@ def _attn_bwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, q_ptr, dx_ptr, dh_ptr
                    D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    base = b * L
-    kr = tl.arange(0, R)
-    k_ok = kr < L
-    kgrow = base + kr
+    base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
+        x_ptr, mask_ptr, w_ptr, pos_ptr, q_ptr, b, L, scale, D, R, BLOCK_M, BLOCK_D, PRECISION)
     brow = kr * 0 + b  # every row reads the window's upstream gradient row
-    key_ok = tl.load(mask_ptr + kgrow, mask=k_ok, other=0) != 0
-    _store_q_long(x_ptr, w_ptr, pos_ptr, q_ptr, kgrow, kr.to(tl.int64), k_ok,
-                  D, R, BLOCK_D, PRECISION)
-    tl.debug_barrier()
-    p_bar = tl.zeros((R,), dtype=tl.float32)
-    for i0 in range(0, R, BLOCK_M):
-        a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
-                                            D, R, BLOCK_M, BLOCK_D, PRECISION)
-        p_bar += tl.sum(a, axis=0)
-    p_bar = p_bar / L
     dp = tl.zeros((R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
@@ -310,18 +316,7 @@ def _attn_bwd_long(x_ptr, mask_ptr, w_ptr, pos_ptr, g_ptr, q_ptr, dx_ptr, dh_ptr
         tl.store(dh_ptr + kgrow[:, None] * D + cols[None, :], tl.where(q_all > 0, dq, 0.0),
                  mask=k_ok[:, None] & (cols < D)[None, :])
     tl.debug_barrier()
-    for k0 in range(0, D, BLOCK_D):
-        acc = tl.zeros((R, BLOCK_D), dtype=tl.float32)
-        krows = k0 + tl.arange(0, BLOCK_D)
-        for n0 in range(0, D, BLOCK_D):
-            dh = _load_rows(dh_ptr, kgrow, k_ok, n0, D, BLOCK_D)
-            ncols = n0 + tl.arange(0, BLOCK_D)
-            wt = tl.load(w_ptr + krows[:, None] * D + ncols[None, :],
-                         mask=(krows < D)[:, None] & (ncols < D)[None, :], other=0.0)
-            acc += tl.dot(dh, tl.trans(wt), input_precision=PRECISION)
-        acc += p_bar[:, None] * _load_rows(g_ptr, brow, k_ok, k0, D, BLOCK_D)
-        tl.store(dx_ptr + kgrow[:, None] * D + krows[None, :], acc,
-                 mask=k_ok[:, None] & (krows < D)[None, :])
+    _store_dx(dh_ptr, w_ptr, g_ptr, dx_ptr, p_bar, kgrow, brow, k_ok, D, R, BLOCK_D, PRECISION)
 
 
 # --------------------------------------------------------------------------------------
