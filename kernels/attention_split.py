@@ -35,6 +35,7 @@ from .attention import (
     _is_long,
     _load_rows,
     _matmul_precision,
+    _meta,
     _pick,
     _score_grad,
     _store_short,
@@ -101,13 +102,6 @@ def _split_candidates(length: int, dim: int) -> list[tuple[int, int, int]]:
     shapes = {(r, min(full_d, 128)) for r in (16, 32) if r >= need}
     shapes.add((max(need, 64), min(full_d, 64)))
     return [(r, bd, 4 if r * bd <= 2048 else 8) for r, bd in sorted(shapes)]
-
-
-def _meta(cfg: tuple[int, int, int], length: int) -> dict:
-    block_r, block_d, warps = cfg
-    wpb = block_r // length
-    return {"WPB": wpb, "BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": warps,
-            "WB": max(16, triton.next_power_of_2(wpb))}
 
 
 def split_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
