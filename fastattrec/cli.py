@@ -12,18 +12,36 @@ import click
 from fastattrec import __version__
 from fastattrec.errors import UserError
 
+# The same list as fastattrec.data.readers.FORMATS (a test checks), kept here so that
+# `--help` does not import Polars.
+PREP_FORMATS = ["auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "parquet",
+                "sequence-pairs", "sequence-lines"]
+
 
 def _user_errors(fn):
-    """Turn a UserError into click's one-line 'Error: ...' and exit status 1."""
+    """Turn a UserError, or a failed write to a full, read-only or forbidden place, into
+    click's one-line 'Error: ...' and exit status 1. Anything else is a bug and keeps its
+    traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from fastattrec.atomic import is_write_failure
+        from fastattrec.outputs import write_error
+
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if not is_write_failure(e) and not (e.filename and e.errno in _PATH_ERRNOS):
+                raise
+            raise click.ClickException(str(write_error(Path(e.filename or "the output"), e))
+                                       ) from None
 
     return wrapper
+
+
+_PATH_ERRNOS = {13, 20, 21, 28, 30, 122}  # EACCES ENOTDIR EISDIR ENOSPC EROFS EDQUOT
 
 
 def _log(msg: str) -> None:
@@ -66,7 +84,9 @@ def main() -> None:
               help="Item clusters the users move between (default: items/40, 2..64).")
 @click.option("--switch", default=0.15, show_default=True,
               help="Probability per step that a user moves to another cluster.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if an earlier `synth` wrote it (its OUTPUT.synth.json "
+                   "record matches); any other file is left alone.")
 @_user_errors
 def synth(output: Path, users: int, items: int, interactions: int, seed: int,
           clusters: int | None, switch: float, force: bool) -> None:
@@ -80,10 +100,8 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 
     from fastattrec.data.synth import synthesize
 
-    if output.exists() and not force:
-        raise UserError(f"{output} already exists; pass --force to replace it.")
     t = time.perf_counter()
-    info = synthesize(output, users, items, interactions, seed, clusters, switch)
+    info = synthesize(output, users, items, interactions, seed, clusters, switch, force=force)
     click.echo(
         f"wrote {output}: {info['interactions']:,} ratings, {info['users']:,} users, "
         f"{info['items']:,} items, {info['clusters']} clusters "
@@ -96,19 +114,21 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder to create for the prepared dataset.")
 @click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv",
-                                 "parquet"]),
+              type=click.Choice(PREP_FORMATS),
               help="Input format. auto: '::' lines are MovieLens-1M ratings.dat, 4 tab-separated "
                    "integers are MovieLens-100K u.data, a 'userId,movieId,rating,timestamp' "
                    "header is MovieLens-20M/25M ratings.csv, '.inter' is RecBole; otherwise "
-                   "csv/tsv/parquet with named columns.")
+                   "csv/tsv/parquet with named columns. Logs without times, in file order: "
+                   "sequence-pairs ('user item' lines, whitespace separated) and "
+                   "sequence-lines (one line per user: 'user item1 item2 ...'). gzip, bzip2, "
+                   "xz and zstd files are unpacked on the fly.")
 @click.option("--user-col", help="User column (csv/tsv/recbole/parquet). Default: guessed.")
 @click.option("--item-col", help="Item column (csv/tsv/recbole/parquet). Default: guessed.")
 @click.option("--time-col", help="Time column: numbers or dates. Default: guessed.")
 @click.option("--rating-col", help="Rating column (optional). Default: guessed if present.")
 @click.option("--trans-score", type=float, default=None,
-              help="Keep rows with rating >= this (implicit feedback). Default 1: every "
-                   "MovieLens rating.")
+              help="Keep rows with rating >= this (implicit feedback). Default: keep every "
+                   "row, whatever its rating.")
 @click.option("--test-negatives", type=int, default=None,
               help="Distinct negatives per test user [default: 100; 101 with repeats under "
                    "--compat notebook].")
@@ -119,7 +139,9 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--seed", default=0, show_default=True, help="Seed for every random draw.")
 @click.option("--streaming", is_flag=True,
               help="Run the plans on Polars' streaming engine (for logs larger than memory).")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists (only once complete).")
+@click.option("--force", is_flag=True,
+              help="Replace OUT_DIR if it is a prepared dataset (its meta.json says so), only "
+                   "once the new one is complete; never anything else, nor the input.")
 @_user_errors
 def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
          trans_score, test_negatives, compat, seed, streaming, force) -> None:
@@ -219,8 +241,11 @@ def _train_options(f):
               help="Run folder: config.json, checkpoints, log.csv, metrics.jsonl, curves.png.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the interrupted run in this folder (same data and options; "
-                   "--epochs may be raised).")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty run folder.")
+                   "--epochs may be raised). A run stopped before its first checkpoint starts "
+                   "over; the data must be the dataset the run started on.")
+@click.option("--force", is_flag=True,
+              help="Replace the run in RUN_DIR (a folder `fastattrec train` made): its "
+                   "checkpoints, logs and eval.json are removed first; other files stay.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch [default: when writing to a terminal].")
 @_train_options
@@ -266,10 +291,9 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
                             f"change (got {names}).")
         base = None
         if changed:
-            import json
+            from fastattrec.run_folder import read_run_config
 
-            saved = json.loads((Path(resume_dir) / "config.json").read_text())["train"] \
-                if (Path(resume_dir) / "config.json").exists() else {}
+            saved = read_run_config(Path(resume_dir))["train"]
             base = TrainConfig.from_dict({**saved, **changed})
         res = run_training(None, resume_dir, base, resume=True, log=log, progress=progress,
                            distributed=dist)
@@ -337,6 +361,8 @@ def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_b
     from fastattrec.evaluate import evaluate as run_eval
     from fastattrec.runs import load_run
 
+    if any(k < 1 for k in ks):
+        raise UserError(f"-k must be at least 1, got {min(ks)}.")
     run = load_run(run_dir, checkpoint, device, data_dir)
     ndcg_log = ndcg_log or run.cfg.ndcg_log
     ks = sorted(set(ks))
@@ -349,9 +375,12 @@ def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_b
         results["popularity"] = run_eval(pop, run.data, run.cfg.maxlen, protocol, ks, ndcg_log)
     _print_metrics(results, f"{run_dir} ({run.checkpoint} checkpoint, epoch {run.epoch}; "
                             f"NDCG log base {ndcg_log}; model evaluated in {seconds:.3f} s)")
-    atomic_write_json(Path(run_dir) / "eval.json", {
-        "checkpoint": run.checkpoint, "epoch": run.epoch, "ndcg_log": ndcg_log,
-        "seconds": seconds, "results": results})
+    try:
+        atomic_write_json(Path(run_dir) / "eval.json", {
+            "checkpoint": run.checkpoint, "epoch": run.epoch, "ndcg_log": ndcg_log,
+            "seconds": seconds, "results": results})
+    except UserError as e:
+        raise UserError(f"the metrics above were not saved: {e}") from None
 
 
 @main.command()
@@ -363,38 +392,59 @@ def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_b
               help="MovieLens movies.dat, to print titles.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Parquet file for --all-users (raw_user, rank, raw_item, score[, title]).")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if an earlier `recommend` wrote it.")
 @click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
               show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @_user_errors
-def recommend(run_dir, raw_user, all_users, k, movies, output, checkpoint, device) -> None:
-    """Top-K items for a user from their latest window, excluding items they have seen."""
+def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint, device) -> None:
+    """Top-K items for a user from their latest window, excluding items they have seen.
+
+    A user who has seen all but N items gets only those N."""
     import torch
 
-    from fastattrec.atomic import atomic_path
-    from fastattrec.recommend import dense_user, read_titles, recommend_frame
+    from fastattrec.recommend import (
+        dense_user,
+        made_by_recommend,
+        read_titles,
+        recommend_frame,
+        write_recommendations,
+    )
     from fastattrec.runs import load_run
 
     if bool(raw_user) == bool(all_users):
         raise UserError("give exactly one of --user RAW_ID or --all-users.")
     if all_users and output is None:
         raise UserError("--all-users writes a Parquet file: add -o FILE.parquet.")
+    if output is not None and not all_users:
+        raise UserError("-o is for --all-users; --user prints its list.")
     if k < 1:
-        raise UserError("-k must be at least 1.")
+        raise UserError(f"-k must be at least 1, got {k}.")
     titles = read_titles(movies) if movies else None
-    run = load_run(run_dir, checkpoint, device)
-    dev = run.data.device
     if all_users:
-        users = torch.arange(1, run.prepared.n_users + 1, device=dev)
-        frame = recommend_frame(run, users, k, titles)
-        with atomic_path(output) as tmp:
-            frame.write_parquet(tmp)
+        from fastattrec.outputs import claim_output
+
+        with claim_output(output, force=force, made_by_us=made_by_recommend,
+                          what="recommendations file that `fastattrec recommend` wrote",
+                          inputs=[run_dir]) as out:
+            if out.is_dir():
+                raise UserError(f"-o {output} is a folder; give a file name such as "
+                                f"{Path(output) / 'recommendations.parquet'}.")
+            run = load_run(run_dir, checkpoint, device)
+            users = torch.arange(1, run.prepared.n_users + 1, device=run.data.device)
+            frame = recommend_frame(run, users, k, titles)
+            write_recommendations(frame, out)
+        short = users.shape[0] * k - frame.height
         click.echo(f"wrote {frame.height:,} recommendations for {users.shape[0]:,} users "
-                   f"to {output}")
+                   f"to {output}" + (f" ({short:,} fewer than {k} per user: those users have "
+                                     f"few unseen items)" if short else ""))
         return
-    users = torch.tensor([dense_user(run, raw_user)], device=dev)
+    run = load_run(run_dir, checkpoint, device)
+    users = torch.tensor([dense_user(run, raw_user)], device=run.data.device)
     frame = recommend_frame(run, users, k, titles)
-    click.echo(f"top {frame.height} for user {raw_user}:")
+    click.echo(f"top {frame.height} for user {raw_user}:"
+               + (f" (only {frame.height} items are unseen)" if frame.height < k else ""))
     for row in frame.iter_rows(named=True):
         title = f"  {row['title']}" if titles is not None and row.get("title") else ""
         click.echo(f"{row['rank']:3d}. item {row['raw_item']}  (score {row['score']:.4f}){title}")
@@ -406,7 +456,9 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, checkpoint, devic
               show_default=True, help="Folder to unpack into.")
 @click.option("--url", help="Download from this address instead (a mirror).")
 @click.option("--md5", help="Expected MD5 of the archive at --url.")
-@click.option("--force", is_flag=True, help="Download again even if already unpacked.")
+@click.option("--force", is_flag=True,
+              help="Download again even if already unpacked (replaces only a folder that "
+                   "fastattrec downloaded, once the new archive is verified).")
 @_user_errors
 def download(name, dest, url, md5, force) -> None:
     """Fetch a MovieLens archive from GroupLens, verify its MD5 and unpack it.

@@ -80,6 +80,12 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
     return out
 
 
+def worst_if_nan(g: torch.Tensor) -> torch.Tensor:
+    """Goodness with NaN made -inf, in place: a NaN score ranks last (and, as ties count
+    against the target, a NaN target is beaten by every candidate), never a hit."""
+    return g.masked_fill_(torch.isnan(g), -math.inf)
+
+
 def _chunks(n: int, size: int):
     for lo in range(0, n, size):
         yield lo, min(n, lo + size)
@@ -108,6 +114,7 @@ def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 81
             g = ranker.goodness_all(who, windows).gather(1, cand)
         else:
             g = ranker.goodness(who, windows, cand)
+        g = worst_if_nan(g)
         out.append((g[:, 1:] >= g[:, :1]).sum(dim=1))
     if not out:
         return torch.zeros(0, dtype=torch.long, device=data.device)
@@ -125,23 +132,23 @@ def full_ranks(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int
     """(B,) ranks of the targets at `rows` among every real item, excluding the items the
     user had before the target (the target itself stays a candidate only once)."""
     chunk = chunk or _full_chunk_size(data.n_items, data.device)
-    invalid = ~data.item_valid
     out = []
     for lo, hi in _chunks(rows.shape[0], chunk):
         r = rows[lo:hi]
         users = data.row_user[r]
-        g = ranker.goodness_all(users, data.windows_before(r, maxlen)).clone()  # (B, I)
-        target = data.items[r]
+        g = worst_if_nan(ranker.goodness_all(users, data.windows_before(r, maxlen)).clone())
+        target = data.items[r]  # g: (B, I)
         g_t = g.gather(1, target[:, None])  # (B, 1)
-        g[:, invalid] = -math.inf
-        # Every item the user had before the target: (chunk row, item) pairs, one scatter.
+        # Competitors: every real item except those the user had before the target and
+        # the target itself; (chunk row, item) pairs cleared with one scatter.
+        compete = data.item_valid[None, :].repeat(r.shape[0], 1)  # (B, I)
         hist = data.row_pos[r]  # (B,) number of earlier rows
         b = torch.repeat_interleave(torch.arange(r.shape[0], device=r.device), hist)
         within = torch.arange(b.shape[0], device=r.device) - torch.repeat_interleave(
             torch.cumsum(hist, 0) - hist, hist)
-        g[b, data.items[data.offsets[users][b] + within]] = -math.inf
-        g[torch.arange(r.shape[0], device=r.device), target] = -math.inf
-        out.append((g >= g_t).sum(dim=1))
+        compete[b, data.items[data.offsets[users][b] + within]] = False
+        compete[torch.arange(r.shape[0], device=r.device), target] = False
+        out.append(((g >= g_t) & compete).sum(dim=1))
     if not out:
         return torch.zeros(0, dtype=torch.long, device=data.device)
     return torch.cat(out)

@@ -9,8 +9,9 @@ import numpy as np
 import polars as pl
 import torch
 
+from fastattrec.atomic import atomic_path
 from fastattrec.errors import UserError
-from fastattrec.evaluate import ModelRanker
+from fastattrec.evaluate import ModelRanker, worst_if_nan
 from fastattrec.runs import LoadedRun
 
 
@@ -24,7 +25,7 @@ def top_k(run: LoadedRun, users: torch.Tensor, k: int,
     items, scores = [], []
     for lo in range(0, users.shape[0], chunk):
         u = users[lo:lo + chunk]
-        g = ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone()  # (b, I)
+        g = worst_if_nan(ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone())  # (b, I)
         g[:, ~data.item_valid] = -math.inf
         n = data.lengths[u]
         b = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), n)
@@ -35,6 +36,24 @@ def top_k(run: LoadedRun, users: torch.Tensor, k: int,
         items.append(i)
         scores.append(s)
     return torch.cat(items), torch.cat(scores)
+
+
+RECOMMEND_MARK = {"fastattrec": "recommendations"}  # Parquet metadata of what recommend writes
+
+
+def write_recommendations(frame: pl.DataFrame, path: Path) -> None:
+    """Write the frame atomically, marked so that a later `--force` may replace it."""
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, metadata=RECOMMEND_MARK)
+
+
+def made_by_recommend(path: Path) -> bool:
+    """True when `path` is a Parquet file that `recommend` wrote (its metadata says so)."""
+    try:
+        meta = pl.read_parquet_metadata(path)
+    except Exception:  # noqa: BLE001 - not Parquet, unreadable: not ours either way
+        return False
+    return meta.get("fastattrec") == RECOMMEND_MARK["fastattrec"]
 
 
 def dense_user(run: LoadedRun, raw_user: str) -> int:
@@ -61,13 +80,29 @@ def item_lookup(run: LoadedRun) -> pl.DataFrame:
 
 def read_titles(movies: Path) -> pl.DataFrame:
     """MovieLens movies.dat (`MovieID::Title::Genres`, Latin-1) -> raw_item, title."""
-    if not Path(movies).exists():
-        raise UserError(f"{movies} does not exist; give MovieLens' movies.dat.")
-    text = Path(movies).read_bytes().decode("latin-1")
-    rows = [line.split("::") for line in text.splitlines() if line.strip()]
-    if not rows or any(len(r) < 2 for r in rows[:5]):
-        raise UserError(f"{movies} is not a MovieLens movies.dat (MovieID::Title::Genres).")
-    return pl.DataFrame({"raw_item": [int(r[0]) for r in rows], "title": [r[1] for r in rows]})
+    movies = Path(movies)
+    hint = "give MovieLens' movies.dat (MovieID::Title::Genres) with --movies"
+    if not movies.exists():
+        raise UserError(f"{movies} does not exist; {hint}.")
+    if not movies.is_file():
+        raise UserError(f"{movies} is a folder; {hint}.")
+    try:
+        text = movies.read_bytes().decode("latin-1")
+    except OSError as e:
+        raise UserError(f"cannot read {movies} ({e.strerror}); {hint}.") from None
+    ids, titles = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("::")
+        if len(parts) < 2 or not parts[0].strip().lstrip("-").isdigit():
+            raise UserError(f"{movies}, line {n}: expected 'MovieID::Title::Genres' but found "
+                            f"{line[:60]!r}; {hint}.")
+        ids.append(int(parts[0]))
+        titles.append(parts[1])
+    if not ids:
+        raise UserError(f"{movies} holds no titles; {hint}.")
+    return pl.DataFrame({"raw_item": ids, "title": titles})
 
 
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
@@ -81,6 +116,9 @@ def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
         "item": items.cpu().numpy().ravel().astype(np.int32),
         "score": scores.cpu().numpy().ravel(),
     })
+    # A user with fewer than k unseen items: the rest of the top k are seen (or padding)
+    # items at -inf, which are not recommendations.
+    frame = frame.filter(pl.col("score") > -math.inf)
     raw_users = pl.DataFrame({"user": np.arange(1, run.prepared.n_users + 1),
                               "raw_user": run.prepared.raw_users})
     frame = (frame.join(raw_users, on="user", how="left", maintain_order="left")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from fastattrec.batches import DeviceData
-from fastattrec.data.dataset import Prepared, load_prepared
+from fastattrec.data.dataset import Prepared, fingerprint, load_prepared
 from fastattrec.errors import UserError
 from fastattrec.kernels import resolve_backend
 from fastattrec.model import AttRec, AttRecConfig
+from fastattrec.run_folder import (
+    BEST,
+    BEST_KEYS,
+    CHECKPOINT,
+    CONFIG,
+    load_checkpoint,
+    read_run_config,
+)
 from fastattrec.train import TrainConfig, pick_device
 
 
@@ -35,31 +40,43 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
     when the run used --early-stop, else last, which is what the notebook reports).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a run folder; train one with "
-                        f"`fastattrec train DATA_DIR -o {run_dir}`.")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise UserError(f"{run_dir} has no config.json, so it is not a fastattrec run; "
-                        f"train one with `fastattrec train DATA_DIR -o {run_dir}`.")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text())["train"])
+    saved = read_run_config(run_dir)
+    try:
+        cfg = TrainConfig.from_dict(saved["train"])
+    except TypeError as e:
+        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot read "
+                        f"({e}).") from None
     if checkpoint not in ("auto", "best", "last"):
         raise UserError("--checkpoint must be auto, best or last.")
     if checkpoint == "auto":
         checkpoint = "best" if cfg.early_stop > 0 else "last"
-    file = run_dir / ("best.pt" if checkpoint == "best" else "checkpoint.pt")
+    file = run_dir / (BEST if checkpoint == "best" else CHECKPOINT)
     if not file.exists():
         raise UserError(f"{file} does not exist yet: the run has not finished an epoch.")
     dev = pick_device(device)
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    prepared = load_prepared(Path(data_dir) if data_dir else Path(cfg.data_dir))
-    mcfg = AttRecConfig(**state["model_config"])
+    state = load_checkpoint(file, BEST_KEYS)
+    data_path = Path(data_dir) if data_dir else Path(cfg.data_dir)
+    prepared = load_prepared(data_path)
+    recorded = state.get("data_fingerprint") or saved.get("data", {}).get("fingerprint")
+    if data_dir is None and recorded and recorded != fingerprint(prepared.meta):
+        raise UserError(f"{data_path} has been prepared again since {run_dir} was trained "
+                        f"(its fingerprint changed), so the model would be scored against "
+                        f"other data; prepare it as before, or pass --data explicitly.")
+    try:
+        mcfg = AttRecConfig(**state["model_config"])
+    except TypeError as e:
+        raise UserError(f"{file} holds a model configuration this fastattrec cannot read "
+                        f"({e}).") from None
     mcfg.kernel = resolve_backend(kernel or cfg.kernel, dev)
     if (mcfg.n_items, mcfg.n_users) != (prepared.n_item_rows, prepared.n_user_rows):
         raise UserError(f"the data in {prepared.path} does not match the run in {run_dir} "
                         f"(different item or user counts); pass the DATA_DIR it was trained on.")
     model = AttRec(mcfg).to(dev)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{file} does not fit its own model configuration "
+                        f"({str(e).splitlines()[0][:120]}); it is damaged.") from None
     model.eval()
     data = DeviceData.from_prepared(prepared, dev)
     return LoadedRun(run_dir, cfg, model, data, prepared, int(state["epoch"]), checkpoint)

@@ -14,6 +14,7 @@ touches every row, so it costs no extra pass.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -31,7 +32,7 @@ import torch
 from fastattrec import __version__
 from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.batches import DeviceData
-from fastattrec.data.dataset import load_prepared, read_meta
+from fastattrec.data.dataset import fingerprint, load_prepared, read_meta
 from fastattrec.errors import UserError
 from fastattrec.evaluate import (
     DEFAULT_KS,
@@ -43,6 +44,19 @@ from fastattrec.evaluate import (
 from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
 from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 from fastattrec.optim import KerasAdam
+from fastattrec.outputs import absolute, claim_output
+from fastattrec.run_folder import (
+    BEST,
+    CHECKPOINT,
+    CONFIG,
+    RUN_FORMAT_VERSION,
+    RUN_KIND,
+    clear_run,
+    is_run_folder,
+    load_checkpoint,
+    read_run_config,
+    remove_run_temporaries,
+)
 
 NEGATIVE_MODES = ("fixed", "resample")
 LOG_COLUMNS = ("Iteration", "fit_time", "evaluate_time", "hit_rate", "ndcg", "mrr")
@@ -86,10 +100,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} must be one of "
                                 f"{', '.join(allowed)}, got {getattr(self, name)!r}.")
+        for name in ("lr", "embed_reg", "w", "gamma"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got "
+                                f"{getattr(self, name)}.")
         if not 0.0 <= self.w <= 1.0:
             raise UserError(f"--w must be between 0 and 1, got {self.w}.")
-        if self.lr <= 0 or self.embed_reg < 0 or self.early_stop < 0:
-            raise UserError("--lr must be positive and --embed-reg, --early-stop non-negative.")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}.")
+        if self.embed_reg < 0 or self.early_stop < 0:
+            raise UserError("--embed-reg and --early-stop must not be negative.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -297,9 +317,15 @@ def plot_curves(run_dir: Path, history: list[dict]) -> bool:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temporary file and an atomic rename."""
+    """torch.save through a temporary file and an atomic rename; a failed write (full
+    disk, read-only folder) is one sentence naming the file."""
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # torch reports a failed write as a RuntimeError
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"cannot write {path} ({first}); check free space and "
+                            f"permissions of {path.parent}.") from None
 
 
 def _to_host(obj: Any) -> Any:
@@ -314,25 +340,29 @@ def _to_host(obj: Any) -> Any:
 
 
 class CheckpointWriter:
-    """Writes checkpoints from a background thread, so the next epoch does not wait for
-    the disk. The state is copied to host memory first (training keeps changing it);
-    each file is still written to a temporary name and renamed; `wait` joins."""
+    """Commits epochs from a background thread, so the next epoch does not wait for the
+    disk. The state is copied to host memory first (training keeps changing it); each file
+    is written to a temporary name and renamed; the logs are rewritten from the committed
+    history only after checkpoint.pt is in place (the commit point); `wait` joins."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path) -> None:
         import threading
 
         self._threading = threading
+        self._run_dir = run_dir
         self._thread = None
         self._error: BaseException | None = None
 
-    def submit(self, files: list[tuple[Path, dict[str, Any]]]) -> None:
+    def submit(self, files: list[tuple[Path, dict[str, Any]]], history: list[dict]) -> None:
         self.wait()
         files = [(p, _to_host(s)) for p, s in files]
+        history = [dict(h) for h in history]
 
         def work() -> None:
             try:
                 for path, state in files:
                     save_checkpoint(path, state)
+                write_logs(self._run_dir, history)
             except BaseException as e:  # reported by wait()
                 self._error = e
 
@@ -357,77 +387,286 @@ class TrainResult:
     stopped_early: bool
 
 
-def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
-          resume: bool = False, log: Callable[[str], None] = print, progress: bool = False,
-          force: bool = False, distributed: Any = None) -> TrainResult:
-    """Train AttRec on a prepared dataset into `run_dir` (or continue it with `resume`)."""
-    run_dir = Path(run_dir)
-    ckpt = None
-    if resume:
-        if not (run_dir / "checkpoint.pt").exists():
-            raise UserError(f"{run_dir} has no checkpoint.pt to resume; start a new run with "
-                            f"`fastattrec train DATA_DIR -o {run_dir}`.")
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if cfg is not None:  # only the epoch count and the device may change on resume
-            saved.epochs, saved.device = cfg.epochs, cfg.device
-        cfg = saved
-        data_dir = Path(cfg.data_dir)
-    else:
-        cfg = cfg or TrainConfig()
-        if data_dir is None:
-            raise UserError("give DATA_DIR (a folder written by `fastattrec prep`).")
-        if run_dir.exists() and any(run_dir.iterdir()) and not force:
-            hint = " or --resume it" if (run_dir / "checkpoint.pt").exists() else ""
-            raise UserError(f"{run_dir} already exists and is not empty; choose another -o, "
-                            f"pass --force to overwrite{hint}.")
-        cfg.data_dir = str(Path(data_dir).resolve())
-    cfg.check()
-    meta = read_meta(Path(data_dir))
-    device = distributed.device if distributed else pick_device(cfg.device)
-    if device.type == "cpu":
-        keep_freed_memory()
-    rank, world = (distributed.rank, distributed.world) if distributed else (0, 1)
-    main_proc = rank == 0
-    if not main_proc:
-        log = lambda s: None  # noqa: E731 - only rank 0 speaks
-    try:
-        backend = resolve_backend(cfg.kernel, device)
-    except RuntimeError as e:
-        raise UserError(f"--kernel {cfg.kernel}: {e}.") from None
+class Diverged(UserError):
+    """Training produced a non-finite loss or weight: the run stops, unsaved."""
 
-    prepared = load_prepared(Path(data_dir))
-    data = DeviceData.from_prepared(prepared, device)
-    if data.train_rows.shape[0] == 0:
-        raise UserError(f"{data_dir} has no train samples (every user has fewer than 4 "
-                        f"items); use a larger log.")
+
+@dataclass
+class RunState:
+    """Where a run stands: what the checkpoint holds, or the start of a new run."""
+
+    history: list[dict]
+    best: dict[str, Any]
+    stale: int
+    epoch: int  # epochs done
+
+
+def _open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resume: bool,
+              log: Callable[[str], None]) -> tuple[TrainConfig, dict | None, dict]:
+    """Set-up: the run's options, its checkpoint (None for a fresh start) and the saved
+    config.json (empty for a new run). Resuming keeps the saved options, except --epochs
+    and --device; a run killed before its first checkpoint starts over from them."""
+    if not resume:
+        cfg = cfg or TrainConfig()
+        cfg.data_dir = str(Path(data_dir).resolve())
+        return cfg, None, {}
+    saved = read_run_config(run_dir)
+    ckpt = None
+    if (run_dir / CHECKPOINT).exists():
+        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    else:
+        log(f"{run_dir} has no checkpoint yet (interrupted before its first epoch ended); "
+            f"starting it over with its saved options")
+    base = ckpt["config"] if ckpt is not None else saved["train"]
+    try:
+        resumed = TrainConfig.from_dict(base)
+    except TypeError as e:
+        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot read ({e}); "
+                        f"start the run again with --force.") from None
+    if cfg is not None:  # only the epoch count and the device may change on resume
+        resumed.epochs, resumed.device = cfg.epochs, cfg.device
+    return resumed, ckpt, saved
+
+
+def _check_same_data(run_dir: Path, data_dir: Path, meta: dict, saved: dict,
+                     ckpt: dict | None) -> str:
+    """The dataset's fingerprint; on resume it must be the one the run started on."""
+    fp = fingerprint(meta)
+    recorded = (ckpt or {}).get("data_fingerprint") or saved.get("data", {}).get("fingerprint")
+    if saved and recorded and recorded != fp:
+        raise UserError(f"{data_dir} is not the dataset {run_dir} started on (it was prepared "
+                        f"again or from other input: fingerprint {fp[:12]} vs {recorded[:12]}); "
+                        f"restore that dataset, or start a new run.")
+    return fp
+
+
+@contextlib.contextmanager
+def _claim_run(run_dir: Path, data_dir: Path | None, resume: bool, force: bool,
+               log: Callable[[str], None]):
+    """Lock the run folder (one command at a time), tidy what a killed run left, and check
+    that a new run may write there: empty, or with --force a fastattrec run folder."""
+    if resume:
+        with claim_output(run_dir, force=False, made_by_us=is_run_folder, what="run folder",
+                          option="--resume", log=log, allow_existing=True):
+            yield
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file; give a folder for the run with -o.")
+    with claim_output(run_dir, force=force, made_by_us=is_run_folder, what="run folder",
+                      inputs=[data_dir], log=log, allow_existing=not force):
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+            hint = " or --resume it" if is_run_folder(run_dir) else ""
+            raise UserError(f"{run_dir} already exists and is not empty; choose another -o, "
+                            f"pass --force to replace the run{hint}.")
+        yield
+
+
+def _build(cfg: TrainConfig, data: DeviceData, device: torch.device, backend: str,
+           use_graph: bool) -> tuple[AttRec, AttRecConfig, KerasAdam, dict[str, torch.Generator]]:
+    """The model, its optimiser and the run's random generators, from the seed."""
     mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, dim=cfg.dim,
                         maxlen=cfg.maxlen, mode=cfg.mode, w=cfg.w, gamma=cfg.gamma,
                         embed_reg=cfg.embed_reg, kernel=backend, precision=cfg.precision)
     model = AttRec(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    use_graph = cfg.compile and device.type == "cuda" and distributed is None
     if cfg.compile and device.type == "cuda":
         model.compile_loss()
     opt = make_optimizer(model, cfg, device, capturable=use_graph)
-    g_shuffle = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    g_negs = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    history: list[dict] = []
-    best = {"metric": -math.inf, "epoch": 0}
-    stale, start = 0, 0
-    if ckpt is not None:
+    gens = {"shuffle": torch.Generator(device=device).manual_seed(cfg.seed + 1),
+            "negatives": torch.Generator(device=device).manual_seed(cfg.seed + 2)}
+    return model, mcfg, opt, gens
+
+
+def _restore(ckpt: dict | None, model: AttRec, opt: KerasAdam,
+             gens: dict[str, torch.Generator]) -> RunState:
+    """Resume: weights, optimiser state and generator states from the checkpoint."""
+    if ckpt is None:
+        return RunState(history=[], best={"metric": -math.inf, "epoch": 0}, stale=0, epoch=0)
+    try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        g_shuffle.set_state(ckpt["rng"]["shuffle"])
-        g_negs.set_state(ckpt["rng"]["negatives"])
-        history, best, stale, start = ckpt["history"], ckpt["best"], ckpt["stale"], ckpt["epoch"]
-        log(f"resuming {run_dir} after epoch {start} of {cfg.epochs}")
+        for name, g in gens.items():
+            g.set_state(ckpt["rng"][name])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise UserError(f"the checkpoint does not fit this run's model ({first}); start the "
+                        f"run again with --force.") from None
+    return RunState(ckpt["history"], ckpt["best"], ckpt["stale"], ckpt["epoch"])
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, mcfg: AttRecConfig, meta: dict,
+                  fp: str) -> None:
+    atomic_write_json(run_dir / CONFIG, {
+        "kind": RUN_KIND, "run_format_version": RUN_FORMAT_VERSION,
+        "train": asdict(cfg), "model": mcfg.to_dict(), "fastattrec_version": __version__,
+        "data": {"path": cfg.data_dir, "fingerprint": fp,
+                 "source_sha256": meta["source"].get("sha256"), "counts": meta["counts"]},
+    })
+
+
+def _progress_bar(runner: EpochRunner, cfg: TrainConfig, epoch: int, t1: float):
+    """A tqdm bar over the epoch's steps and its tick function (loss read once a second)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=runner.n_steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+               leave=False, dynamic_ncols=True)
+    last = [time.perf_counter()]
+
+    def tick(i: int) -> None:
+        bar.update(1)
+        now = time.perf_counter()
+        if now - last[0] > 1.0:  # reading the loss syncs: at most once a second
+            done = min((i + 1) * cfg.batch_size, runner.n_train)
+            bar.set_postfix(loss=f"{runner.loss_sum.item() / max(done, 1):.4f}",
+                            samples_s=f"{done / (now - t1):,.0f}")
+            last[0] = now
+
+    return bar, tick
+
+
+def _fit_epoch(runner: EpochRunner, cfg: TrainConfig, data: DeviceData, epoch: int,
+               gens: dict[str, torch.Generator], show: bool, distributed: Any
+               ) -> tuple[float, float]:
+    """One epoch of training steps: (mean train loss, seconds)."""
+    device = data.device
+    t1 = time.perf_counter()
+    if cfg.negatives == "resample":
+        runner.set_negatives(data.sample_negatives(gens["negatives"]))
+    runner.perm.copy_(torch.randperm(runner.n_train, generator=gens["shuffle"], device=device))
+    bar, tick = _progress_bar(runner, cfg, epoch, t1) if show else (None, None)
+    loss_sum = runner.run(tick)
+    if distributed:
+        loss_sum = distributed.all_sum(loss_sum)
+    train_loss = float(loss_sum) / runner.n_train  # the one sync of the epoch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if bar is not None:
+        bar.close()
+    return train_loss, time.perf_counter() - t1
+
+
+def _check_finite(model: AttRec, cfg: TrainConfig, epoch: int, **values: float) -> None:
+    """Stop a diverged run before anything of its epoch is saved or scored."""
+    bad = [f"{k.replace('_', ' ')} is {v}" for k, v in values.items() if not math.isfinite(v)]
+    bad += [f"{n} has non-finite entries" for n, p in model.named_parameters()
+            if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise Diverged(f"training diverged in epoch {epoch} ({'; '.join(bad[:2])}); the run "
+                       f"stops and keeps epoch {epoch - 1} in checkpoint.pt — lower --lr "
+                       f"(now {cfg.lr:g}) or check --embed-reg (now {cfg.embed_reg:g}).")
+
+
+def _evaluate_epoch(model: AttRec, data: DeviceData, cfg: TrainConfig, epoch: int,
+                    distributed: Any) -> tuple[dict[str, Any], float]:
+    """Validation loss and full-ranking NDCG every epoch; test metrics every eval_every
+    epochs and after the last. Returns the log row's evaluation part and the reg. term."""
+    with torch.no_grad():
+        reg = float(model.reg_loss())
+    ranker = ModelRanker(model)
+    val_loss = validation_loss(model, data, cfg.maxlen, dist=distributed) + reg
+    val_ranks = full_ranks_of(ranker, data, data.val_rows, cfg.maxlen, distributed)
+    row: dict[str, Any] = {
+        "val_loss": val_loss,
+        "val_metric": metrics_from_ranks(val_ranks, (cfg.k,))[f"NDCG@{cfg.k}"],
+        "val_name": f"NDCG@{cfg.k}(full)",
+    }
+    if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+        ks = sorted(set(DEFAULT_KS) | {cfg.k})
+        row["test"] = evaluate(ranker, data, cfg.maxlen, "both", ks, cfg.ndcg_log,
+                               dist=distributed)
+    return row, reg
+
+
+def _epoch_line(row: dict[str, Any], cfg: TrainConfig, n_train: int) -> str:
+    line = (f"epoch {row['epoch']:3d}/{cfg.epochs}  loss {row['train_loss']:.4f} (+reg "
+            f"{row['reg_loss']:.4f})  val loss {row['val_loss']:.4f}  val {row['val_name']} "
+            f"{row['val_metric']:.4f}  fit {row['fit_time']:.2f}s "
+            f"({n_train / row['fit_time']:,.0f} samples/s)")
+    if "test" in row:
+        s, k = row["test"]["sampled"], cfg.k
+        line += (f"  test HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} {s[f'NDCG@{k}']:.4f} "
+                 f"MRR {s['MRR']:.4f}")
+    return line
+
+
+def _commit(writer: CheckpointWriter, run_dir: Path, state: RunState, improved: bool,
+            model: AttRec, opt: KerasAdam, gens: dict[str, torch.Generator],
+            cfg: TrainConfig, mcfg: AttRecConfig, fp: str) -> None:
+    """Queue the epoch's checkpoint (and best.pt), then the logs written from it."""
+    ckpt = {
+        "epoch": state.epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "rng": {name: g.get_state() for name, g in gens.items()},
+        "history": state.history, "best": state.best, "stale": state.stale,
+        "config": asdict(cfg), "model_config": mcfg.to_dict(),
+        "fastattrec_version": __version__, "data_fingerprint": fp,
+    }
+    files = [(run_dir / CHECKPOINT, ckpt)]
+    if improved:
+        files.insert(0, (run_dir / BEST, {
+            "epoch": state.epoch, "model": ckpt["model"], "model_config": ckpt["model_config"],
+            "config": ckpt["config"], "data_fingerprint": fp}))
+    writer.submit(files, state.history)
+
+
+def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
+          resume: bool = False, log: Callable[[str], None] = print, progress: bool = False,
+          force: bool = False, distributed: Any = None) -> TrainResult:
+    """Train AttRec on a prepared dataset into `run_dir` (or continue it with `resume`).
+
+    Phases: open the run (options, checkpoint), claim the folder (lock, tidy, --force
+    rules), load the data, build or restore the model, then per epoch: fit, check for
+    divergence, evaluate, commit (checkpoint, then logs)."""
+    run_dir = absolute(run_dir)
+    main_proc = distributed is None or distributed.rank == 0
+    if not main_proc:
+        log = lambda s: None  # noqa: E731 - only rank 0 speaks
+    if not resume:
+        if data_dir is None:
+            raise UserError("give DATA_DIR (a folder written by `fastattrec prep`).")
+        (cfg or TrainConfig()).check()
+    claim = (_claim_run(run_dir, None if resume else Path(data_dir), resume, force, log)
+             if main_proc else contextlib.nullcontext())
+    with claim:
+        cfg, ckpt, saved = _open_run(data_dir, run_dir, cfg, resume, log)
+        cfg.check()
+        if main_proc and resume:
+            remove_run_temporaries(run_dir)
+        return _train_in(run_dir, Path(cfg.data_dir), cfg, ckpt, saved, log, progress,
+                         distributed, replace=main_proc and force and not resume)
+
+
+def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None,
+              saved: dict, log: Callable[[str], None], progress: bool,
+              distributed: Any, replace: bool) -> TrainResult:
+    """The run itself, with the folder claimed (see `train`). `replace`: remove the old
+    run's files (--force), once the data and options have been checked."""
+    main_proc = distributed is None or distributed.rank == 0
+    meta = read_meta(data_dir)
+    fp = _check_same_data(run_dir, data_dir, meta, saved, ckpt)
+    device = distributed.device if distributed else pick_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    rank, world = (distributed.rank, distributed.world) if distributed else (0, 1)
+    try:
+        backend = resolve_backend(cfg.kernel, device)
+    except RuntimeError as e:
+        raise UserError(f"--kernel {cfg.kernel}: {e}.") from None
+    check_memory(cfg, meta, device)
+    data = DeviceData.from_prepared(load_prepared(data_dir), device)
+    if data.train_rows.shape[0] == 0:
+        raise UserError(f"{data_dir} has no train samples (every user has fewer than 4 "
+                        f"items); use a larger log.")
+    use_graph = cfg.compile and device.type == "cuda" and distributed is None
+    model, mcfg, opt, gens = _build(cfg, data, device, backend, use_graph)
+    state = _restore(ckpt, model, opt, gens)
+    if replace:
+        for p in clear_run(run_dir):
+            log(f"removed {p} of the run being replaced")
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", {
-            "train": asdict(cfg), "model": mcfg.to_dict(), "fastattrec_version": __version__,
-            "data": {"path": cfg.data_dir, "source_sha256": meta["source"]["sha256"],
-                     "counts": meta["counts"]},
-        })
+        _write_config(run_dir, cfg, mcfg, meta, fp)
+        write_logs(run_dir, state.history)  # drop log lines of an epoch never committed
+    if ckpt is not None:
+        log(f"resuming {run_dir} after epoch {state.epoch} of {cfg.epochs}")
     kernel_note = {"triton": f"triton fused kernel, {cfg.precision} dots",
                    "structured": "structured (torch ops, hand-written backward)",
                    "torch": "torch reference"}[backend]
@@ -440,99 +679,83 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
     runner = EpochRunner(model, opt, data, cfg, forward=forward, shard=(rank, world))
     if use_graph:
         runner.capture()
-    val_name = f"NDCG@{cfg.k}(full)"
     stopped_early = False
-    writer = CheckpointWriter()
-    n_train = runner.n_train
-    for epoch in range(start + 1, cfg.epochs + 1):
-        t1 = time.perf_counter()
-        if cfg.negatives == "resample":
-            runner.set_negatives(data.sample_negatives(g_negs))
-        runner.perm.copy_(torch.randperm(n_train, generator=g_shuffle, device=device))
-        bar = None
-        if progress and main_proc:
-            from tqdm import tqdm
-
-            bar = tqdm(total=runner.n_steps, desc=f"epoch {epoch}/{cfg.epochs}",
-                       unit="step", leave=False, dynamic_ncols=True)
-        last = [time.perf_counter()]
-
-        def tick(i: int, bar=bar, last=last, t1=t1) -> None:
-            bar.update(1)
-            now = time.perf_counter()
-            if now - last[0] > 1.0:  # reading the loss syncs: at most once a second
-                done = min((i + 1) * cfg.batch_size, n_train)
-                bar.set_postfix(loss=f"{runner.loss_sum.item() / max(done, 1):.4f}",
-                                samples_s=f"{done / (now - t1):,.0f}")
-                last[0] = now
-
-        loss_sum = runner.run(tick if bar is not None else None)
-        if distributed:
-            loss_sum = distributed.all_sum(loss_sum)
-        train_loss = float(loss_sum) / n_train  # the one sync of the epoch
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        fit_time = time.perf_counter() - t1
-        if bar is not None:
-            bar.close()
-        t2 = time.perf_counter()
-        with torch.no_grad():
-            reg = float(model.reg_loss())
-        ranker = ModelRanker(model)
-        val_loss = validation_loss(model, data, cfg.maxlen, dist=distributed) + reg
-        val_ranks = full_ranks_of(ranker, data, data.val_rows, cfg.maxlen, distributed)
-        val_metric = metrics_from_ranks(val_ranks, (cfg.k,))[f"NDCG@{cfg.k}"]
-        row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
-            "train_loss_total": train_loss + reg, "val_loss": val_loss,
-            "val_metric": val_metric, "val_name": val_name, "fit_time": fit_time,
-            "samples_per_s": n_train / fit_time, "k": cfg.k, "kernel": backend,
-        }
-        tested = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-        if tested:
-            ks = sorted(set(DEFAULT_KS) | {cfg.k})
-            row["test"] = evaluate(ranker, data, cfg.maxlen, "both", ks, cfg.ndcg_log,
-                                   dist=distributed)
-        row["eval_time"] = time.perf_counter() - t2
-        history.append(row)
-        improved = val_metric > best["metric"]
-        if improved:
-            best = {"metric": val_metric, "epoch": epoch}
-            stale = 0
-        else:
-            stale += 1
-        stop = cfg.early_stop > 0 and stale >= cfg.early_stop
-        if main_proc:
-            state = {  # (the same on every process)
-                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": {"shuffle": g_shuffle.get_state(), "negatives": g_negs.get_state()},
-                "history": history, "best": best, "stale": stale, "config": asdict(cfg),
-                "model_config": mcfg.to_dict(), "fastattrec_version": __version__,
+    writer = CheckpointWriter(run_dir)
+    try:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            train_loss, fit_time = _fit_epoch(runner, cfg, data, epoch, gens,
+                                              progress and main_proc, distributed)
+            _check_finite(model, cfg, epoch, train_loss=train_loss)
+            t2 = time.perf_counter()
+            evals, reg = _evaluate_epoch(model, data, cfg, epoch, distributed)
+            _check_finite(model, cfg, epoch, validation_loss=evals["val_loss"])
+            row: dict[str, Any] = {
+                "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
+                "train_loss_total": train_loss + reg, "fit_time": fit_time,
+                "samples_per_s": runner.n_train / fit_time, "k": cfg.k, "kernel": backend,
+                **evals, "eval_time": time.perf_counter() - t2,
             }
-            files = [(run_dir / "checkpoint.pt", state)]
+            state.history.append(row)
+            improved = row["val_metric"] > state.best["metric"]
             if improved:
-                files.insert(0, (run_dir / "best.pt", {
-                    "epoch": epoch, "model": state["model"], "model_config": state["model_config"],
-                    "config": state["config"]}))
-            writer.submit(files)
-            write_logs(run_dir, history)
-        line = (f"epoch {epoch:3d}/{cfg.epochs}  loss {train_loss:.4f} (+reg {reg:.4f})  "
-                f"val loss {val_loss:.4f}  val {val_name} {val_metric:.4f}  "
-                f"fit {fit_time:.2f}s ({n_train / fit_time:,.0f} samples/s)")
-        if tested:
-            s = row["test"]["sampled"]
-            line += (f"  test HR@{cfg.k} {s[f'HR@{cfg.k}']:.4f} NDCG@{cfg.k} "
-                     f"{s[f'NDCG@{cfg.k}']:.4f} MRR {s['MRR']:.4f}")
-        log(line)
-        if stop:
-            log(f"early stop: validation {val_name} has not improved for {stale} epochs; "
-                f"best epoch {best['epoch']} is kept in best.pt")
-            stopped_early = True
-            break
-    writer.wait()
-    if main_proc and history:
-        plot_curves(run_dir, history)
-    return TrainResult(run_dir, history, backend, str(device), stopped_early)
+                state.best, state.stale = {"metric": row["val_metric"], "epoch": epoch}, 0
+            else:
+                state.stale += 1
+            state.epoch = epoch
+            if main_proc:
+                _commit(writer, run_dir, state, improved, model, opt, gens, cfg, mcfg, fp)
+            log(_epoch_line(row, cfg, runner.n_train))
+            if cfg.early_stop > 0 and state.stale >= cfg.early_stop:
+                log(f"early stop: validation {row['val_name']} has not improved for "
+                    f"{state.stale} epochs; best epoch {state.best['epoch']} is kept in best.pt")
+                stopped_early = True
+                break
+    finally:
+        writer.wait()
+    if main_proc and state.history:
+        plot_curves(run_dir, state.history)
+    return TrainResult(run_dir, state.history, backend, str(device), stopped_early)
+
+
+def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:
+    """Refuse options whose arrays cannot fit, with an estimate, before allocating them
+    (an impossible --maxlen would otherwise be killed by the system, unexplained)."""
+    c = meta["counts"]
+    n, t = int(c["interactions"]), int(c.get("train_samples", c["interactions"]))
+    rows = int(c["users"]) + 1 + 2 * int(c["item_rows"])
+    parts = {
+        "the training windows (train samples x --maxlen)": 12 * t * cfg.maxlen,
+        "the embedding tables with their gradients and Adam moments": 16 * rows * cfg.dim,
+        "one batch's activations (--batch-size x --maxlen x --dim)":
+            40 * cfg.batch_size * cfg.maxlen * cfg.dim,
+        "the prepared sequences": 48 * n,
+        "validation windows": 4 * min(65536, n) * cfg.maxlen * cfg.dim * 4,
+    }
+    need = sum(parts.values())
+    have = available_memory(device)
+    if have is not None and need > 0.9 * have:
+        worst = max(parts, key=parts.get)
+        raise UserError(f"these options need about {need / 2**30:,.1f} GiB of {device.type} "
+                        f"memory, mostly for {worst}, but about {have / 2**30:,.1f} GiB is "
+                        f"available; lower --maxlen (now {cfg.maxlen}), --batch-size "
+                        f"(now {cfg.batch_size}) or --dim (now {cfg.dim}).")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this process on `device` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def keep_freed_memory() -> bool:

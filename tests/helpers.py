@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -34,3 +36,36 @@ def write(path: Path, text: str) -> Path:
 def cli(*args: str):
     """Run the fastattrec CLI in-process; returns click's Result."""
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+_KILLER = """
+import importlib, os, sys
+mod_name, attr = {at!r}.rsplit(":", 1)
+mod = importlib.import_module(mod_name)
+orig, calls = getattr(mod, attr), [0]
+{setup}
+def hook(*a, **k):
+    if {match!r} not in repr(a):
+        return orig(*a, **k)
+    calls[0] += 1
+    if calls[0] == {nth} and {before}:
+        os._exit(137)
+    out = orig(*a, **k)
+    if calls[0] == {nth}:
+        os._exit(137)
+    return out
+setattr(mod, attr, hook)
+from fastattrec.cli import main
+main({args!r}, prog_name="fastattrec")
+"""
+
+
+def killed_cli(*args: str, at: str, nth: int = 1, before: bool = False, match: str = "",
+               setup: str = "") -> subprocess.CompletedProcess:
+    """Run the CLI in a child process that dies like `kill -9` (os._exit: no cleanup, no
+    finally blocks) at the `nth` call of `at` ("module:function") whose arguments mention
+    `match`, just before or just after it runs. `setup` is extra code run first."""
+    code = _KILLER.format(at=at, nth=nth, before=before, setup=setup, match=match,
+                          args=[str(a) for a in args])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)

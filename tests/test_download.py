@@ -63,3 +63,33 @@ def test_unreachable_and_missing(tmp_path, server):
     assert r.exit_code != 0 and "cannot download" in r.output
     r = cli("download", "ml-100k", "--dir", tmp_path / "d", "--url", "http://127.0.0.1:9/x.zip")
     assert r.exit_code != 0 and "cannot download" in r.output
+
+
+def test_existing_folder_without_the_ratings_file_is_never_deleted(tmp_path, server):
+    url, md5 = server
+    dest = tmp_path / "data"
+    (dest / "ml-100k").mkdir(parents=True)
+    (dest / "ml-100k" / "my-notes.txt").write_text("keep")
+    args = ("download", "ml-100k", "--dir", dest, "--url", f"{url}/ml-100k.zip", "--md5", md5)
+    r = cli(*args)
+    assert r.exit_code != 0 and "holds no u.data" in r.output
+    r = cli(*args, "--force")
+    assert r.exit_code != 0 and "did not make" in r.output
+    assert (dest / "ml-100k" / "my-notes.txt").read_text() == "keep"
+
+
+def test_force_replaces_only_after_the_new_archive_is_verified(tmp_path, server):
+    url, md5 = server
+    dest = tmp_path / "data"
+    ok = ("download", "ml-100k", "--dir", dest, "--url", f"{url}/ml-100k.zip")
+    assert cli(*ok, "--md5", md5).exit_code == 0
+    before = (dest / "ml-100k" / "u.data").read_bytes()
+    r = cli(*ok, "--md5", "0" * 32, "--force")
+    assert r.exit_code != 0 and "checksum mismatch" in r.output
+    assert (dest / "ml-100k" / "u.data").read_bytes() == before
+    r = cli("download", "ml-100k", "--dir", dest, "--url", f"{url}/junk.zip", "--force",
+            "--md5", __import__("hashlib").md5(b"not a zip").hexdigest())
+    assert r.exit_code != 0 and "not a zip archive" in r.output
+    assert (dest / "ml-100k" / "u.data").read_bytes() == before
+    assert cli(*ok, "--md5", md5, "--force").exit_code == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["ml-100k"]

@@ -103,3 +103,30 @@ def test_resampled_negatives_avoid_each_users_items(data):
     share = counts[[5, 6, 7]] / counts.sum()
     assert counts[[0, 1, 2, 3, 4]].sum() == 0
     assert (share - 1 / 3).abs().max() < 0.05
+
+
+class NanRanker(FixedRanker):
+    """Item 4 (user 1's test target) and item 2 score NaN: a diverged model."""
+
+    def __init__(self):
+        self.g = G.clone()
+        self.g[4] = math.nan
+        self.g[2] = math.nan
+
+    def goodness(self, users, windows, items):
+        return self.g[items]
+
+    def goodness_all(self, users, windows):
+        return self.g[None, :].expand(users.shape[0], -1)
+
+
+def test_nan_scores_rank_last_never_a_hit(data):
+    # user 1: target 4 is NaN -> beaten by both negatives (5, 7): rank 2, not 0.
+    # user 2: negative 2 is NaN -> never beats target 6 (0.7); 3 (0.5) does not: rank 0.
+    # user 3: target 1 (0.1) vs 2 (NaN, never counts) and 7 (0.2): rank 1.
+    assert sampled_ranks(NanRanker(), data, 3).tolist() == [2, 0, 1]
+    # Full ranking, user 1: every real item that is not excluded counts against a NaN
+    # target: items 5, 6, 7 (1, 2, 3 are the user's earlier items; 4 is the target).
+    assert full_ranks(NanRanker(), data, data.test_rows[:1], 3).tolist() == [3]
+    m = metrics_from_ranks(sampled_ranks(NanRanker(), data, 3), (1,))
+    assert m["HR@1"] == pytest.approx(1 / 3)

@@ -229,3 +229,64 @@ def test_parquet_input(tmp_path):
     assert p.items.tolist() == [3, 2, 1, 3, 1, 4]
     assert json.loads(Path(tmp_path / "out" / "meta.json").read_text())["params"][
         "trans_score"] is None
+
+
+# ---- the rating filter, byte-identical output, damaged datasets -------------------------
+
+def test_default_keeps_every_rating_even_zero_and_half_stars(tmp_path):
+    src = write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n"
+                                          "1,10,0.5,1\n1,20,0.0,2\n1,30,4.5,3\n2,10,0.5,1\n"
+                                          "2,40,1.0,2\n")
+    prepare(src, tmp_path / "out", PrepOptions(test_negatives=1))
+    p = load_prepared(tmp_path / "out")
+    assert p.meta["counts"]["interactions"] == 5
+    assert p.meta["params"]["trans_score"] is None
+    prepare(src, tmp_path / "f", PrepOptions(test_negatives=1, trans_score=0.5))
+    assert load_prepared(tmp_path / "f").meta["counts"]["interactions"] == 4
+
+
+def test_nan_ratings_and_nan_trans_score_are_refused(tmp_path):
+    src = write(tmp_path / "log.csv", "user,item,rating,time\n1,10,5,1\n1,20,NaN,2\n"
+                                      "2,10,4,1\n2,30,3,2\n")
+    r = cli("prep", src, "-o", tmp_path / "out", "--test-negatives", "1", "--trans-score", "3")
+    assert r.exit_code != 0 and "line 3" in r.output and "NaN" in r.output
+    assert not (tmp_path / "out").exists()
+    r = cli("prep", src, "-o", tmp_path / "out", "--test-negatives", "1", "--trans-score", "nan")
+    assert r.exit_code != 0 and "--trans-score must be a finite number" in r.output
+    # Without a filter the rating is not used, so the file prepares.
+    assert cli("prep", src, "-o", tmp_path / "out", "--test-negatives", "1").exit_code == 0
+
+
+def test_same_bytes_at_a_size_where_polars_splits_the_work(tmp_path):
+    from fastattrec.data.synth import synthesize
+
+    synthesize(tmp_path / "r.dat", 6040, 3706, 1_000_209, seed=0)
+    for name in ("a", "b"):
+        prepare(tmp_path / "r.dat", tmp_path / name, PrepOptions())
+    for f in ("sequences.parquet", "users.parquet", "items.parquet", "test_negatives.parquet",
+              "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("meta,expect", [
+    ("[]", "JSON list"), ("{}", "format None"), ('{"format_version": "1"}', "format '1'"),
+    ('{"format_version": 1}', "lacks or garbles"), ("{oops", "unreadable"),
+])
+def test_damaged_meta_json_is_one_sentence(tmp_path, meta, expect):
+    src = write(tmp_path / "ratings.dat", TINY_ML1M)
+    prepare(src, tmp_path / "out", PrepOptions(test_negatives=2))
+    (tmp_path / "out" / "meta.json").write_text(meta)
+    r = cli("train", tmp_path / "out", "-o", tmp_path / "run")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert expect in r.output and "meta.json" in r.output
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_parquet_in_a_dataset_is_one_sentence(tmp_path, damage):
+    src = write(tmp_path / "ratings.dat", TINY_ML1M)
+    prepare(src, tmp_path / "out", PrepOptions(test_negatives=2))
+    f = tmp_path / "out" / "sequences.parquet"
+    f.write_bytes(b"" if damage == "empty" else f.read_bytes()[:40])
+    r = cli("train", tmp_path / "out", "-o", tmp_path / "run")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "damaged Parquet" in r.output

@@ -121,9 +121,9 @@ def test_cli_errors(data_dir, tmp_path):
     r = cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "0")
     assert r.exit_code != 0 and "--epochs must be at least 1" in r.output
     r = cli("evaluate", tmp_path / "nowhere")
-    assert r.exit_code != 0 and "not a run folder" in r.output
+    assert r.exit_code != 0 and "nowhere does not exist" in r.output
     r = cli("train", "--resume", tmp_path / "notdata")
-    assert r.exit_code != 0 and "no checkpoint.pt" in r.output
+    assert r.exit_code != 0 and "not a fastattrec run" in r.output
     r = cli("train", data_dir, "-o", tmp_path / "r2", "--device", "cuda")
     if not torch.cuda.is_available():
         assert r.exit_code != 0 and "no CUDA GPU" in r.output

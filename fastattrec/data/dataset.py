@@ -20,6 +20,7 @@ Windows of any length are cut from the flat sequences later, on the device.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import polars as pl
 
 from fastattrec.data import FORMAT_VERSION
 from fastattrec.errors import UserError
+from fastattrec.outputs import read_json_dict
 
 FILES = ("meta.json", "sequences.parquet", "users.parquet", "items.parquet",
          "test_negatives.parquet")
@@ -68,6 +70,20 @@ class Prepared:
         return np.flatnonzero(self.lengths >= 2).astype(np.int64) + 1
 
 
+def is_prepared_dataset(path: Path) -> bool:
+    """True when `path` is a folder whose meta.json says `fastattrec prep` wrote it."""
+    meta = read_json_dict(Path(path) / "meta.json") if Path(path).is_dir() else None
+    return meta is not None and "format_version" in meta and "fastattrec_version" in meta
+
+
+def fingerprint(meta: dict[str, Any]) -> str:
+    """SHA-256 of meta.json's canonical JSON: the source file's hash, every parameter
+    (seed included) and the counts, so two preparations that differ in anything that
+    changes their contents have different fingerprints."""
+    canon = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """Read and check `meta.json`, or explain why `path` is not a prepared dataset."""
     path = Path(path)
@@ -81,32 +97,78 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"{path} is not a prepared dataset (missing {', '.join(missing)}); "
             f"run `fastattrec prep INPUT -o {path}`."
         )
+    again = f"prepare it again with `fastattrec prep INPUT -o {path} --force`"
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path / 'meta.json'} is unreadable ({e}); prepare it again.") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path / 'meta.json'} is unreadable ({e}); {again}.") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path / 'meta.json'} holds a JSON {type(meta).__name__}, not the "
+                        f"object fastattrec writes; {again}.")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
         raise UserError(
-            f"{path} has dataset format {meta.get('format_version')}, this fastattrec reads "
-            f"format {FORMAT_VERSION}; prepare it again with this version."
+            f"{path / 'meta.json'} says dataset format {version!r}, this fastattrec reads format "
+            f"{FORMAT_VERSION}; {again}."
         )
+    problems = [k for k, kind in _META_KEYS.items() if not isinstance(meta.get(k), kind)]
+    counts, params = meta.get("counts"), meta.get("params")
+    if not problems:
+        problems = [f"counts.{k}" for k in _COUNT_KEYS if not _is_int(counts.get(k))]
+        if not _is_int(params.get("test_negatives_per_user")):
+            problems.append("params.test_negatives_per_user")
+    if problems:
+        raise UserError(f"{path / 'meta.json'} lacks or garbles {', '.join(problems)}; "
+                        f"{again}.")
     return meta
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_META_KEYS = {"counts": dict, "params": dict, "source": dict}
+_COUNT_KEYS = ("item_rows", "users", "items", "interactions")
 
 
 def load_prepared(path: Path) -> Prepared:
     """Load a prepared dataset folder into numpy arrays."""
     path = Path(path)
     meta = read_meta(path)
-    seq = pl.read_parquet(path / "sequences.parquet")
-    users = pl.read_parquet(path / "users.parquet")
-    items = pl.read_parquet(path / "items.parquet")
-    test = pl.read_parquet(path / "test_negatives.parquet")
+    try:
+        seq = pl.read_parquet(path / "sequences.parquet")
+        users = pl.read_parquet(path / "users.parquet")
+        items = pl.read_parquet(path / "items.parquet")
+        test = pl.read_parquet(path / "test_negatives.parquet")
+        _check_columns(path, {"sequences.parquet": (seq, ("item", "neg")),
+                              "users.parquet": (users, ("user", "raw_user", "offset", "length")),
+                              "items.parquet": (items, ("item", "raw_item")),
+                              "test_negatives.parquet": (test, ("user", "neg"))})
+    except (OSError, pl.exceptions.PolarsError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} holds a damaged Parquet file ({first}); prepare it again "
+                        f"with `fastattrec prep INPUT -o {path} --force`.") from None
     n_test_users = int((users.get_column("length") >= 2).sum())
     n_neg = int(meta["params"]["test_negatives_per_user"])
     test_negs = test.get_column("neg").to_numpy().astype(np.int32)
-    if test_negs.shape[0] != n_test_users * n_neg:
-        raise UserError(f"{path}: test_negatives.parquet does not match users.parquet; "
-                        f"prepare it again.")
+    lengths = users.get_column("length").to_numpy().astype(np.int64)
+    offsets = users.get_column("offset").to_numpy()
+    rows = meta["counts"]["item_rows"]
+    consistent = (
+        test_negs.shape[0] == n_test_users * n_neg
+        and int(lengths.sum()) == seq.height
+        and bool((lengths >= 2).all())
+        and np.array_equal(offsets, np.cumsum(lengths) - lengths)
+        and users.height == meta["counts"]["users"]
+        and seq.height == meta["counts"]["interactions"]
+        and (seq.height == 0 or (int(seq.get_column("item").min()) >= 0
+                                 and int(seq.get_column("item").max()) < rows
+                                 and int(seq.get_column("neg").max()) < rows))
+        and (test_negs.size == 0 or (test_negs.min() >= 0 and test_negs.max() < rows))
+    )
+    if not consistent:
+        raise UserError(f"{path}: its files do not agree with each other or with meta.json; "
+                        f"prepare it again with `fastattrec prep INPUT -o {path} --force`.")
     return Prepared(
         path=path,
         meta=meta,
@@ -119,3 +181,11 @@ def load_prepared(path: Path) -> Prepared:
         raw_items=items.get_column("raw_item"),
         item_rows=items.get_column("item").to_numpy().astype(np.int32),
     )
+
+
+def _check_columns(path: Path, frames: dict[str, tuple[pl.DataFrame, tuple[str, ...]]]) -> None:
+    for name, (frame, cols) in frames.items():
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise UserError(f"{path / name} lacks column(s) {', '.join(missing)}; prepare it "
+                            f"again with `fastattrec prep INPUT -o {path} --force`.")

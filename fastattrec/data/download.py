@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fastattrec.atomic import atomic_path
+from fastattrec.atomic import atomic_dir, atomic_write_json, is_write_failure, scratch_file
 from fastattrec.errors import UserError
+from fastattrec.outputs import claim_output, read_json_dict, write_error
 
+MARKER = ".fastattrec-download.json"  # written into every folder that download unpacks
 BASE = "https://files.grouplens.org/datasets/movielens/"
 DATASETS = {
     "ml-100k": ("ml-100k.zip", "0e33842e24a9c977be4e0107933c0723", "u.data"),
@@ -25,57 +26,76 @@ DATASETS = {
 
 def download(name: str, dest: Path, url: str | None = None, md5: str | None = None,
              progress: Callable[[int, int], None] | None = None, force: bool = False) -> Path:
-    """Download, verify and unpack `name` under `dest`; return the ratings file's path."""
+    """Download, verify and unpack `name` under `dest`; return the ratings file's path.
+
+    An existing DEST/NAME holding the ratings file is reused. With `force` it is replaced,
+    but only if fastattrec downloaded it (its `.fastattrec-download.json` says so) and only
+    after the new archive has been verified and unpacked completely."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     archive_name, known_md5, ratings = DATASETS[name]
     url = url or BASE + archive_name
     want = (md5 or known_md5).lower()
-    dest = Path(dest)
-    folder = dest / name
-    if folder.exists() and not force:
-        found = list(folder.rglob(ratings))
-        if found:
-            return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / archive_name
+    folder = Path(dest) / name
+    with claim_output(folder, force=force, made_by_us=made_by_download, option="--dir",
+                      what="MovieLens folder that `fastattrec download` made",
+                      allow_existing=True) as folder:
+        if folder.exists() and not force:
+            found = sorted(folder.rglob(ratings)) if folder.is_dir() else []
+            if found:
+                return found[0]
+            raise UserError(f"{folder} exists but holds no {ratings}; move it away, or pass "
+                            f"--force if `fastattrec download` made it.")
+        # The archive is a scratch file beside the folder (kept under the folder's name, so
+        # the next command on it cleans up after a kill); the folder is replaced last.
+        with scratch_file(folder) as archive:
+            _fetch(url, archive, want, progress)
+            with atomic_dir(folder, force=True) as tmp:
+                _unpack(archive, tmp, url, ratings)
+                atomic_write_json(tmp / MARKER, {"dataset": name, "url": url, "md5": want})
+    return sorted(folder.rglob(ratings))[0]
+
+
+def made_by_download(folder: Path) -> bool:
+    """True when `folder` was unpacked by `fastattrec download` (it holds MARKER)."""
+    return read_json_dict(Path(folder) / MARKER) is not None
+
+
+def _fetch(url: str, path: Path, want: str, progress) -> None:
+    """Stream `url` into `path`, checking its MD5 against `want`."""
     h = hashlib.md5()
     try:
-        with atomic_path(archive) as tmp:
-            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                while block := resp.read(1 << 20):
-                    out.write(block)
-                    h.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
-            if h.hexdigest() != want:
-                raise UserError(f"{url}: checksum mismatch (MD5 {h.hexdigest()}, expected "
-                                f"{want}); the download is damaged or changed, try again.")
-    except (urllib.error.URLError, OSError) as e:
-        if isinstance(e, UserError):
-            raise
+        with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0)
+            done = 0
+            while block := resp.read(1 << 20):
+                out.write(block)
+                h.update(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if is_write_failure(e, (path,)):
+            raise write_error(path, e) from None
         raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); check the "
                         f"network or pass --url.") from None
-    tmp_dir = dest / f".{name}.unpack"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if h.hexdigest() != want:
+        raise UserError(f"{url}: checksum mismatch (MD5 {h.hexdigest()}, expected "
+                        f"{want}); the download is damaged or changed, try again.")
+
+
+def _unpack(archive: Path, into: Path, url: str, ratings: str) -> None:
+    """Extract `archive` into the folder `into`, flattening a single top folder."""
     try:
         with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp_dir)
+            z.extractall(into)
     except zipfile.BadZipFile:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise UserError(f"{archive} is not a zip archive; delete it and try again.") from None
+        raise UserError(f"{url} is not a zip archive; check --url.") from None
     # GroupLens archives hold one top folder named like the dataset; flatten it if present.
-    inner = [p for p in tmp_dir.iterdir()]
-    src = inner[0] if len(inner) == 1 and inner[0].is_dir() else tmp_dir
-    if folder.exists():
-        shutil.rmtree(folder)
-    src.rename(folder)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    archive.unlink()
-    found = list(folder.rglob(ratings))
-    if not found:
+    inner = list(into.iterdir())
+    if len(inner) == 1 and inner[0].is_dir():
+        for p in list(inner[0].iterdir()):
+            p.rename(into / p.name)
+        inner[0].rmdir()
+    if not list(into.rglob(ratings)):
         raise UserError(f"{url} unpacked without a {ratings}; is it the right archive?")
-    return found[0]

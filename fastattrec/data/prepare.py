@@ -8,9 +8,10 @@ maps, the time-ordered flat sequences, per-user offsets, the train/validation ne
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,18 @@ import polars as pl
 
 from fastattrec import __version__
 from fastattrec.atomic import atomic_dir, atomic_write_json
-from fastattrec.data import FORMAT_VERSION
+from fastattrec.data import DATASET_KIND, FORMAT_VERSION
+from fastattrec.data.compressed import decompress_to
+from fastattrec.data.dataset import is_prepared_dataset
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
-from fastattrec.data.readers import ColumnNames, read_ratings, sink_ratings
+from fastattrec.data.readers import ColumnNames, check_file, read_ratings, sink_ratings
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
 from fastattrec.errors import UserError
+from fastattrec.outputs import claim_output, file_sha256
 
 COMPAT_MODES = ("none", "notebook")
 NOTEBOOK_TEST_NEGATIVES = 101
+ROW_GROUP = 1 << 20  # rows per Parquet row group, fixed so output bytes depend on content
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class PrepOptions:
 
     fmt: str = "auto"
     columns: ColumnNames = field(default_factory=ColumnNames)
-    trans_score: float | None = None  # None: keep every row (SPEC default 1 on 1..5 ratings)
+    trans_score: float | None = None  # None: keep every row
     test_negatives: int | None = None  # None: 100, or 101 with --compat notebook
     compat: str = "none"
     seed: int = 0
@@ -52,15 +57,6 @@ class PrepSummary:
     steps: list[tuple[str, float]]
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _collect(lf: pl.LazyFrame, streaming: bool) -> pl.DataFrame:
     return lf.collect(engine="streaming") if streaming else lf.collect()
 
@@ -72,7 +68,9 @@ def prepare(
     force: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> PrepSummary:
-    """Prepare `source` into `out_dir` (written atomically; see module docstring)."""
+    """Prepare `source` into `out_dir` (written atomically; see module docstring).
+
+    `force` replaces an existing prepared dataset, never anything else (outputs.py)."""
     source, out_dir = Path(source), Path(out_dir)
     if opts.compat not in COMPAT_MODES:
         raise UserError(f"unknown --compat {opts.compat!r}; use one of {', '.join(COMPAT_MODES)}.")
@@ -82,6 +80,9 @@ def prepare(
         n_test_neg = NOTEBOOK_TEST_NEGATIVES if notebook else 100
     if n_test_neg < 1:
         raise UserError(f"--test-negatives must be at least 1, got {n_test_neg}.")
+    if opts.trans_score is not None and not math.isfinite(opts.trans_score):
+        raise UserError(f"--trans-score must be a finite number, got {opts.trans_score}.")
+    check_file(source)
     t0 = time.perf_counter()
     steps: list[tuple[str, float]] = []
 
@@ -90,13 +91,17 @@ def prepare(
         steps.append((name, now))
         log(f"[{now:6.2f}s] {name}")
 
-    with atomic_dir(out_dir, force=force) as tmp:
+    with claim_output(out_dir, force=force, made_by_us=is_prepared_dataset,
+                      what="prepared dataset", inputs=[source], log=log) as out_dir, \
+            atomic_dir(out_dir, force=True) as tmp:
         step("reading " + str(source))
-        if opts.streaming:
-            raw, scan = sink_ratings(source, tmp / "_canonical.parquet", opts.fmt, opts.columns)
-        else:
-            frame, scan = read_ratings(source, opts.fmt, opts.columns)
-            raw = frame.lazy()
+        with relabelled(source, tmp) as plain:
+            if opts.streaming:
+                raw, scan = sink_ratings(plain, tmp / "_canonical.parquet", opts.fmt,
+                                         opts.columns)
+            else:
+                frame, scan = read_ratings(plain, opts.fmt, opts.columns)
+                raw = frame.lazy()
         rows_read = int(_collect(raw.select(pl.len()), opts.streaming).item())
 
         if opts.trans_score is not None and not scan.has_rating:
@@ -104,8 +109,13 @@ def prepare(
                 f"{source} has no rating column, so --trans-score cannot filter; "
                 f"drop --trans-score or name the column with --rating-col."
             )
-        trans = 1.0 if opts.trans_score is None else float(opts.trans_score)
-        if scan.has_rating:
+        trans = opts.trans_score
+        if trans is not None:
+            nan = _collect(raw.filter(pl.col("rating").is_nan()).head(1), opts.streaming)
+            if nan.height:
+                raise UserError(
+                    f"{source}, {scan.row_word} {nan.item(0, '_line')}: the rating is NaN, so "
+                    f"--trans-score cannot judge it; fix or remove that {scan.row_word}.")
             raw = raw.filter(pl.col("rating") >= trans)
         raw = raw.select("user", "item", "time", "_line")
         if notebook:
@@ -116,7 +126,7 @@ def prepare(
         rows_kept = int(per_user.get_column("n").sum())
         if rows_kept == 0:
             raise UserError(
-                f"{source}: no rows left after --trans-score {trans:g}; lower it "
+                f"{source}: no rows left after --trans-score {trans or 0:g}; lower it "
                 f"(ratings below it are dropped)."
             )
         short_users = per_user.filter(pl.col("n") < 2)
@@ -227,12 +237,17 @@ def prepare(
             [train_plan, test_plan], engine="streaming" if opts.streaming else "auto")
 
         step("writing " + str(out_dir))
-        pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
-                      "neg": train_negs.get_column("neg")}).write_parquet(
-            tmp / "sequences.parquet")
-        users.select("user", "raw_user", "offset", "length").write_parquet(tmp / "users.parquet")
-        item_map.select("item", "raw_item").write_parquet(tmp / "items.parquet")
-        test_negs.write_parquet(tmp / "test_negatives.parquet")
+        try:
+            write_parquet(pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
+                                        "neg": train_negs.get_column("neg")}),
+                          tmp / "sequences.parquet")
+            write_parquet(users.select("user", "raw_user", "offset", "length"),
+                          tmp / "users.parquet")
+            write_parquet(item_map.select("item", "raw_item"), tmp / "items.parquet")
+            write_parquet(test_negs, tmp / "test_negatives.parquet")
+        except (OSError, pl.exceptions.PolarsError) as e:
+            raise UserError(f"cannot write {out_dir} ({str(e).strip().splitlines()[0]}); "
+                            f"check free space and permissions, or write elsewhere.") from None
         (tmp / "_canonical.parquet").unlink(missing_ok=True)
 
         lengths = users.get_column("length")
@@ -250,6 +265,7 @@ def prepare(
             "dropped_interactions": int(short_users.get_column("n").sum()),
         }
         meta: dict[str, Any] = {
+            "kind": DATASET_KIND,
             "format_version": FORMAT_VERSION,
             "fastattrec_version": __version__,
             "source": {
@@ -261,7 +277,7 @@ def prepare(
             "params": {
                 "format": opts.fmt,
                 "columns": asdict(opts.columns),
-                "trans_score": trans if scan.has_rating else None,
+                "trans_score": trans,
                 "test_negatives_per_user": n_test_neg,
                 "test_negatives_distinct": not notebook,
                 "compat": opts.compat,
@@ -275,6 +291,30 @@ def prepare(
     seconds = time.perf_counter() - t0
     steps.append(("done", seconds))
     return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
+
+
+def write_parquet(frame: pl.DataFrame, path: Path) -> None:
+    """Write `frame` so that equal contents give equal bytes: one chunk, fixed row groups
+    (Polars' parallel plans return a varying number of chunks, and each chunk would
+    otherwise become its own row group)."""
+    frame.rechunk().write_parquet(path, compression="zstd", row_group_size=ROW_GROUP,
+                                  statistics=True)
+
+
+@contextlib.contextmanager
+def relabelled(source: Path, folder: Path) -> Iterator[Path]:
+    """Yield a readable plain file for `source` (unpacked into `folder` when compressed);
+    messages about the unpacked copy name `source` instead."""
+    plain = decompress_to(source, folder)
+    try:
+        yield plain
+    except UserError as e:
+        if plain == source:
+            raise
+        raise UserError(str(e).replace(str(plain), str(source))) from None
+    finally:
+        if plain != source:
+            plain.unlink(missing_ok=True)
 
 
 def _check_notebook_ids(raw: pl.LazyFrame, source: Path, streaming: bool) -> pl.LazyFrame:

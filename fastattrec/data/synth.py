@@ -18,11 +18,30 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from fastattrec.atomic import atomic_path
+from fastattrec import __version__
+from fastattrec.atomic import atomic_path, atomic_write_json
 from fastattrec.errors import UserError
+from fastattrec.outputs import claim_output, file_sha256, read_json_dict
 
+SYNTH_KIND = "fastattrec-synth"
 USERS_PER_CHUNK = 20_000
 T0 = 956_703_932  # first MovieLens-1M timestamp, for realism only
+
+
+def synth_record(path: Path) -> Path:
+    """The record `synth` writes beside its log: PATH.synth.json."""
+    path = Path(path)
+    return path.with_name(path.name + ".synth.json")
+
+
+def made_by_synth(path: Path) -> bool:
+    """True when `path` is a log written by `synth` and unchanged since (its record's
+    size and SHA-256 match)."""
+    path = Path(path)
+    rec = read_json_dict(synth_record(path))
+    if rec is None or rec.get("kind") != SYNTH_KIND or not path.is_file():
+        return False
+    return rec.get("size") == path.stat().st_size and rec.get("sha256") == file_sha256(path)
 
 
 def _user_lengths(rng: np.random.Generator, users: int, interactions: int) -> np.ndarray:
@@ -57,9 +76,12 @@ def _cluster_tables(rng: np.random.Generator, items: int, clusters: int):
 
 def synthesize(
     path: Path, users: int, items: int, interactions: int, seed: int = 0,
-    clusters: int | None = None, switch: float = 0.15,
+    clusters: int | None = None, switch: float = 0.15, force: bool = False,
 ) -> dict[str, int]:
-    """Write a `UserID::ItemID::Rating::Timestamp` log to `path`; return its counts."""
+    """Write a `UserID::ItemID::Rating::Timestamp` log to `path`; return its counts.
+
+    Beside it, `PATH.synth.json` records the parameters and the file's SHA-256, which is
+    how `force` knows that an existing PATH is a log this command wrote (and unchanged)."""
     if users < 1 or items < 2 or interactions < users:
         raise UserError(
             f"need --users >= 1, --items >= 2 and --interactions >= --users "
@@ -76,39 +98,55 @@ def synthesize(
     global_perm = base.permutation(items) + 1
     rating_cdf = np.cumsum([0.06, 0.11, 0.26, 0.35, 0.22])
 
-    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as out:
-        for chunk, lo in enumerate(range(0, users, USERS_PER_CHUNK)):
-            hi = min(users, lo + USERS_PER_CHUNK)
-            rng = np.random.default_rng([seed, 1, chunk])
-            n = lengths[lo:hi]
-            total = int(n.sum())
-            owner = np.repeat(np.arange(lo, hi), n)
-            first = np.zeros(total, dtype=bool)
-            first[np.cumsum(n) - n] = True
-            # Cluster walk: a jump at each switch, cumulated within each user.
-            jump = np.where(rng.random(total) < switch,
-                            rng.choice([1, 1, 1, 2, -1], size=total), 0)
-            start = rng.integers(0, clusters, size=hi - lo)
-            jump[first] = start
-            walk = np.cumsum(jump)
-            walk -= np.repeat(walk[np.cumsum(n) - n] - start, n)
-            cluster = np.mod(walk, clusters)
-            item = perm[np.searchsorted(shifted, cluster + rng.random(total), side="left")]
-            noise = rng.random(total) < 0.1
-            item[noise] = global_perm[np.searchsorted(global_cdf, rng.random(noise.sum()))]
-            gaps = np.where(rng.random(total) < 0.3, 0, rng.exponential(3600.0, total))
-            gaps[first] = 0
-            t = np.cumsum(gaps)
-            t -= np.repeat(t[np.cumsum(n) - n], n)
-            t += np.repeat(T0 + rng.integers(0, 3 * 365 * 86400, size=hi - lo), n)
-            rating = np.searchsorted(rating_cdf, rng.random(total) * rating_cdf[-1]) + 1
-            frame = pl.DataFrame({
-                "u": owner + 1, "a": None, "i": item, "b": None, "r": rating, "c": None,
-                "t": t.astype(np.int64),
-            }, schema={"u": pl.Int64, "a": pl.String, "i": pl.Int64, "b": pl.String,
-                       "r": pl.Int64, "c": pl.String, "t": pl.Int64})
-            # `::` is written as ':' around an empty column: Polars separators are one byte.
-            frame.write_csv(out, separator=":", include_header=False, quote_style="never",
-                            null_value="")
+    with claim_output(path, force=force, made_by_us=made_by_synth,
+                      what="log written by `fastattrec synth`") as path, \
+            atomic_path(path) as tmp:
+        with open(tmp, "wb") as out:
+            _write_chunks(out, users, lengths, perm, shifted, global_cdf, global_perm,
+                          rating_cdf, clusters, switch, seed)
+        record = {"kind": SYNTH_KIND, "fastattrec_version": __version__,
+                  "size": tmp.stat().st_size, "sha256": file_sha256(tmp),
+                  "params": {"users": users, "items": items, "interactions": interactions,
+                             "seed": seed, "clusters": clusters, "switch": switch}}
+        atomic_write_json(synth_record(path), record)
     return {"users": users, "items": items, "interactions": interactions,
             "clusters": clusters}
+
+
+def _write_chunks(out, users: int, lengths: np.ndarray, perm: np.ndarray,
+                  shifted: np.ndarray, global_cdf: np.ndarray, global_perm: np.ndarray,
+                  rating_cdf: np.ndarray, clusters: int, switch: float, seed: int) -> None:
+    """The log, users in chunks of USERS_PER_CHUNK, each chunk from its own generator."""
+    for chunk, lo in enumerate(range(0, users, USERS_PER_CHUNK)):
+        hi = min(users, lo + USERS_PER_CHUNK)
+        rng = np.random.default_rng([seed, 1, chunk])
+        n = lengths[lo:hi]
+        total = int(n.sum())
+        owner = np.repeat(np.arange(lo, hi), n)
+        first = np.zeros(total, dtype=bool)
+        first[np.cumsum(n) - n] = True
+        # Cluster walk: a jump at each switch, cumulated within each user.
+        jump = np.where(rng.random(total) < switch,
+                        rng.choice([1, 1, 1, 2, -1], size=total), 0)
+        start = rng.integers(0, clusters, size=hi - lo)
+        jump[first] = start
+        walk = np.cumsum(jump)
+        walk -= np.repeat(walk[np.cumsum(n) - n] - start, n)
+        cluster = np.mod(walk, clusters)
+        item = perm[np.searchsorted(shifted, cluster + rng.random(total), side="left")]
+        noise = rng.random(total) < 0.1
+        item[noise] = global_perm[np.searchsorted(global_cdf, rng.random(noise.sum()))]
+        gaps = np.where(rng.random(total) < 0.3, 0, rng.exponential(3600.0, total))
+        gaps[first] = 0
+        t = np.cumsum(gaps)
+        t -= np.repeat(t[np.cumsum(n) - n], n)
+        t += np.repeat(T0 + rng.integers(0, 3 * 365 * 86400, size=hi - lo), n)
+        rating = np.searchsorted(rating_cdf, rng.random(total) * rating_cdf[-1]) + 1
+        frame = pl.DataFrame({
+            "u": owner + 1, "a": None, "i": item, "b": None, "r": rating, "c": None,
+            "t": t.astype(np.int64),
+        }, schema={"u": pl.Int64, "a": pl.String, "i": pl.Int64, "b": pl.String,
+                   "r": pl.Int64, "c": pl.String, "t": pl.Int64})
+        # `::` is written as ':' around an empty column: Polars separators are one byte.
+        frame.write_csv(out, separator=":", include_header=False, quote_style="never",
+                        null_value="")

@@ -1,0 +1,221 @@
+"""Where fastattrec writes: one command per output at a time, `--force` only over what
+fastattrec made, never over an input, and no stale temporaries left from a killed run.
+
+Every command that writes an output (a prepared dataset, a run folder, a synthetic log, a
+downloaded archive) goes through `claim_output`:
+
+1. it refuses an output that is an input or holds one (`prep r.dat -o r.dat`,
+   `prep data/r.dat -o data`);
+2. it takes an exclusive lock, `.NAME.lock` beside the output (`fcntl.flock`, released by
+   the kernel if the process dies), so a second command on the same output stops with one
+   sentence instead of mixing two runs;
+3. under the lock, it removes the temporaries a killed command left beside the output
+   (`.NAME.tmp-*`, `.NAME.old-*`);
+4. with `force`, it checks that what is there is something fastattrec made (the caller's
+   `made_by_us` test) before anything is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from fastattrec.errors import UserError
+
+TMP_TAG = ".tmp-"  # temporaries are `.NAME.tmp-XXXX`, beside NAME (see atomic.py)
+OLD_TAG = ".old-"  # a replaced output waiting to be deleted: `.NAME.old-PID`
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of `target`: `.NAME.lock` in the same folder."""
+    target = absolute(target)
+    return target.parent / f".{target.name}.lock"
+
+
+def absolute(path: Path) -> Path:
+    """`path` made absolute and normalised ('.' and '..' folded) without following links
+    of the last component, so a link is judged as the link, not its target."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if path.name == "":
+        raise UserError(f"{path} is the root folder; choose a folder inside it as the output.")
+    return path
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True when `a` is `b` or lies under it (both resolved through links)."""
+    ra, rb = a.resolve(), b.resolve()
+    return ra == rb or rb in ra.parents
+
+
+def refuse_inputs(target: Path, inputs: Iterable[Path], option: str = "-o") -> None:
+    """Refuse an output that is one of the inputs or a folder that holds one."""
+    for src in inputs:
+        if src is None:
+            continue
+        if _inside(Path(src), target):
+            what = "is" if absolute(src).resolve() == absolute(target).resolve() else "holds"
+            raise UserError(f"{option} {target} {what} the input {src}; writing there would "
+                            f"destroy it, choose another {option}.")
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `target` for the duration; refuse if another process does.
+
+    The lock file is removed on release. A process that obtains the lock checks that the
+    file it locked is still the one at the path (a releasing process may just have removed
+    it), so two processes never both believe they hold it."""
+    import fcntl
+
+    path = lock_path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(path.parent, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f" (process {holder})" if holder else ""
+                raise UserError(f"{target} is in use by another fastattrec command{who}; wait "
+                                f"for it to finish or choose another output.") from None
+            raise write_error(path, e) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file that its previous holder had just removed: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Delete the temporaries of earlier, killed commands on `target` (call under its lock):
+    `.NAME.tmp-*` always; `.NAME.old-*` only while NAME itself exists (otherwise the old
+    copy is the only one, from a kill between the two renames of a replacement, and it is
+    put back instead). Returns what was removed or restored."""
+    target = absolute(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    done: list[Path] = []
+    olds = sorted(parent.glob(f".{target.name}{OLD_TAG}*"))
+    if olds and not target.exists() and not target.is_symlink():
+        os.replace(olds[-1], target)  # restore the only complete copy
+        done.append(target)
+        olds = olds[:-1]
+    for p in [*parent.glob(f".{target.name}{TMP_TAG}*"), *olds]:
+        _remove(p)
+        done.append(p)
+    return done
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def claim_output(target: Path, *, force: bool, made_by_us: Callable[[Path], bool],
+                 what: str, inputs: Iterable[Path] = (), option: str = "-o",
+                 log: Callable[[str], None] = lambda s: None,
+                 allow_existing: bool = False) -> Iterator[Path]:
+    """Check, lock and tidy `target` before a command writes it; yields the absolute path.
+
+    `what` names the kind of output in messages ("prepared dataset", "run folder").
+    An existing `target` is refused without `force` (unless `allow_existing`), and with
+    `force` unless it is an empty folder or `made_by_us(target)` says fastattrec made it.
+    """
+    target = absolute(target)
+    refuse_inputs(target, inputs, option)
+    _refuse_under_file(target, option)
+    with exclusive_lock(target):
+        for p in remove_stale(target):
+            log(f"cleaned up {p} left by an interrupted command")
+        if target.exists() or target.is_symlink():
+            if not (force or allow_existing):
+                raise UserError(f"{target} already exists; pass --force to replace it or "
+                                f"choose another {option}.")
+            if force and not (_empty_dir(target) or made_by_us(target)):
+                kind = "folder" if target.is_dir() else "file"
+                raise UserError(f"{target} is a {kind} that fastattrec did not make (not a "
+                                f"{what}); --force only replaces fastattrec's own output, so "
+                                f"remove it yourself or choose another {option}.")
+        yield target
+
+
+def _empty_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+
+
+def _refuse_under_file(target: Path, option: str) -> None:
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {target}: {parent} is a file, not a folder; "
+                                f"choose another {option}.")
+            return
+
+
+def read_json_dict(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_error(path: Path, e: OSError) -> UserError:
+    """One sentence for a failed write: which path, why, and what to do."""
+    reason = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some space or write elsewhere",
+        errno.EACCES: "check its permissions or write elsewhere",
+        errno.EPERM: "check its permissions or write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+        errno.ENOTDIR: "a part of that path is a file, not a folder",
+        errno.EISDIR: "that path is a folder; give a file name",
+    }.get(e.errno or 0, "check the path")
+    return UserError(f"cannot write {path} ({reason}); {hint}.")

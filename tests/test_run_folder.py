@@ -1,0 +1,342 @@
+"""The run folder: checkpoints load safely or fail in one sentence, the checkpoint is the
+commit point (logs never run ahead of it, a kill anywhere leaves a resumable run), resume
+refuses other data, --force clears the old run, and a diverged run stops unsaved."""
+
+import csv
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from fastattrec.data.prepare import PrepOptions, prepare
+from fastattrec.data.synth import synthesize
+from fastattrec.train import TrainConfig, train
+
+from helpers import cli, killed_cli
+
+SMALL = dict(dim=8, batch_size=128, eval_every=2, device="cpu")
+ARGS = ("--dim", "8", "--batch-size", "128", "--eval-every", "2", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runfolder")
+    synthesize(root / "r.dat", 60, 200, 3000, seed=3, clusters=6)
+    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=20))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(data_dir, run, TrainConfig(epochs=4, **SMALL), log=print)
+    return run
+
+
+def error_line(r):
+    assert r.exit_code != 0, r.output
+    assert "Traceback" not in r.output and "Aborted" not in r.output, r.output
+    return r.output.strip().splitlines()[-1]
+
+
+def log_epochs(run):
+    rows = list(csv.reader((run / "log.csv").open()))[1:]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [int(r[0]) for r in rows], [json.loads(x)["epoch"] for x in lines]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+# ---- checkpoints: safe loading, damaged files -----------------------------------------
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_checkpoint_cannot_run_code(finished, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("config.json",):
+        (run / f).write_bytes((finished / f).read_bytes())
+    torch.save({"epoch": 1, "model": _Evil()}, run / "checkpoint.pt")
+    monkeypatch.chdir(tmp_path)
+    for args in (("evaluate", run), ("train", "--resume", run)):
+        msg = error_line(cli(*args))
+        assert "refused as unsafe" in msg
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "not a dict"])
+def test_damaged_checkpoints_are_one_sentence(finished, tmp_path, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((finished / "config.json").read_bytes())
+    good = (finished / "checkpoint.pt").read_bytes()
+    data = {"empty": b"", "truncated": good[: len(good) // 2], "garbage": b"\x00junk" * 50,
+            "not a dict": pickle.dumps([1, 2, 3])}[damage]
+    (run / "checkpoint.pt").write_bytes(data)
+    for args in (("evaluate", run), ("train", "--resume", run),
+                 ("recommend", run, "--user", "1")):
+        msg = error_line(cli(*args))
+        assert "checkpoint.pt" in msg and ("cannot be loaded" in msg or "not a fastattrec" in msg)
+
+
+@pytest.mark.parametrize("text", ["", "[]", "{not json", '{"train": 5}'])
+def test_damaged_config_is_one_sentence(finished, tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
+    (run / "config.json").write_text(text)
+    for args in (("evaluate", run), ("train", "--resume", run)):
+        msg = error_line(cli(*args))
+        assert "config.json" in msg
+
+
+def test_run_dir_that_is_a_file(tmp_path, data_dir):
+    f = tmp_path / "f"
+    f.write_text("x")
+    assert "is a file" in error_line(cli("train", data_dir, "-o", f, *ARGS))
+    assert "is a file" in error_line(cli("train", data_dir, "-o", f, "--force", *ARGS))
+    assert f.read_text() == "x"
+    assert "is a file" in error_line(cli("train", data_dir, "-o", f / "run", *ARGS))
+    assert "is a file" in error_line(cli("evaluate", f))
+    assert "is a file" in error_line(cli("train", "--resume", f))
+
+
+# ---- the checkpoint is the commit point -------------------------------------------------
+
+def test_kill_between_checkpoint_and_logs_then_resume_is_exact(data_dir, finished, tmp_path):
+    run = tmp_path / "run"
+    # write_logs: call 1 at the start, call k+1 after epoch k's checkpoint. Die before the
+    # logs of epoch 3 are written: checkpoint.pt holds epoch 3, the logs epoch 2.
+    r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
+                   at="fastattrec.train:write_logs", nth=4, before=True)
+    assert r.returncode == 137, r.stderr
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    csv_epochs, jsonl_epochs = log_epochs(run)
+    assert max(jsonl_epochs) <= ckpt["epoch"] and max(csv_epochs) <= ckpt["epoch"]
+    assert not list(run.glob(".*.tmp-*"))
+    r = cli("train", "--resume", run)
+    assert r.exit_code == 0, r.output
+    a, b = weights(finished / "checkpoint.pt"), weights(run / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert log_epochs(run) == ([2, 4], [1, 2, 3, 4])
+
+
+def test_kill_before_a_checkpoint_rename_keeps_logs_behind(data_dir, tmp_path):
+    run = tmp_path / "run"
+    # Die before epoch 2's checkpoint.pt is written (best.pt of epoch 2 may be there).
+    r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
+                   at="fastattrec.train:save_checkpoint", nth=2, before=True,
+                   match="checkpoint.pt")
+    assert r.returncode == 137, r.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert log_epochs(run) == ([], [1])
+    assert cli("train", "--resume", run).exit_code == 0
+    assert log_epochs(run) == ([2, 4], [1, 2, 3, 4])
+
+
+def test_half_written_checkpoint_of_a_killed_run_is_cleaned_up(data_dir, tmp_path):
+    run = tmp_path / "run"
+    # Die right after torch.save wrote epoch 2's temporary file, before its rename.
+    r = killed_cli("train", data_dir, "-o", run, "--epochs", "3", *ARGS,
+                   at="torch:save", nth=2, match="checkpoint.pt")
+    assert r.returncode == 137, r.stderr
+    assert list(run.glob(".checkpoint.pt.tmp-*"))
+    assert cli("train", "--resume", run).exit_code == 0
+    assert not list(run.glob(".*.tmp-*"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_kill_before_the_first_checkpoint_can_be_resumed(data_dir, finished, tmp_path):
+    run = tmp_path / "run"
+    r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
+                   at="fastattrec.train:save_checkpoint", nth=1, before=True)
+    assert r.returncode == 137, r.stderr
+    assert (run / "config.json").exists() and not (run / "checkpoint.pt").exists()
+    msg = error_line(cli("train", data_dir, "-o", run, *ARGS))
+    assert "--resume" in msg
+    r = cli("train", "--resume", run)
+    assert r.exit_code == 0, r.output
+    a, b = weights(finished / "checkpoint.pt"), weights(run / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_force_clears_the_old_run_first(data_dir, finished, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in finished.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    (run / "eval.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    # Killed before the new run's first checkpoint: no old model may remain to be scored.
+    r = killed_cli("train", data_dir, "-o", run, "--force", "--epochs", "1", *ARGS,
+                   at="fastattrec.train:save_checkpoint", nth=1, before=True)
+    assert r.returncode == 137, r.stderr
+    for f in ("checkpoint.pt", "best.pt", "eval.json"):
+        assert not (run / f).exists(), f
+    assert log_epochs(run) == ([], [])  # the new run's logs: no epoch yet
+    assert (run / "notes.txt").read_text() == "mine"
+    assert "has not finished an epoch" in error_line(cli("evaluate", run))
+
+
+def test_force_with_a_typo_in_the_data_keeps_the_old_run(finished, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in finished.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    msg = error_line(cli("train", tmp_path / "no-such-data", "-o", run, "--force", *ARGS))
+    assert "does not exist" in msg
+    assert (run / "checkpoint.pt").read_bytes() == (finished / "checkpoint.pt").read_bytes()
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(data_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    msg = error_line(cli("train", data_dir, "-o", mine, "--force", *ARGS))
+    assert "did not make" in msg
+    msg = error_line(cli("train", data_dir, "-o", data_dir, "--force", *ARGS))
+    assert "input" in msg
+    assert (mine / "thesis.tex").read_text() == "keep"
+
+
+# ---- resume refuses other data ----------------------------------------------------------
+
+def test_resume_refuses_a_dataset_prepared_again(data_dir, tmp_path):
+    src = data_dir.parent / "r.dat"
+    data = tmp_path / "data"
+    prepare(src, data, PrepOptions(test_negatives=20, seed=0))
+    run = tmp_path / "run"
+    train(data, run, TrainConfig(epochs=1, **SMALL), log=print)
+    prepare(src, data, PrepOptions(test_negatives=20, seed=9), force=True)
+    msg = error_line(cli("train", "--resume", run, "--epochs", "2"))
+    assert "is not the dataset" in msg
+    msg = error_line(cli("evaluate", run))
+    assert "prepared again" in msg
+    # Prepared again exactly as before: accepted.
+    prepare(src, data, PrepOptions(test_negatives=20, seed=0), force=True)
+    assert cli("train", "--resume", run, "--epochs", "2").exit_code == 0
+
+
+# ---- divergence -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [("--lr", "1e30"), ("--embed-reg", "1e38")])
+def test_a_diverging_run_stops_unsaved(data_dir, tmp_path, opts):
+    run = tmp_path / "run"
+    r = cli("train", data_dir, "-o", run, "--epochs", "3", *ARGS, *opts)
+    msg = error_line(r)
+    assert "diverged in epoch" in msg and "lower --lr" in msg
+    if (run / "checkpoint.pt").exists():  # only epochs before the divergence are kept
+        ck = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values())
+        assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in ck["history"])
+
+
+@pytest.mark.parametrize("opt,value", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"),
+                                       ("--embed-reg", "nan"), ("--w", "nan"),
+                                       ("--gamma", "inf")])
+def test_non_finite_options_are_refused(data_dir, tmp_path, opt, value):
+    msg = error_line(cli("train", data_dir, "-o", tmp_path / "run", opt, value, *ARGS))
+    assert opt in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_estimated_memory_refuses_impossible_sizes(data_dir, tmp_path):
+    msg = error_line(cli("train", data_dir, "-o", tmp_path / "run", "--maxlen", "100000000",
+                         *ARGS))
+    assert "GiB" in msg and "--maxlen" in msg
+
+
+# ---- evaluate and recommend: options and outputs -----------------------------------------
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_evaluate_refuses_k_below_one_and_keeps_eval_json(finished, k):
+    (finished / "eval.json").write_text('{"kept": true}')
+    msg = error_line(cli("evaluate", finished, "-k", k))
+    assert "-k must be at least 1" in msg
+    assert json.loads((finished / "eval.json").read_text()) == {"kept": True}
+
+
+def test_evaluate_in_a_read_only_run_folder(finished, monkeypatch):
+    import errno
+
+    import fastattrec.atomic as atomic
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    r = cli("evaluate", finished)
+    assert "HR@10" in r.output  # the metrics are printed
+    msg = error_line(r)
+    assert "were not saved" in msg and "Read-only file system" in msg
+
+
+def test_full_disk_during_training_is_one_sentence(data_dir, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                           "failed writing file data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    msg = error_line(cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "1", *ARGS))
+    assert "cannot write" in msg and ("checkpoint.pt" in msg or "best.pt" in msg)
+    assert not list((tmp_path / "run").glob(".*.tmp-*"))
+
+
+def test_recommend_never_returns_seen_items_when_k_exceeds_the_unseen(tmp_path):
+    # 4 items; user 2 has seen 3 of them, so only item 4 can be recommended to them.
+    from helpers import write
+
+    src = write(tmp_path / "r.dat", "1::1::5::1\n1::2::5::2\n2::3::5::1\n2::1::5::2\n"
+                                    "2::2::5::3\n2::3::5::4\n3::1::5::1\n3::3::5::2\n4::4::5::1\n"
+                                    "4::1::5::2\n")
+    prepare(src, tmp_path / "data", PrepOptions(test_negatives=1))
+    data = tmp_path / "data"
+    assert cli("train", data, "-o", tmp_path / "run", "--epochs", "1", *ARGS).exit_code == 0
+    r = cli("recommend", tmp_path / "run", "--user", "2", "-k", "10")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("item ") == 1 and "item 4 " in r.output
+    assert "only 1 items are unseen" in r.output
+    out = tmp_path / "recs.parquet"
+    r = cli("recommend", tmp_path / "run", "--all-users", "-o", out, "-k", "10")
+    assert r.exit_code == 0, r.output
+    import polars as pl
+
+    recs = pl.read_parquet(out)
+    assert recs.height == 2 + 1 + 2 + 2  # each user's unseen items, no more
+    assert recs.filter(pl.col("raw_user") == 2).get_column("raw_item").to_list() == [4]
+    assert sorted(recs.filter(pl.col("raw_user") == 1).get_column("raw_item")) == [3, 4]
+    assert recs.get_column("score").is_finite().all()
+
+
+def test_recommend_output_rules(finished, tmp_path):
+    out = tmp_path / "recs.parquet"
+    base = ("recommend", finished, "--all-users", "-k", "2")
+    assert cli(*base, "-o", out).exit_code == 0
+    assert "already exists" in error_line(cli(*base, "-o", out))
+    assert cli(*base, "-o", out, "--force").exit_code == 0
+    mine = tmp_path / "mine.parquet"
+    mine.write_bytes(b"my own file")
+    assert "did not make" in error_line(cli(*base, "-o", mine, "--force"))
+    assert mine.read_bytes() == b"my own file"
+    (tmp_path / "d").mkdir()
+    assert "folder" in error_line(cli(*base, "-o", tmp_path / "d", "--force"))
+    assert "input" in error_line(cli(*base, "-o", finished, "--force"))
+    assert "-o is for --all-users" in error_line(cli("recommend", finished, "--user", "1",
+                                                     "-o", out))
+
+
+def test_recommend_movies_file_problems(finished, tmp_path):
+    from helpers import write
+
+    assert "is a folder" in error_line(cli("recommend", finished, "--user", "1", "--movies",
+                                           tmp_path))
+    bad = write(tmp_path / "movies.dat", "1::Toy Story (1995)::Animation\nnot a movie line\n")
+    msg = error_line(cli("recommend", finished, "--user", "1", "--movies", bad))
+    assert "movies.dat, line 2" in msg
