@@ -27,7 +27,7 @@ from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
 from fastattrec.evaluate import ModelRanker, evaluate
 from fastattrec.runs import load_run
-from fastattrec.train import TrainConfig, train
+from fastattrec.training import TrainConfig, train
 
 from common import machine, print_table, write_csv
 

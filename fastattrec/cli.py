@@ -98,15 +98,13 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
     """
     import time
 
-    from fastattrec.data.synth import synthesize
+    from fastattrec.api import synthesize
 
     t = time.perf_counter()
-    info = synthesize(output, users, items, interactions, seed, clusters, switch, force=force)
-    click.echo(
-        f"wrote {output}: {info['interactions']:,} ratings, {info['users']:,} users, "
-        f"{info['items']:,} items, {info['clusters']} clusters "
-        f"({time.perf_counter() - t:.1f} s)"
-    )
+    synthesize(output, users=users, items=items, interactions=interactions, seed=seed,
+               clusters=clusters, switch=switch, force=force)
+    click.echo(f"wrote {output}: {interactions:,} ratings, {users:,} users, {items:,} items "
+               f"({time.perf_counter() - t:.1f} s); its record: {output}.synth.json")
 
 
 @main.command()
@@ -152,16 +150,16 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
     with a single item are dropped. Ids are remapped to 1..N (0 is padding). The folder
     is written to a temporary name and renamed only when complete.
     """
-    from fastattrec.data.prepare import PrepOptions, prepare
-    from fastattrec.data.readers import ColumnNames
+    import time
 
-    opts = PrepOptions(
-        fmt=fmt, columns=ColumnNames(user_col, item_col, time_col, rating_col),
-        trans_score=trans_score, test_negatives=test_negatives, compat=compat, seed=seed,
-        streaming=streaming,
-    )
-    s = prepare(input_file, out_dir, opts, force=force, log=_log)
-    c = s.counts
+    from fastattrec.api import prepare
+
+    t = time.perf_counter()
+    ds = prepare(input_file, out_dir, format=fmt, user_col=user_col, item_col=item_col,
+                 time_col=time_col, rating_col=rating_col, trans_score=trans_score,
+                 test_negatives=test_negatives, compat=compat, seed=seed, streaming=streaming,
+                 force=force, log=_log)
+    c = ds.counts
     rows = [
         ("users", f"{c['users']:,}"),
         ("items", f"{c['items']:,}"),
@@ -172,7 +170,7 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("rows read", f"{c['rows_read']:,}"),
         ("rows below --trans-score", f"{c['rows_read'] - c['rows_after_trans_score']:,}"),
         ("users dropped (1 item)", f"{c['dropped_users']:,}"),
-        ("time", f"{s.seconds:.2f} s"),
+        ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
     click.echo(_table(rows, f"prepared {out_dir}"))
 
@@ -259,7 +257,7 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
     Several GPUs or hosts: torchrun --nproc_per_node N -m fastattrec train ...
     """
     from fastattrec.distributed import from_environment, shutdown
-    from fastattrec.train import set_threads
+    from fastattrec.training import set_threads
 
     set_threads(threads)
     try:
@@ -270,8 +268,7 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
 
 
 def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> None:
-    from fastattrec.train import TrainConfig
-    from fastattrec.train import train as run_training
+    from fastattrec import api
 
     main_proc = dist is None or dist.rank == 0
     log = _log if main_proc else (lambda s: None)
@@ -289,41 +286,31 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
             names = ", ".join("--" + c.replace("_", "-") for c in changed)
             raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
                             f"change (got {names}).")
-        base = None
-        if changed:
-            from fastattrec.run_folder import read_run_config
-
-            saved = read_run_config(Path(resume_dir))["train"]
-            base = TrainConfig.from_dict({**saved, **changed})
-        res = run_training(None, resume_dir, base, resume=True, log=log, progress=progress,
-                           distributed=dist)
+        run = api.resume(resume_dir, epochs=changed.get("epochs"), device=changed.get("device"),
+                         progress=progress, log=log, distributed=dist)
     else:
         if data_dir is None or run_dir is None:
             raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
-        cfg = TrainConfig(**opts)
-        res = run_training(data_dir, run_dir, cfg, log=log, progress=progress, force=force,
-                           distributed=dist)
+        run = api.train(data_dir, run_dir, force=force, progress=progress, log=log,
+                        distributed=dist, **opts)
     if not main_proc:
         return
-    last = [h for h in res.history if "test" in h]
+    last = [h for h in run._history if "test" in h]
     if last:
-        _print_metrics({"AttRec": last[-1]["test"]}, f"test metrics after epoch "
-                       f"{last[-1]['epoch']} ({res.backend} kernel, {res.device})")
-    click.echo(f"run saved in {res.run_dir}")
+        ks = sorted({int(k.split("@")[1]) for k in last[-1]["test"]["sampled"]
+                     if k.startswith("HR@")})
+        _print_metrics(api.metrics_frame({"AttRec": last[-1]["test"]}, ks),
+                       f"test metrics after epoch {last[-1]['epoch']} "
+                       f"({last[-1]['kernel']} kernel)")
+    click.echo(f"run saved in {run.path}")
 
 
-def _print_metrics(results: dict[str, dict], title: str) -> None:
+def _print_metrics(frame, title: str) -> None:
     """One table: a row per (model, protocol), columns HR@K, NDCG@K, MRR."""
-    first = next(iter(results.values()))
-    proto0 = next(iter(first.values()))
-    keys = [k for k in proto0 if k.startswith("HR@")]
-    ks = [k.split("@")[1] for k in keys]
-    header = ["model", "protocol"] + [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
-    rows = []
-    for name, res in results.items():
-        for proto, m in res.items():
-            rows.append([name, proto] + [f"{m[f'HR@{k}']:.4f}" for k in ks]
-                        + [f"{m[f'NDCG@{k}']:.4f}" for k in ks] + [f"{m['MRR']:.4f}"])
+    cols = [c for c in frame.columns if c.startswith(("HR@", "NDCG@")) or c == "MRR"]
+    header = ["model", "protocol", *cols]
+    rows = [[r["model"], r["protocol"], *(f"{r[c]:.4f}" for c in cols)]
+            for r in frame.iter_rows(named=True)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     click.echo(title)
     for r in [header, *rows]:
@@ -352,35 +339,26 @@ def _print_metrics(results: dict[str, dict], title: str) -> None:
 def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_baseline) -> None:
     """Evaluate a trained run beside the popularity baseline (HR@K, NDCG@K, MRR).
 
-    Writes eval.json into RUN_DIR.
+    Writes eval.json into RUN_DIR (unless another command is working on the run).
     """
-    import time
+    from fastattrec import api
 
-    from fastattrec.atomic import atomic_write_json
-    from fastattrec.evaluate import ModelRanker, PopularityRanker
-    from fastattrec.evaluate import evaluate as run_eval
-    from fastattrec.runs import load_run
-
-    if any(k < 1 for k in ks):
-        raise UserError(f"-k must be at least 1, got {min(ks)}.")
-    run = load_run(run_dir, checkpoint, device, data_dir)
-    ndcg_log = ndcg_log or run.cfg.ndcg_log
-    ks = sorted(set(ks))
-    t = time.perf_counter()
-    results = {"AttRec": run_eval(ModelRanker(run.model), run.data, run.cfg.maxlen, protocol, ks,
-                                  ndcg_log)}
-    seconds = time.perf_counter() - t
-    if not no_baseline:
-        pop = PopularityRanker(run.data.item_popularity())
-        results["popularity"] = run_eval(pop, run.data, run.cfg.maxlen, protocol, ks, ndcg_log)
-    _print_metrics(results, f"{run_dir} ({run.checkpoint} checkpoint, epoch {run.epoch}; "
-                            f"NDCG log base {ndcg_log}; model evaluated in {seconds:.3f} s)")
+    run = api.load_run(run_dir)
     try:
-        atomic_write_json(Path(run_dir) / "eval.json", {
-            "checkpoint": run.checkpoint, "epoch": run.epoch, "ndcg_log": ndcg_log,
-            "seconds": seconds, "results": results})
-    except UserError as e:
-        raise UserError(f"the metrics above were not saved: {e}") from None
+        frame = run.evaluate(protocol, ks, ndcg_log, checkpoint, device, not no_baseline,
+                             data_dir, save=True)
+    except UserError:
+        ev = run.last_evaluation
+        if ev is None:
+            raise
+        _print_metrics(api.metrics_frame(ev["results"], sorted(set(ks))), _eval_title(run_dir, ev))
+        raise
+    _print_metrics(frame, _eval_title(run_dir, run.last_evaluation))
+
+
+def _eval_title(run_dir, ev: dict) -> str:
+    return (f"{run_dir} ({ev['checkpoint']} checkpoint, epoch {ev['epoch']}; NDCG log base "
+            f"{ev['ndcg_log']}; model evaluated in {ev['seconds']:.3f} s)")
 
 
 @main.command()
@@ -402,16 +380,7 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint
     """Top-K items for a user from their latest window, excluding items they have seen.
 
     A user who has seen all but N items gets only those N."""
-    import torch
-
-    from fastattrec.recommend import (
-        dense_user,
-        made_by_recommend,
-        read_titles,
-        recommend_frame,
-        write_recommendations,
-    )
-    from fastattrec.runs import load_run
+    from fastattrec import api
 
     if bool(raw_user) == bool(all_users):
         raise UserError("give exactly one of --user RAW_ID or --all-users.")
@@ -421,9 +390,10 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint
         raise UserError("-o is for --all-users; --user prints its list.")
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}.")
-    titles = read_titles(movies) if movies else None
+    run = api.load_run(run_dir)
     if all_users:
         from fastattrec.outputs import claim_output
+        from fastattrec.recommend import made_by_recommend, write_recommendations
 
         with claim_output(output, force=force, made_by_us=made_by_recommend,
                           what="recommendations file that `fastattrec recommend` wrote",
@@ -431,22 +401,16 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint
             if out.is_dir():
                 raise UserError(f"-o {output} is a folder; give a file name such as "
                                 f"{Path(output) / 'recommendations.parquet'}.")
-            run = load_run(run_dir, checkpoint, device)
-            users = torch.arange(1, run.prepared.n_users + 1, device=run.data.device)
-            frame = recommend_frame(run, users, k, titles)
+            frame = run.recommend(None, k, checkpoint, device, movies)
             write_recommendations(frame, out)
-        short = users.shape[0] * k - frame.height
-        click.echo(f"wrote {frame.height:,} recommendations for {users.shape[0]:,} users "
-                   f"to {output}" + (f" ({short:,} fewer than {k} per user: those users have "
-                                     f"few unseen items)" if short else ""))
+        n_users = frame.get_column("raw_user").n_unique()
+        click.echo(f"wrote {frame.height:,} recommendations for {n_users:,} users to {output}")
         return
-    run = load_run(run_dir, checkpoint, device)
-    users = torch.tensor([dense_user(run, raw_user)], device=run.data.device)
-    frame = recommend_frame(run, users, k, titles)
+    frame = run.recommend([raw_user], k, checkpoint, device, movies)
     click.echo(f"top {frame.height} for user {raw_user}:"
                + (f" (only {frame.height} items are unseen)" if frame.height < k else ""))
     for row in frame.iter_rows(named=True):
-        title = f"  {row['title']}" if titles is not None and row.get("title") else ""
+        title = f"  {row['title']}" if movies is not None and row.get("title") else ""
         click.echo(f"{row['rank']:3d}. item {row['raw_item']}  (score {row['score']:.4f}){title}")
 
 

@@ -1,4 +1,4 @@
-"""Vectorised ranking evaluation (SPEC section 4): sampled and full-ranking protocols.
+"""Vectorised ranking evaluation (docs/spec.md §4): sampled and full-ranking protocols.
 
 Every scorer reports "goodness" (higher is better; mode dist's distances are negated), so
 one ranking rule serves all: a user's rank is the number of competing items whose goodness

@@ -1,4 +1,4 @@
-"""The AttRec module (SPEC section 2): embedding tables, scores and losses.
+"""The AttRec module (docs/spec.md §2): embedding tables, scores and losses.
 
 The short-term interest comes from `fastattrec.kernels.short_term_attention`, which runs
 the fused Triton kernel on CUDA and the plain torch reference elsewhere; this module only
@@ -84,7 +84,7 @@ class AttRec(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        # All tables N(0, 0.05^2), row 0 included and trainable (SPEC section 2).
+        # All tables N(0, 0.05^2), row 0 included and trainable (docs/spec.md §2.1-2.2).
         self.user_emb = nn.Parameter(torch.empty(cfg.n_users, d).normal_(0, 0.05,
                                                                            generator=generator))
         self.item_emb = nn.Parameter(torch.empty(cfg.n_items, d).normal_(0, 0.05,
@@ -170,5 +170,5 @@ class AttRec(nn.Module):
                                 self.cfg.gamma)
 
     def reg_loss(self) -> torch.Tensor:
-        """lambda * (||U||^2 + ||E||^2 + ||E2||^2) over whole tables (SPEC section 2)."""
+        """lambda * (||U||^2 + ||E||^2 + ||E2||^2) over whole tables (docs/spec.md §2.6, §3.2)."""
         return self.cfg.embed_reg * sum(t.pow(2).sum() for t in self.tables())

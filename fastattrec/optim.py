@@ -1,4 +1,4 @@
-"""Adam with the notebook's epsilon placement (SPEC section 3).
+"""Adam with the notebook's epsilon placement (docs/spec.md §3.1).
 
 The notebook trains with Keras's Adam, whose update is
 

@@ -56,21 +56,35 @@ def made_by_recommend(path: Path) -> bool:
     return meta.get("fastattrec") == RECOMMEND_MARK["fastattrec"]
 
 
-def dense_user(run: LoadedRun, raw_user: str) -> int:
-    """The dense id of a raw user id given on the command line."""
+def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
+    """Dense ids of raw user ids (as given on the command line or in Python), in order."""
     raw = run.prepared.raw_users
-    value: object = raw_user
+    values: list = list(raw_ids)
     if raw.dtype.is_integer():
         try:
-            value = int(raw_user)
-        except ValueError:
-            raise UserError(f"user ids in this dataset are integers; {raw_user!r} is not one."
+            values = [int(v) for v in values]
+        except (TypeError, ValueError):
+            bad = next(v for v in values if not _is_int(v))
+            raise UserError(f"user ids in this dataset are integers; {bad!r} is not one."
                             ) from None
-    hits = np.flatnonzero((raw == value).to_numpy())
-    if hits.size == 0:
-        raise UserError(f"user {raw_user} is not in the prepared data "
+    else:
+        values = [str(v) for v in values]
+    table = pl.DataFrame({"raw": raw, "dense": np.arange(1, raw.len() + 1)})
+    found = pl.DataFrame({"raw": pl.Series(values, dtype=raw.dtype)}).join(
+        table, on="raw", how="left", maintain_order="left")
+    missing = found.filter(pl.col("dense").is_null())
+    if missing.height:
+        raise UserError(f"user {missing.item(0, 'raw')} is not in the prepared data "
                         f"({run.prepared.path}); users with one interaction are dropped.")
-    return int(hits[0]) + 1
+    return found.get_column("dense").to_numpy().astype(np.int64)
+
+
+def _is_int(v: object) -> bool:
+    try:
+        int(v)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def item_lookup(run: LoadedRun) -> pl.DataFrame:

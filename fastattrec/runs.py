@@ -18,7 +18,7 @@ from fastattrec.run_folder import (
     load_checkpoint,
     read_run_config,
 )
-from fastattrec.train import TrainConfig, pick_device
+from fastattrec.training import TrainConfig, pick_device
 
 
 @dataclass
@@ -30,6 +30,12 @@ class LoadedRun:
     prepared: Prepared
     epoch: int
     checkpoint: str
+    stamp: tuple[int, int] = (0, 0)  # (inode, mtime_ns) of the checkpoint file loaded
+
+    def unchanged(self) -> bool:
+        """True while the checkpoint file loaded is still the one in the run folder."""
+        return checkpoint_stamp(self.run_dir / (BEST if self.checkpoint == "best"
+                                                else CHECKPOINT)) == self.stamp
 
 
 def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
@@ -54,6 +60,7 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
     if not file.exists():
         raise UserError(f"{file} does not exist yet: the run has not finished an epoch.")
     dev = pick_device(device)
+    stamp = checkpoint_stamp(file)
     state = load_checkpoint(file, BEST_KEYS)
     data_path = Path(data_dir) if data_dir else Path(cfg.data_dir)
     prepared = load_prepared(data_path)
@@ -79,4 +86,14 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
                         f"({str(e).splitlines()[0][:120]}); it is damaged.") from None
     model.eval()
     data = DeviceData.from_prepared(prepared, dev)
-    return LoadedRun(run_dir, cfg, model, data, prepared, int(state["epoch"]), checkpoint)
+    return LoadedRun(run_dir, cfg, model, data, prepared, int(state["epoch"]), checkpoint,
+                     stamp)
+
+
+def checkpoint_stamp(path: Path) -> tuple[int, int]:
+    """Identity of a checkpoint file (a new checkpoint is a new file, renamed in)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_ino, st.st_mtime_ns)

@@ -8,7 +8,7 @@ import torch
 
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.train import TrainConfig, train
+from fastattrec.training import TrainConfig, train
 
 
 def test_two_processes_match_one(tmp_path):

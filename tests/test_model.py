@@ -81,8 +81,9 @@ def test_initialisation_and_padding_row_trainable():
     for t in m.tables():
         assert t.requires_grad and abs(t.std().item() - 0.05) < 0.002
     assert m.proj.abs().max().item() <= 0.05
-    # Padded query rows are averaged in (SPEC), so with two valid keys their softmax rows,
-    # and hence row 0 of E, get a gradient: the padding row is an ordinary learned row.
+    # Padded query rows are averaged in (docs/spec.md §2.3 step 6), so with two valid keys
+    # their softmax rows, and hence row 0 of E, get a gradient: the padding row is an
+    # ordinary learned row.
     windows = torch.tensor([[0, 0, 0, 4, 5]])
     m(torch.tensor([1]), windows, torch.tensor([2]), torch.tensor([3])).backward()
     assert m.item_emb.grad[0].abs().sum() > 0
@@ -92,7 +93,7 @@ def test_adam_weight_decay_equals_explicit_l2_gradient():
     """The trainer adds lambda * ||T||^2 through Adam's weight_decay = 2 lambda; one step
     must equal one step on the loss with the explicit term."""
     from fastattrec.optim import KerasAdam
-    from fastattrec.train import TrainConfig, make_optimizer
+    from fastattrec.training import TrainConfig, make_optimizer
 
     batch = (torch.tensor([1, 2]), torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([6, 7]),
              torch.tensor([8, 9]))

@@ -1,4 +1,4 @@
-"""KerasAdam against Adam written out in numpy from the Keras rule (SPEC section 3)."""
+"""KerasAdam against Adam written out in numpy from the Keras rule (docs/spec.md §3.1)."""
 
 from __future__ import annotations
 

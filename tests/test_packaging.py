@@ -14,7 +14,7 @@ def test_wheel_file_list(tmp_path):
     wheel = next(tmp_path.glob("fastattrec-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("fastattrec/__init__.py", "fastattrec/cli.py", "fastattrec/model.py",
-              "fastattrec/train.py", "fastattrec/evaluate.py", "fastattrec/data/prepare.py",
+              "fastattrec/training.py", "fastattrec/evaluate.py", "fastattrec/data/prepare.py",
               "fastattrec/kernels/__init__.py", "fastattrec/kernels/reference.py",
               "fastattrec/kernels/attention.py", "fastattrec/kernels/structured.py"):
         assert f in names, f

@@ -1,5 +1,5 @@
 """The torch reference (the executable spec) against numbers computed independently with
-numpy from SPEC section 2, and its autograd against finite differences."""
+numpy from docs/spec.md §2.3, and its autograd against finite differences."""
 
 import math
 
@@ -10,7 +10,7 @@ from fastattrec.kernels import position_encoding, short_term_attention_reference
 
 
 def numpy_short_term(x, mask, w, p):
-    """SPEC section 2, written directly in numpy for one window at a time."""
+    """docs/spec.md §2.3, written directly in numpy for one window at a time."""
     b, length, d = x.shape
     out = np.zeros((b, d))
     for k in range(b):

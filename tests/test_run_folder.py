@@ -12,7 +12,7 @@ import torch
 
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.train import TrainConfig, train
+from fastattrec.training import TrainConfig, train
 
 from helpers import cli, killed_cli
 
@@ -115,7 +115,7 @@ def test_kill_between_checkpoint_and_logs_then_resume_is_exact(data_dir, finishe
     # write_logs: call 1 at the start, call k+1 after epoch k's checkpoint. Die before the
     # logs of epoch 3 are written: checkpoint.pt holds epoch 3, the logs epoch 2.
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.train:write_logs", nth=4, before=True)
+                   at="fastattrec.training:write_logs", nth=4, before=True)
     assert r.returncode == 137, r.stderr
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     csv_epochs, jsonl_epochs = log_epochs(run)
@@ -132,7 +132,7 @@ def test_kill_before_a_checkpoint_rename_keeps_logs_behind(data_dir, tmp_path):
     run = tmp_path / "run"
     # Die before epoch 2's checkpoint.pt is written (best.pt of epoch 2 may be there).
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.train:save_checkpoint", nth=2, before=True,
+                   at="fastattrec.training:save_checkpoint", nth=2, before=True,
                    match="checkpoint.pt")
     assert r.returncode == 137, r.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -156,7 +156,7 @@ def test_half_written_checkpoint_of_a_killed_run_is_cleaned_up(data_dir, tmp_pat
 def test_kill_before_the_first_checkpoint_can_be_resumed(data_dir, finished, tmp_path):
     run = tmp_path / "run"
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.train:save_checkpoint", nth=1, before=True)
+                   at="fastattrec.training:save_checkpoint", nth=1, before=True)
     assert r.returncode == 137, r.stderr
     assert (run / "config.json").exists() and not (run / "checkpoint.pt").exists()
     msg = error_line(cli("train", data_dir, "-o", run, *ARGS))
@@ -176,7 +176,7 @@ def test_force_clears_the_old_run_first(data_dir, finished, tmp_path):
     (run / "notes.txt").write_text("mine")
     # Killed before the new run's first checkpoint: no old model may remain to be scored.
     r = killed_cli("train", data_dir, "-o", run, "--force", "--epochs", "1", *ARGS,
-                   at="fastattrec.train:save_checkpoint", nth=1, before=True)
+                   at="fastattrec.training:save_checkpoint", nth=1, before=True)
     assert r.returncode == 137, r.stderr
     for f in ("checkpoint.pt", "best.pt", "eval.json"):
         assert not (run / f).exists(), f
@@ -340,3 +340,16 @@ def test_recommend_movies_file_problems(finished, tmp_path):
     bad = write(tmp_path / "movies.dat", "1::Toy Story (1995)::Animation\nnot a movie line\n")
     msg = error_line(cli("recommend", finished, "--user", "1", "--movies", bad))
     assert "movies.dat, line 2" in msg
+
+
+def test_evaluate_during_another_command_on_the_run_does_not_write(finished):
+    from fastattrec.outputs import exclusive_lock
+
+    (finished / "eval.json").unlink(missing_ok=True)
+    with exclusive_lock(finished):  # as a training or --force run would hold it
+        r = cli("evaluate", finished)
+    assert "HR@10" in r.output
+    assert "not saved" in error_line(r) and "in use" in r.output
+    assert not (finished / "eval.json").exists()
+    assert cli("evaluate", finished).exit_code == 0
+    assert (finished / "eval.json").exists()

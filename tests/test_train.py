@@ -11,7 +11,7 @@ import torch
 
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.train import TrainConfig, train
+from fastattrec.training import TrainConfig, train
 
 from helpers import cli
 

@@ -11,7 +11,7 @@ from fastattrec.data.dataset import load_prepared
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
 from fastattrec.model import AttRec, AttRecConfig
-from fastattrec.train import EpochRunner, TrainConfig, make_optimizer, train
+from fastattrec.training import EpochRunner, TrainConfig, make_optimizer, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

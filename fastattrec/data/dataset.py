@@ -1,6 +1,6 @@
 """The prepared dataset on disk, and its loader.
 
-A prepared dataset is a folder (see README, "Prepared dataset format"):
+A prepared dataset is a folder (docs/formats.md §1):
 
 - `sequences.parquet`  one row per kept interaction, users one after another (dense id
   order), each user's items in time order (ties in file order): `item` (int32 dense id,

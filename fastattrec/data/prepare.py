@@ -1,4 +1,4 @@
-"""`fastattrec prep`: a ratings log -> a prepared dataset folder (SPEC section 1).
+"""`fastattrec prep`: a ratings log -> a prepared dataset folder (docs/spec.md §1).
 
 The log is read once into a typed frame (or, with `streaming`, sunk to a Parquet file
 that the later plans scan), then every output is one lazy Polars plan over it: dense id

@@ -1,4 +1,4 @@
-"""`fastattrec train`: the training loop (SPEC section 3), readable top to bottom.
+"""`fastattrec train`: the training loop (docs/spec.md §3), readable top to bottom.
 
 Data goes to the device once; each step gathers its windows on the device from the flat
 sequences (no DataLoader, no per-sample Python, no host<->device copy per step). One
@@ -131,7 +131,7 @@ def pick_device(name: str) -> torch.device:
 
 def make_optimizer(model: AttRec, cfg: TrainConfig, device: torch.device,
                    capturable: bool) -> KerasAdam:
-    """Adam as SPEC section 3 (eps 1e-7, placed as in Keras); L2 on the tables as
+    """Adam as docs/spec.md §3.1-3.2 (eps 1e-7, placed as in Keras); L2 on the tables as
     weight decay 2*lambda. `capturable`: the step runs inside a CUDA graph."""
     groups = [
         {"params": model.tables(), "weight_decay": 2.0 * cfg.embed_reg},

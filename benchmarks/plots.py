@@ -1,0 +1,397 @@
+"""Draw the figures of docs/RESULTS.md from measured numbers (matplotlib, no network).
+
+    python benchmarks/plots.py                                   # docs/results -> docs/figures
+    python benchmarks/plots.py --out /tmp/figs
+    python benchmarks/plots.py --bench-train results/bench_train.csv \
+                               --bench-kernel results/gpu_run/kernel_L5.csv
+
+Inputs. The measurements that docs/RESULTS.md reports are transcribed, with machine, date
+and command, into small CSV files under docs/results/ (one per topic); this script reads
+those. It also takes fresh output of the benchmark scripts: `--bench-train` a CSV written
+by benchmarks/bench_train.py, `--bench-kernel` a CSV written by benchmarks/bench_kernel.py
+(either the CSV or the JSON of machine facts written beside it; the other is found by its
+name). Fresh files get figures of their own, named after the file; the committed figures
+are drawn from docs/results/ only.
+
+Outputs (PNG, about 30-60 KB each):
+
+- cpu_speed_vs_notebook.png   training epoch and evaluation time on one CPU, against the
+                              original notebook run side by side on the same machine
+- gpu_speed.png               seconds per epoch on an H200 against the in-repo baselines,
+                              and the whole 40-epoch run on each machine
+- kernel_vs_baselines.png     the Triton kernel against eager torch and torch.compile, and
+                              its arithmetic floor, across batch sizes
+- quality_vs_notebook.png     HR@10, NDCG@10 and MRR per seed, fastattrec against the
+                              notebook, modes inner and dist
+- bench_train_<name>.png, bench_kernel_<name>[_L<L>_d<d>].png   for fresh inputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+FIGURES = ROOT / "docs" / "figures"
+
+# One colour per implementation, the same in every figure.
+COLOURS = {
+    "fastattrec": "#1f77b4",
+    "baseline": "#9aa5b1",
+    "notebook": "#d62728",
+    "triton": "#1f77b4",
+    "split": "#17becf",
+    "structured": "#2ca02c",
+    "eager": "#ff7f0e",
+    "compile": "#9467bd",
+    "floor": "#000000",
+}
+DPI = 100
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display, no network)."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("plots.py needs matplotlib: pip install 'fastattrec[plot]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.spines.top": False,
+                         "axes.spines.right": False, "legend.frameon": False})
+    return plt
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(value: str | None) -> float:
+    """A CSV cell as a float; empty or missing is NaN."""
+    if value is None or value.strip() == "":
+        return math.nan
+    return float(value)
+
+
+def save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG with no run-dependent metadata (stable bytes for one version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def footnote(fig, text: str) -> None:
+    fig.text(0.01, 0.01, text, fontsize=7, color="#555555", ha="left", va="bottom")
+
+
+def seconds(v: float) -> str:
+    """A duration for a bar label, with as many digits as the source gives."""
+    if v >= 100:
+        return f"{v:,.0f} s"
+    return f"{v:#.3g} s" if v >= 0.1 else f"{v * 1e3:#.3g} ms"
+
+
+def label_bars(ax, bars, fmt=seconds, log: bool = False) -> None:
+    for b in bars:
+        h = b.get_height()
+        if not math.isfinite(h) or h <= 0:
+            continue
+        text = fmt(h) if callable(fmt) else fmt.format(h)
+        ax.annotate(text, (b.get_x() + b.get_width() / 2, h),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7)
+    if log:
+        ax.set_yscale("log")
+
+
+# --------------------------------------------------------------------------------------
+# Figures from the transcribed results (docs/results/*.csv)
+# --------------------------------------------------------------------------------------
+
+
+def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
+    """Real ML-100K on the 2-core CPU: seconds per epoch and per evaluation."""
+    plt = pyplot()
+    rows = [r for r in read_rows(results / "cpu_speed_vs_notebook.csv")
+            if r["data"].startswith("real ML-100K")]
+    labels, epoch_s, eval_s, colours = [], [], [], []
+    order = [("notebook", "first measurement", "notebook\n(TensorFlow)"),
+             ("baseline", "first measurement", "baseline\n(torch ref.)"),
+             ("baseline", "re-measured with the Keras-eps Adam", "baseline\nre-measured"),
+             ("fastattrec", "first measurement", "fastattrec"),
+             ("fastattrec", "re-measured with the Keras-eps Adam", "fastattrec\nre-measured")]
+    for config, series, label in order:
+        hit = [r for r in rows if r["config"] == config and r["series"] == series]
+        if not hit:
+            continue
+        labels.append(label)
+        epoch_s.append(num(hit[0]["s_per_epoch"]))
+        eval_s.append(num(hit[0]["sampled_eval_s"]))
+        colours.append(COLOURS[config])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = range(len(labels))
+    label_bars(a, a.bar(x, epoch_s, color=colours))
+    notebook = epoch_s[0] if labels and labels[0].startswith("notebook") else math.nan
+    for i, (label, s) in enumerate(zip(labels, epoch_s, strict=True)):
+        if label.startswith("fastattrec") and math.isfinite(notebook):
+            a.annotate(f"{notebook / s:.1f}x faster", (i, s),
+                       xytext=(0, 14), textcoords="offset points", ha="center", fontsize=7,
+                       color=COLOURS["fastattrec"])
+    a.set_xticks(list(x), labels)
+    a.set_ylabel("seconds per training epoch")
+    a.set_title("Training: one epoch (lower is better)")
+    label_bars(b, b.bar(x, eval_s, color=colours), log=True)
+    b.set_xticks(list(x), labels)
+    b.set_ylabel("seconds per test evaluation (log scale)")
+    b.set_title("Evaluation: sampled protocol, all users")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Real ML-100K on one 2-core CPU, notebook hyper-parameters, 5 epochs")
+    footnote(fig, "Source: docs/results/cpu_speed_vs_notebook.csv (benchmarks/bench_train.py "
+                  "--device cpu; the notebook run side by side on the same CPU), 2026-11-28")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "cpu_speed_vs_notebook.png")
+
+
+def gpu_speed(results: Path, out: Path) -> Path:
+    """H200: seconds per epoch (ML-1M size) and the whole 40-epoch run per machine."""
+    plt = pyplot()
+    gpu = [r for r in read_rows(results / "gpu_speed.csv") if r["data"].startswith(
+        "synthetic ML-1M")]
+    cpu = [r for r in read_rows(results / "cpu_speed_vs_notebook.csv")
+           if r["series"] == "ML-1M size"]
+    short = {"fastattrec (Triton kernel; CUDA-graph step; compiled loss)":
+             "fastattrec\n(graph step)",
+             "Triton kernel; eager step": "Triton kernel\neager step",
+             "baseline --kernel torch --no-compile": "baseline\n(torch ref.)"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    labels = [short.get(r["config"], r["config"])
+              + (f"\n{num(r['samples_per_s']) / 1e6:.2f}M samples/s"
+                 if math.isfinite(num(r["samples_per_s"])) else "") for r in gpu]
+    colours = [COLOURS["fastattrec"] if r["config"].startswith("fastattrec")
+               else COLOURS["baseline"] for r in gpu]
+    x = list(range(len(gpu)))
+    label_bars(a, a.bar(x, [num(r["s_per_epoch"]) for r in gpu], color=colours))
+    a.set_xticks(x, labels)
+    a.set_ylabel("seconds per training epoch")
+    a.set_title("H200, synthetic ML-1M size (lower is better)")
+
+    runs = []  # (label, seconds, colour)
+    for r in gpu:
+        if r["config"].startswith("fastattrec") and math.isfinite(num(r["train_call_second_s"])):
+            runs.append(("fastattrec, H200\n(warm caches)", num(r["train_call_second_s"]),
+                         COLOURS["fastattrec"]))
+    for r in cpu:
+        if r["config"] == "fastattrec" and math.isfinite(num(r["train_call_s"])):
+            runs.append(("fastattrec, 2-core\nCPU", num(r["train_call_s"]), COLOURS["fastattrec"]))
+    for r in cpu:
+        if r["config"] == "notebook" and math.isfinite(num(r["train_call_s"])):
+            runs.append(("notebook's recorded\nML-1M run *", num(r["train_call_s"]),
+                         COLOURS["notebook"]))
+    xb = list(range(len(runs)))
+    label_bars(b, b.bar(xb, [s for _, s, _ in runs], color=[c for _, _, c in runs]), log=True)
+    b.set_xticks(xb, [lbl for lbl, _, _ in runs])
+    b.set_ylabel("seconds (log scale)")
+    b.set_title("40 epochs with evaluation, ML-1M size")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    footnote(fig, "Source: docs/results/gpu_speed.csv and cpu_speed_vs_notebook.csv "
+                  "(benchmarks/bench_train.py, 2026-11-28). * another machine, preparation "
+                  "included: for scale only.")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "gpu_speed.png")
+
+
+def _kernel_panels(plt, rows: list[dict[str, str]], impls: Iterable[str], title: str,
+                   note: str):
+    """One panel per pass: time (ms) against batch size for each implementation."""
+    passes = [p for p in ("fwd", "bwd", "fwd+bwd") if any(r["pass"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(passes), figsize=(4.2 * len(passes), 3.4), squeeze=False)
+    names = {"triton": "Triton kernel", "split": "split layout", "structured": "structured",
+             "eager": "eager torch", "compile": "torch.compile"}
+    for ax, p in zip(axes[0], passes, strict=True):
+        mine = sorted((r for r in rows if r["pass"] == p), key=lambda r: num(r["B"]))
+        for impl in impls:
+            pts = [(num(r["B"]), num(r.get(f"{impl}_ms"))) for r in mine]
+            pts = [(b, t) for b, t in pts if math.isfinite(t)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=4, color=COLOURS[impl],
+                        label=names[impl])
+        floor = [(num(r["B"]), num(r.get("floor_ms"))) for r in mine]
+        floor = [(b, t) for b, t in floor if math.isfinite(t)]
+        if floor:
+            ax.plot(*zip(*floor, strict=True), marker="_", ms=14, mew=2, ls="none",
+                    color=COLOURS["floor"], label="floor (datasheet)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B (windows)")
+        ax.set_ylabel("milliseconds (log scale)")
+        ax.set_title(p)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    footnote(fig, note)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def kernel_vs_baselines(results: Path, out: Path) -> Path:
+    plt = pyplot()
+    rows = read_rows(results / "kernel_vs_baselines.csv")
+    fig = _kernel_panels(
+        plt, rows, ("triton", "eager", "compile"),
+        "Short-term attention, H200, L=5, d=100, IEEE float32 (lower is better)",
+        "Source: docs/results/kernel_vs_baselines.csv (benchmarks/bench_kernel.py, "
+        "2026-11-28); floor where RESULTS.md gives it.")
+    return save(fig, out / "kernel_vs_baselines.png")
+
+
+def quality_vs_notebook(results: Path, out: Path) -> Path:
+    """Each seed's test metrics, fastattrec against the notebook, per mode."""
+    plt = pyplot()
+    rows = read_rows(results / "quality_vs_notebook.csv")
+    metrics = [("HR@10", "HR@10"), ("NDCG@10_ln", "NDCG@10 (natural log)"), ("MRR", "MRR")]
+    groups = [(m, impl) for m in ("inner", "dist") for impl in ("notebook", "fastattrec")]
+    fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.4))
+    for ax, (col, title) in zip(axes, metrics, strict=True):
+        for gx, (mode, impl) in enumerate(groups):
+            vals = [num(r[col]) for r in rows if r["mode"] == mode and r["implementation"] == impl]
+            if not vals:
+                continue
+            xs = [gx + (i - (len(vals) - 1) / 2) * 0.08 for i in range(len(vals))]
+            ax.scatter(xs, vals, s=16, color=COLOURS[impl], zorder=3)
+            mean = sum(vals) / len(vals)
+            ax.hlines(mean, gx - 0.3, gx + 0.3, color=COLOURS[impl], lw=1.5)
+        ax.set_xticks(range(len(groups)),
+                      [f"{mode}\n{impl}\n({sum(1 for r in rows if r['mode'] == mode and r['implementation'] == impl)} seeds)"  # noqa: E501
+                       for mode, impl in groups])
+        ax.tick_params(axis="x", labelsize=7)
+        ax.axvline(1.5, color="#cccccc", lw=0.8)
+        ax.set_title(title)
+    fig.suptitle("Real ML-100K, 40 epochs, the notebook's sampled test protocol: "
+                 "one dot per seed, bar = mean")
+    footnote(fig, "Source: docs/results/quality_vs_notebook.csv (fastattrec prep --compat "
+                  "notebook; train --ndcg-log e; the notebook in TensorFlow 2.21, same CPU), "
+                  "2026-11-28")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "quality_vs_notebook.png")
+
+
+# --------------------------------------------------------------------------------------
+# Figures from fresh benchmark output
+# --------------------------------------------------------------------------------------
+
+
+def _csv_and_meta(path: Path) -> tuple[Path, dict]:
+    """The CSV of a benchmark result and its machine facts (the JSON written beside it)."""
+    path = Path(path)
+    csv_path = path.with_suffix(".csv") if path.suffix == ".json" else path
+    if not csv_path.exists():
+        sys.exit(f"{csv_path} does not exist; give a CSV written by a benchmark script.")
+    meta_path = csv_path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return csv_path, meta
+
+
+def _describe(meta: dict) -> str:
+    parts = [meta.get("device"), meta.get("data"),
+             f"torch {meta['torch']}" if meta.get("torch") else None,
+             f"sha {meta['git_sha']}" if meta.get("git_sha") else None]
+    return ", ".join(p for p in parts if p)
+
+
+def bench_train_figure(path: Path, out: Path) -> Path:
+    """bench_train.py output: seconds per epoch and evaluation time per configuration."""
+    plt = pyplot()
+    csv_path, meta = _csv_and_meta(path)
+    rows = read_rows(csv_path)
+    if not rows or "epoch_s_median" not in rows[0]:
+        sys.exit(f"{csv_path} is not bench_train.py output (no epoch_s_median column).")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    x = list(range(len(rows)))
+    colours = [COLOURS["fastattrec"] if r["config"] == "fastattrec" else COLOURS["baseline"]
+               for r in rows]
+    labels = [r["config"].replace(" ", "\n", 1) for r in rows]
+    label_bars(a, a.bar(x, [num(r["epoch_s_median"]) for r in rows], color=colours))
+    a.set_xticks(x, labels)
+    a.set_ylabel("seconds per epoch (median)")
+    a.set_title("Training (lower is better)")
+    w = 0.38
+    for off, key, name, c in ((-w / 2, "eval_sampled_s", "sampled", "#1f77b4"),
+                              (w / 2, "eval_full_s", "full ranking", "#ff7f0e")):
+        bars = b.bar([i + off for i in x], [num(r.get(key)) for r in rows], w, color=c,
+                     label=name)
+        label_bars(b, bars)
+    b.set_xticks(x, labels)
+    b.set_ylabel("seconds per test evaluation")
+    b.set_title("Evaluation")
+    b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(_describe(meta) or csv_path.name, fontsize=9)
+    footnote(fig, f"Source: {csv_path} (benchmarks/bench_train.py)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / f"bench_train_{csv_path.stem}.png")
+
+
+def bench_kernel_figures(path: Path, out: Path) -> list[Path]:
+    """bench_kernel.py output: one figure per (L, d) present in the file."""
+    plt = pyplot()
+    csv_path, meta = _csv_and_meta(path)
+    rows = read_rows(csv_path)
+    if not rows or "pass" not in rows[0] or "B" not in rows[0]:
+        sys.exit(f"{csv_path} is not bench_kernel.py output (no B and pass columns).")
+    impls = [k for k in ("triton", "split", "structured", "eager", "compile")
+             if f"{k}_ms" in rows[0]]
+    shapes = sorted({(int(num(r["L"])), int(num(r["d"]))) for r in rows})
+    written = []
+    for length, d in shapes:
+        mine = [r for r in rows if int(num(r["L"])) == length and int(num(r["d"])) == d]
+        fig = _kernel_panels(
+            plt, mine, impls,
+            f"{meta.get('device', 'GPU')}, L={length}, d={d}, "
+            f"{meta.get('precision', 'ieee')} (lower is better)",
+            f"Source: {csv_path} (benchmarks/bench_kernel.py), {_describe(meta)}")
+        suffix = "" if len(shapes) == 1 else f"_L{length}_d{d}"
+        written.append(save(fig, out / f"bench_kernel_{csv_path.stem}{suffix}.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder of the transcribed result CSVs (default: docs/results)")
+    ap.add_argument("--out", type=Path, default=FIGURES,
+                    help="folder for the PNG files (default: docs/figures)")
+    ap.add_argument("--bench-train", type=Path, action="append", default=[],
+                    help="a CSV (or its JSON) written by benchmarks/bench_train.py; repeatable")
+    ap.add_argument("--bench-kernel", type=Path, action="append", default=[],
+                    help="a CSV (or its JSON) written by benchmarks/bench_kernel.py; repeatable")
+    args = ap.parse_args(argv)
+    written = [
+        cpu_speed_vs_notebook(args.results, args.out),
+        gpu_speed(args.results, args.out),
+        kernel_vs_baselines(args.results, args.out),
+        quality_vs_notebook(args.results, args.out),
+    ]
+    for p in args.bench_train:
+        written.append(bench_train_figure(p, args.out))
+    for p in args.bench_kernel:
+        written += bench_kernel_figures(p, args.out)
+    for p in written:
+        print(f"wrote {p} ({p.stat().st_size / 1024:.0f} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

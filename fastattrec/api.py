@@ -1,0 +1,269 @@
+"""The Python API: prepare -> train -> evaluate -> recommend, returning Polars frames and
+small objects to inspect. The `fastattrec` command is a thin parser over these functions,
+and they raise the same one-sentence `UserError`s the command prints.
+
+    import fastattrec as fa
+    data = fa.prepare("ratings.dat", "data/ml1m")
+    run = fa.train(data, "runs/ml1m", epochs=40)
+    run.evaluate(ks=[10])            # polars.DataFrame: model x protocol -> HR, NDCG, MRR
+    run.recommend(users=[1, 2], k=5) # polars.DataFrame: raw_user, rank, raw_item, score
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from fastattrec.errors import UserError
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset folder (docs/formats.md §1): where it is and its meta.json."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Users, items, interactions and samples, as `prep` counted them."""
+        return dict(self.meta["counts"])
+
+    @property
+    def fingerprint(self) -> str:
+        """The identity a run records (docs/formats.md §1.5)."""
+        from fastattrec.data.dataset import fingerprint
+
+        return fingerprint(self.meta)
+
+    def __repr__(self) -> str:
+        c = self.counts
+        return (f"Dataset({str(self.path)!r}: {c['users']:,} users, {c['items']:,} items, "
+                f"{c['interactions']:,} interactions)")
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Open a folder written by `prepare` / `fastattrec prep`."""
+    from fastattrec.data.dataset import read_meta
+
+    path = Path(path)
+    return Dataset(path, read_meta(path))
+
+
+def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
+            user_col: str | None = None, item_col: str | None = None,
+            time_col: str | None = None, rating_col: str | None = None,
+            trans_score: float | None = None, test_negatives: int | None = None,
+            compat: str = "none", seed: int = 0, streaming: bool = False,
+            force: bool = False, log: Log = _quiet) -> Dataset:
+    """Prepare a ratings log into `out` (docs/spec.md §1); options as `fastattrec prep`."""
+    from fastattrec.data.prepare import PrepOptions
+    from fastattrec.data.prepare import prepare as run_prep
+    from fastattrec.data.readers import ColumnNames
+
+    opts = PrepOptions(fmt=format, columns=ColumnNames(user_col, item_col, time_col,
+                                                       rating_col),
+                       trans_score=trans_score, test_negatives=test_negatives, compat=compat,
+                       seed=seed, streaming=streaming)
+    run_prep(Path(source), Path(out), opts, force=force, log=log)
+    return load_dataset(out)
+
+
+def synthesize(out: str | Path, *, users: int = 6040, items: int = 3706,
+               interactions: int = 1_000_209, seed: int = 0, clusters: int | None = None,
+               switch: float = 0.15, force: bool = False) -> Path:
+    """Write a synthetic MovieLens-format log with sequential structure; returns its path."""
+    from fastattrec.data.synth import synthesize as synth
+
+    synth(Path(out), users, items, interactions, seed, clusters, switch, force=force)
+    return Path(out)
+
+
+@dataclass
+class Run:
+    """A training run folder (docs/formats.md §2): its options and per-epoch history."""
+
+    path: Path
+    options: dict[str, Any]
+    _history: list[dict] = field(default_factory=list, repr=False)
+    # What the last `evaluate` measured, as written to eval.json.
+    last_evaluation: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> Dataset:
+        """The prepared dataset the run trains on."""
+        return load_dataset(self.options["data_dir"])
+
+    def history(self) -> pl.DataFrame:
+        """One row per completed epoch: losses, validation metric, timings (and the test
+        metrics at K of the run, sampled and full, on the epochs that measured them)."""
+        rows = []
+        for h in self._history:
+            row = {k: v for k, v in h.items() if k != "test"}
+            for proto, m in h.get("test", {}).items():
+                for name in (f"HR@{h['k']}", f"NDCG@{h['k']}", "MRR"):
+                    row[f"test_{proto}_{name}"] = m[name]
+            rows.append(row)
+        return pl.DataFrame(rows) if rows else pl.DataFrame()
+
+    def evaluate(self, protocol: str = "both", ks: Sequence[int] = (1, 5, 10, 20),
+                 ndcg_log: str | None = None, checkpoint: str = "auto", device: str = "auto",
+                 baseline: bool = True, data: str | Path | None = None,
+                 save: bool = True) -> pl.DataFrame:
+        """Test metrics of the model (and the popularity baseline): one row per (model,
+        protocol), columns HR@K, NDCG@K per K and MRR (docs/spec.md §4). With `save`, also
+        written to eval.json in the run folder (when no other command holds it)."""
+        from fastattrec.evaluate import ModelRanker, PopularityRanker, evaluate
+        from fastattrec.runs import load_run as open_run
+
+        ks = sorted(set(int(k) for k in ks))
+        if not ks or ks[0] < 1:
+            raise UserError(f"-k must be at least 1, got {ks[0] if ks else 'none'}.")
+        loaded = open_run(self.path, checkpoint, device, data)
+        ndcg_log = ndcg_log or loaded.cfg.ndcg_log
+        t = time.perf_counter()
+        results = {"AttRec": evaluate(ModelRanker(loaded.model), loaded.data,
+                                      loaded.cfg.maxlen, protocol, ks, ndcg_log)}
+        seconds = time.perf_counter() - t
+        if baseline:
+            pop = PopularityRanker(loaded.data.item_popularity())
+            results["popularity"] = evaluate(pop, loaded.data, loaded.cfg.maxlen, protocol,
+                                             ks, ndcg_log)
+        frame = metrics_frame(results, ks).with_columns(
+            pl.lit(loaded.checkpoint).alias("checkpoint"), pl.lit(loaded.epoch).alias("epoch"))
+        self.last_evaluation = {"checkpoint": loaded.checkpoint, "epoch": loaded.epoch,
+                                "ndcg_log": ndcg_log, "seconds": seconds, "results": results}
+        if save:
+            save_evaluation(loaded, self.last_evaluation)
+        return frame
+
+    def recommend(self, users: Iterable[Any] | None = None, k: int = 10,
+                  checkpoint: str = "auto", device: str = "auto",
+                  titles: str | Path | pl.DataFrame | None = None) -> pl.DataFrame:
+        """Top-k unseen items per user (raw ids; None: every user) from their latest
+        window: columns raw_user, rank, raw_item, score (and title with `titles`, a
+        MovieLens movies.dat or a frame of raw_item, title). A user with fewer than k
+        unseen items gets only those."""
+        import torch
+
+        from fastattrec.recommend import dense_users, read_titles, recommend_frame
+        from fastattrec.runs import load_run as open_run
+
+        if k < 1:
+            raise UserError(f"-k must be at least 1, got {k}.")
+        if titles is not None and not isinstance(titles, pl.DataFrame):
+            titles = read_titles(Path(titles))
+        loaded = open_run(self.path, checkpoint, device)
+        dev = loaded.data.device
+        if users is None:
+            dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
+        else:
+            dense = torch.as_tensor(dense_users(loaded, list(users)), device=dev)
+        return recommend_frame(loaded, dense, k, titles)
+
+    def __repr__(self) -> str:
+        done = self._history[-1]["epoch"] if self._history else 0
+        return f"Run({str(self.path)!r}: {done}/{self.options['epochs']} epochs)"
+
+
+def metrics_frame(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> pl.DataFrame:
+    """{model: {protocol: metrics}} -> one row per (model, protocol)."""
+    rows = []
+    for model, per_proto in results.items():
+        for proto, m in per_proto.items():
+            row: dict[str, Any] = {"model": model, "protocol": proto}
+            row.update({f"HR@{k}": m[f"HR@{k}"] for k in ks})
+            row.update({f"NDCG@{k}": m[f"NDCG@{k}"] for k in ks})
+            row.update({"MRR": m["MRR"], "users": m["users"]})
+            rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def save_evaluation(loaded, payload: dict) -> None:
+    """eval.json, written under the run folder's lock and only if the checkpoint scored is
+    still the run's (a run being trained or replaced meanwhile keeps its own files)."""
+    from fastattrec.atomic import atomic_write_json
+    from fastattrec.outputs import exclusive_lock
+
+    try:
+        with exclusive_lock(loaded.run_dir):
+            if not loaded.unchanged():
+                raise UserError(f"the run's {loaded.checkpoint} checkpoint changed while it "
+                                f"was being evaluated; evaluate again")
+            atomic_write_json(Path(loaded.run_dir) / "eval.json", payload)
+    except UserError as e:
+        raise UserError(f"the metrics were not saved to eval.json: "
+                        f"{str(e).rstrip('.')}.") from None
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run folder written by `train` / `fastattrec train` (finished or not)."""
+    from fastattrec.run_folder import read_run_config
+
+    path = Path(path)
+    cfg = read_run_config(path)
+    return Run(path, dict(cfg["train"]), _read_history(path))
+
+
+def _read_history(path: Path) -> list[dict]:
+    """The committed epochs, as metrics.jsonl lists them (written from the checkpoint)."""
+    try:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
+          progress: bool = False, log: Log = _quiet, distributed: Any = None,
+          **options: Any) -> Run:
+    """Train AttRec on a prepared dataset into the run folder `out`. Options are those of
+    `fastattrec train` with underscores (epochs=40, dim=100, maxlen=5, mode="inner",
+    lr=1e-3, device="auto", ...; docs/spec.md §3). `distributed` is set by the command
+    when torchrun launched it."""
+    from fastattrec.training import TrainConfig
+    from fastattrec.training import train as run_training
+
+    data_dir = data.path if isinstance(data, Dataset) else Path(data)
+    try:
+        cfg = TrainConfig(**options)
+    except TypeError:
+        known = ", ".join(sorted(set(TrainConfig.__dataclass_fields__) - {"data_dir"}))
+        unknown = sorted(set(options) - set(TrainConfig.__dataclass_fields__))
+        raise UserError(f"unknown training option(s) {', '.join(unknown)}; the options are: "
+                        f"{known}.") from None
+    res = run_training(data_dir, Path(out), cfg, log=log, progress=progress, force=force,
+                       distributed=distributed)
+    return Run(res.run_dir, asdict(cfg), res.history)
+
+
+def resume(path: str | Path, *, epochs: int | None = None, device: str | None = None,
+           progress: bool = False, log: Log = _quiet, distributed: Any = None) -> Run:
+    """Continue an interrupted run (same data and options; `epochs` may be raised)."""
+    from fastattrec.run_folder import read_run_config
+    from fastattrec.training import TrainConfig
+    from fastattrec.training import train as run_training
+
+    base = None
+    if epochs is not None or device is not None:
+        saved = dict(read_run_config(Path(path))["train"])
+        saved.update({k: v for k, v in (("epochs", epochs), ("device", device))
+                      if v is not None})
+        base = TrainConfig.from_dict(saved)
+    res = run_training(None, Path(path), base, resume=True, log=log, progress=progress,
+                       distributed=distributed)
+    run = load_run(res.run_dir)
+    run._history = res.history
+    return run
