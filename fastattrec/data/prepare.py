@@ -70,18 +70,11 @@ def prepare(
 ) -> PrepSummary:
     """Prepare `source` into `out_dir` (written atomically; see module docstring).
 
+    Phases: read the log (and filter ratings), split off single-item users and number the
+    ids, order each user's sequence, draw the negatives, write the files and meta.json.
     `force` replaces an existing prepared dataset, never anything else (outputs.py)."""
     source, out_dir = Path(source), Path(out_dir)
-    if opts.compat not in COMPAT_MODES:
-        raise UserError(f"unknown --compat {opts.compat!r}; use one of {', '.join(COMPAT_MODES)}.")
-    notebook = opts.compat == "notebook"
-    n_test_neg = opts.test_negatives
-    if n_test_neg is None:
-        n_test_neg = NOTEBOOK_TEST_NEGATIVES if notebook else 100
-    if n_test_neg < 1:
-        raise UserError(f"--test-negatives must be at least 1, got {n_test_neg}.")
-    if opts.trans_score is not None and not math.isfinite(opts.trans_score):
-        raise UserError(f"--trans-score must be a finite number, got {opts.trans_score}.")
+    n_test_neg = _check_options(opts)
     check_file(source)
     t0 = time.perf_counter()
     steps: list[tuple[str, float]] = []
@@ -95,202 +88,251 @@ def prepare(
                       what="prepared dataset", inputs=[source], log=log) as out_dir, \
             atomic_dir(out_dir, force=True) as tmp:
         step("reading " + str(source))
-        with relabelled(source, tmp) as plain:
-            if opts.streaming:
-                raw, scan = sink_ratings(plain, tmp / "_canonical.parquet", opts.fmt,
-                                         opts.columns)
-            else:
-                frame, scan = read_ratings(plain, opts.fmt, opts.columns)
-                raw = frame.lazy()
-        rows_read = int(_collect(raw.select(pl.len()), opts.streaming).item())
-
-        if opts.trans_score is not None and not scan.has_rating:
-            raise UserError(
-                f"{source} has no rating column, so --trans-score cannot filter; "
-                f"drop --trans-score or name the column with --rating-col."
-            )
-        trans = opts.trans_score
-        if trans is not None:
-            nan = _collect(raw.filter(pl.col("rating").is_nan()).head(1), opts.streaming)
-            if nan.height:
-                raise UserError(
-                    f"{source}, {scan.row_word} {nan.item(0, '_line')}: the rating is NaN, so "
-                    f"--trans-score cannot judge it; fix or remove that {scan.row_word}.")
-            raw = raw.filter(pl.col("rating") >= trans)
-        raw = raw.select("user", "item", "time", "_line")
-        if notebook:
-            raw = _check_notebook_ids(raw, source, opts.streaming)
-
+        raw, scan, rows_read = _read_log(source, tmp, opts)
         step("splitting users")
-        per_user = _collect(raw.group_by("user").agg(pl.len().alias("n")), opts.streaming)
-        rows_kept = int(per_user.get_column("n").sum())
-        if rows_kept == 0:
-            raise UserError(
-                f"{source}: no rows left after --trans-score {trans or 0:g}; lower it "
-                f"(ratings below it are dropped)."
-            )
-        short_users = per_user.filter(pl.col("n") < 2)
-        item_max_raw = (
-            int(_collect(raw.select(pl.col("item").max()), opts.streaming).item())
-            if notebook else 0
-        )
-        kept = raw.join(
-            per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
-        )
-
-        user_map = _collect(
-            kept.select(pl.col("user").alias("raw_user")).unique().sort("raw_user")
-            .with_row_index("user", offset=1).with_columns(pl.col("user").cast(pl.Int32)),
-            opts.streaming,
-        )
-        if user_map.height == 0:
-            raise UserError(
-                f"{source}: every user has a single interaction, so no sample can be made; "
-                f"each user needs at least 2."
-            )
-        if notebook:
-            item_map = _collect(
-                kept.select(pl.col("item").alias("raw_item")).unique().sort("raw_item")
-                .with_columns(pl.col("raw_item").cast(pl.Int32).alias("item")),
-                opts.streaming,
-            ).select("item", "raw_item")
-            universe = item_max_raw
-        else:
-            item_map = _collect(
-                kept.select(pl.col("item").alias("raw_item")).unique().sort("raw_item")
-                .with_row_index("item", offset=1).with_columns(pl.col("item").cast(pl.Int32)),
-                opts.streaming,
-            )
-            universe = item_map.height
-        item_rows = universe + 1
-
+        ids = _split_users(raw, source, opts)
         step("ordering sequences")
-        seq = _collect(
-            kept.join(user_map.lazy(), left_on="user", right_on="raw_user")
-            .drop("user").rename({"user_right": "user"})
-            .join(item_map.lazy(), left_on="item", right_on="raw_item")
-            .drop("item").rename({"item_right": "item"})
-            .sort("user", "time", "_line")
-            .select("user", "item"),
-            opts.streaming,
-        )
-        n_rows = seq.height
-        users = _collect(
-            seq.lazy().group_by("user").agg(
-                pl.len().cast(pl.Int32).alias("length"),
-                pl.col("item").n_unique().cast(pl.Int64).alias("distinct"),
-            ).sort("user")
-            .with_columns((pl.col("length").cast(pl.Int64).cum_sum() - pl.col("length"))
-                          .alias("offset"))
-            .join(user_map.lazy(), on="user"),
-            opts.streaming,
-        ).with_columns((universe - pl.col("distinct")).alias("unseen"))
-
-        full = users.filter(pl.col("unseen") < 1)
-        if full.height:
-            raise UserError(
-                f"{source}: user {full.item(0, 'raw_user')} has interacted with every one of "
-                f"the {universe} items, so no negative can be drawn; remove that user."
-            )
-        test_users = users.filter(pl.col("length") >= 2)
-        if not notebook:
-            short = test_users.filter(pl.col("unseen") < n_test_neg)
-            if short.height:
-                row = short.row(0, named=True)
-                raise UserError(
-                    f"{source}: user {row['raw_user']} has seen {row['distinct']} of the "
-                    f"{universe} items, so {n_test_neg} distinct test negatives cannot be "
-                    f"drawn; lower --test-negatives to at most {row['unseen']}."
-                )
-
+        seq, users = _order_sequences(ids, opts.streaming)
+        _check_enough_unseen(users, ids.universe, n_test_neg, source, opts)
         step("drawing negatives")
-        stride = universe + 1
-        ref = seen_reference(seq.lazy(), stride).collect()
-        seq_g = seq.lazy().with_row_index("g")
-        train_plan = map_unseen(
-            seq_g.join(users.lazy().select("user", "unseen"), on="user").with_columns(
-                random_below(opts.seed, STREAM_TRAIN_NEG, pl.col("g"), pl.col("unseen"))
-                .alias("r")
-            ).select("g", "user", "r"),
-            ref.lazy(), stride,
-        ).sort("g").select("neg")
-        if notebook:
-            draws = (
-                test_users.lazy().select("user", "unseen")
-                .with_columns(pl.int_ranges(0, n_test_neg).alias("k")).explode("k")
-                .with_columns(
-                    random_below(
-                        opts.seed, STREAM_TEST_NEG,
-                        pl.col("user").cast(pl.UInt64) * (1 << 32) + pl.col("k").cast(pl.UInt64),
-                        pl.col("unseen"),
-                    ).alias("r")
-                ).select("user", pl.col("k").cast(pl.Int64), "r")
-                .collect()
-            )
-        else:
-            draws = distinct_test_draws(test_users.select("user", "unseen"), n_test_neg,
-                                        opts.seed)
-        test_plan = map_unseen(draws.lazy(), ref.lazy(), stride).sort("user", "k").select(
-            "user", "neg")
-        # Both negative tables in one call, so Polars runs them side by side.
-        train_negs, test_negs = pl.collect_all(
-            [train_plan, test_plan], engine="streaming" if opts.streaming else "auto")
-
+        train_negs, test_negs = _draw_negatives(seq, users, ids.universe, n_test_neg, opts)
         step("writing " + str(out_dir))
-        try:
-            write_parquet(pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
-                                        "neg": train_negs.get_column("neg")}),
-                          tmp / "sequences.parquet")
-            write_parquet(users.select("user", "raw_user", "offset", "length"),
-                          tmp / "users.parquet")
-            write_parquet(item_map.select("item", "raw_item"), tmp / "items.parquet")
-            write_parquet(test_negs, tmp / "test_negatives.parquet")
-        except (OSError, pl.exceptions.PolarsError) as e:
-            raise UserError(f"cannot write {out_dir} ({str(e).strip().splitlines()[0]}); "
-                            f"check free space and permissions, or write elsewhere.") from None
-        (tmp / "_canonical.parquet").unlink(missing_ok=True)
-
+        _write_tables(tmp, out_dir, seq, train_negs, users, ids.item_map, test_negs)
         lengths = users.get_column("length")
         counts = {
             "rows_read": rows_read,
-            "rows_after_trans_score": rows_kept,
+            "rows_after_trans_score": ids.rows_kept,
             "users": users.height,
-            "items": item_map.height,
-            "item_rows": item_rows,
-            "interactions": n_rows,
+            "items": ids.item_map.height,
+            "item_rows": ids.universe + 1,
+            "interactions": seq.height,
             "train_samples": int((lengths - 3).clip(lower_bound=0).sum()),
             "val_samples": int((lengths >= 3).sum()),
             "test_samples": int((lengths >= 2).sum()),
-            "dropped_users": short_users.height,
-            "dropped_interactions": int(short_users.get_column("n").sum()),
+            "dropped_users": ids.short_users.height,
+            "dropped_interactions": int(ids.short_users.get_column("n").sum()),
         }
-        meta: dict[str, Any] = {
-            "kind": DATASET_KIND,
-            "format_version": FORMAT_VERSION,
-            "fastattrec_version": __version__,
-            "source": {
-                "path": str(source.resolve()),
-                "size": source.stat().st_size,
-                "sha256": file_sha256(source),
-                "format": scan.fmt,
-            },
-            "params": {
-                "format": opts.fmt,
-                "columns": asdict(opts.columns),
-                "trans_score": trans,
-                "test_negatives_per_user": n_test_neg,
-                "test_negatives_distinct": not notebook,
-                "compat": opts.compat,
-                "seed": opts.seed,
-                "negative_universe": [1, universe],
-                "streaming": opts.streaming,
-            },
-            "counts": counts,
-        }
-        atomic_write_json(tmp / "meta.json", meta)
+        atomic_write_json(tmp / "meta.json", _meta(source, scan.fmt, opts, n_test_neg,
+                                                   ids.universe, counts))
     seconds = time.perf_counter() - t0
     steps.append(("done", seconds))
     return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
+
+
+def _check_options(opts: PrepOptions) -> int:
+    """Refuse bad options before any work; returns the number of test negatives."""
+    if opts.compat not in COMPAT_MODES:
+        raise UserError(f"unknown --compat {opts.compat!r}; use one of {', '.join(COMPAT_MODES)}.")
+    n_test_neg = opts.test_negatives
+    if n_test_neg is None:
+        n_test_neg = NOTEBOOK_TEST_NEGATIVES if opts.compat == "notebook" else 100
+    if n_test_neg < 1:
+        raise UserError(f"--test-negatives must be at least 1, got {n_test_neg}.")
+    if opts.trans_score is not None and not math.isfinite(opts.trans_score):
+        raise UserError(f"--trans-score must be a finite number, got {opts.trans_score}.")
+    return n_test_neg
+
+
+def _read_log(source: Path, tmp: Path, opts: PrepOptions) -> tuple[pl.LazyFrame, Any, int]:
+    """The typed log (user, item, time, _line), rating-filtered; its scan; rows read."""
+    with relabelled(source, tmp) as plain:
+        if opts.streaming:
+            raw, scan = sink_ratings(plain, tmp / "_canonical.parquet", opts.fmt, opts.columns)
+        else:
+            frame, scan = read_ratings(plain, opts.fmt, opts.columns)
+            raw = frame.lazy()
+    rows_read = int(_collect(raw.select(pl.len()), opts.streaming).item())
+    trans = opts.trans_score
+    if trans is not None and not scan.has_rating:
+        raise UserError(
+            f"{source} has no rating column, so --trans-score cannot filter; "
+            f"drop --trans-score or name the column with --rating-col."
+        )
+    if trans is not None:
+        nan = _collect(raw.filter(pl.col("rating").is_nan()).head(1), opts.streaming)
+        if nan.height:
+            raise UserError(
+                f"{source}, {scan.row_word} {nan.item(0, '_line')}: the rating is NaN, so "
+                f"--trans-score cannot judge it; fix or remove that {scan.row_word}.")
+        raw = raw.filter(pl.col("rating") >= trans)
+    raw = raw.select("user", "item", "time", "_line")
+    if opts.compat == "notebook":
+        raw = _check_notebook_ids(raw, source, opts.streaming)
+    return raw, scan, rows_read
+
+
+@dataclass
+class _Ids:
+    """The rows kept (users with >= 2 items) and the dense id maps."""
+
+    kept: pl.LazyFrame
+    rows_kept: int
+    short_users: pl.DataFrame  # raw user, n: users dropped for a single interaction
+    user_map: pl.DataFrame  # raw_user, user
+    item_map: pl.DataFrame  # item, raw_item
+    universe: int  # negatives are drawn from items 1..universe
+
+
+def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
+    """Drop single-item users and number users and items (docs/spec.md §1.3, §1.8)."""
+    streaming, notebook = opts.streaming, opts.compat == "notebook"
+    per_user = _collect(raw.group_by("user").agg(pl.len().alias("n")), streaming)
+    rows_kept = int(per_user.get_column("n").sum())
+    if rows_kept == 0:
+        raise UserError(
+            f"{source}: no rows left after --trans-score {opts.trans_score or 0:g}; lower it "
+            f"(ratings below it are dropped)."
+        )
+    kept = raw.join(
+        per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
+    )
+    user_map = _collect(
+        kept.select(pl.col("user").alias("raw_user")).unique().sort("raw_user")
+        .with_row_index("user", offset=1).with_columns(pl.col("user").cast(pl.Int32)),
+        streaming,
+    )
+    if user_map.height == 0:
+        raise UserError(
+            f"{source}: every user has a single interaction, so no sample can be made; "
+            f"each user needs at least 2."
+        )
+    raw_items = kept.select(pl.col("item").alias("raw_item")).unique().sort("raw_item")
+    if notebook:  # raw ids are table rows; the universe is 1..max raw id before dropping
+        item_map = _collect(raw_items.with_columns(pl.col("raw_item").cast(pl.Int32)
+                                                   .alias("item")), streaming)
+        universe = int(_collect(raw.select(pl.col("item").max()), streaming).item())
+    else:
+        item_map = _collect(raw_items.with_row_index("item", offset=1)
+                            .with_columns(pl.col("item").cast(pl.Int32)), streaming)
+        universe = item_map.height
+    return _Ids(kept, rows_kept, per_user.filter(pl.col("n") < 2), user_map,
+                item_map.select("item", "raw_item"), universe)
+
+
+def _order_sequences(ids: _Ids, streaming: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Flat sequences (user, item) in (user, time, file line) order, and the users table
+    (user, length, distinct, offset, raw_user) (docs/spec.md §1.4)."""
+    seq = _collect(
+        ids.kept.join(ids.user_map.lazy(), left_on="user", right_on="raw_user")
+        .drop("user").rename({"user_right": "user"})
+        .join(ids.item_map.lazy(), left_on="item", right_on="raw_item")
+        .drop("item").rename({"item_right": "item"})
+        .sort("user", "time", "_line")
+        .select("user", "item"),
+        streaming,
+    )
+    users = _collect(
+        seq.lazy().group_by("user").agg(
+            pl.len().cast(pl.Int32).alias("length"),
+            pl.col("item").n_unique().cast(pl.Int64).alias("distinct"),
+        ).sort("user")
+        .with_columns((pl.col("length").cast(pl.Int64).cum_sum() - pl.col("length"))
+                      .alias("offset"))
+        .join(ids.user_map.lazy(), on="user"),
+        streaming,
+    ).with_columns((ids.universe - pl.col("distinct")).alias("unseen"))
+    return seq, users
+
+
+def _check_enough_unseen(users: pl.DataFrame, universe: int, n_test_neg: int, source: Path,
+                         opts: PrepOptions) -> None:
+    """Every user needs an unseen item, and N distinct ones for N distinct test negatives."""
+    full = users.filter(pl.col("unseen") < 1)
+    if full.height:
+        raise UserError(
+            f"{source}: user {full.item(0, 'raw_user')} has interacted with every one of "
+            f"the {universe} items, so no negative can be drawn; remove that user."
+        )
+    if opts.compat != "notebook":
+        short = users.filter(pl.col("unseen") < n_test_neg)
+        if short.height:
+            row = short.row(0, named=True)
+            raise UserError(
+                f"{source}: user {row['raw_user']} has seen {row['distinct']} of the "
+                f"{universe} items, so {n_test_neg} distinct test negatives cannot be "
+                f"drawn; lower --test-negatives to at most {row['unseen']}."
+            )
+
+
+def _draw_negatives(seq: pl.DataFrame, users: pl.DataFrame, universe: int, n_test_neg: int,
+                    opts: PrepOptions) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One negative per row (neg) and the test negatives (user, neg) (docs/spec.md §1.7)."""
+    stride = universe + 1
+    ref = seen_reference(seq.lazy(), stride).collect()
+    train_plan = map_unseen(
+        seq.lazy().with_row_index("g").join(users.lazy().select("user", "unseen"), on="user")
+        .with_columns(random_below(opts.seed, STREAM_TRAIN_NEG, pl.col("g"), pl.col("unseen"))
+                      .alias("r"))
+        .select("g", "user", "r"),
+        ref.lazy(), stride,
+    ).sort("g").select("neg")
+    test_users = users.filter(pl.col("length") >= 2).select("user", "unseen")
+    if opts.compat == "notebook":  # independent draws, repeats allowed
+        draws = (
+            test_users.lazy()
+            .with_columns(pl.int_ranges(0, n_test_neg).alias("k")).explode("k")
+            .with_columns(
+                random_below(
+                    opts.seed, STREAM_TEST_NEG,
+                    pl.col("user").cast(pl.UInt64) * (1 << 32) + pl.col("k").cast(pl.UInt64),
+                    pl.col("unseen"),
+                ).alias("r")
+            ).select("user", pl.col("k").cast(pl.Int64), "r")
+            .collect()
+        )
+    else:
+        draws = distinct_test_draws(test_users, n_test_neg, opts.seed)
+    test_plan = map_unseen(draws.lazy(), ref.lazy(), stride).sort("user", "k").select(
+        "user", "neg")
+    # Both negative tables in one call, so Polars runs them side by side.
+    train_negs, test_negs = pl.collect_all(
+        [train_plan, test_plan], engine="streaming" if opts.streaming else "auto")
+    return train_negs, test_negs
+
+
+def _write_tables(tmp: Path, out_dir: Path, seq: pl.DataFrame, train_negs: pl.DataFrame,
+                  users: pl.DataFrame, item_map: pl.DataFrame, test_negs: pl.DataFrame) -> None:
+    """The four Parquet files (docs/formats.md §1); a failed write is one sentence."""
+    try:
+        write_parquet(pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
+                                    "neg": train_negs.get_column("neg")}),
+                      tmp / "sequences.parquet")
+        write_parquet(users.select("user", "raw_user", "offset", "length"),
+                      tmp / "users.parquet")
+        write_parquet(item_map, tmp / "items.parquet")
+        write_parquet(test_negs, tmp / "test_negatives.parquet")
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise UserError(f"cannot write {out_dir} ({str(e).strip().splitlines()[0]}); "
+                        f"check free space and permissions, or write elsewhere.") from None
+    (tmp / "_canonical.parquet").unlink(missing_ok=True)
+
+
+def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: int,
+          counts: dict[str, int]) -> dict[str, Any]:
+    """meta.json: versions, the source's identity, every parameter, the counts."""
+    return {
+        "kind": DATASET_KIND,
+        "format_version": FORMAT_VERSION,
+        "fastattrec_version": __version__,
+        "source": {
+            "path": str(source.resolve()),
+            "size": source.stat().st_size,
+            "sha256": file_sha256(source),
+            "format": fmt,
+        },
+        "params": {
+            "format": opts.fmt,
+            "columns": asdict(opts.columns),
+            "trans_score": opts.trans_score,
+            "test_negatives_per_user": n_test_neg,
+            "test_negatives_distinct": opts.compat != "notebook",
+            "compat": opts.compat,
+            "seed": opts.seed,
+            "negative_universe": [1, universe],
+            "streaming": opts.streaming,
+        },
+        "counts": counts,
+    }
 
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> None:
