@@ -146,22 +146,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     An OSError while writing (full disk, no permission) becomes a UserError naming `path`;
     the temporary file is removed in every failure."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
-    except OSError as e:
-        raise write_error(path.parent, e) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        _publish_mode(Path(tmp), 0o666)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if is_write_failure(e, (tmp, path)):
-            raise write_error(path, e) from None
-        raise
+    with scratch_file(path) as tmp:
+        try:
+            yield tmp
+            _publish_mode(tmp, 0o666)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if is_write_failure(e, (tmp, path)):
+                raise write_error(path, e) from None
+            raise
 
 
 def is_write_failure(e: BaseException, paths: tuple = ()) -> bool:
