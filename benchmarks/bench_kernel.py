@@ -1,78 +1,76 @@
-"""Microbenchmark: fused Triton short-term attention vs the torch reference (eager) vs
-torch.compile of the reference; forward, backward and forward+backward.
+"""Microbenchmark: the Triton short-term attention against PyTorch eager and
+torch.compile of the reference, forward, backward and both, each against its floor.
 
-    python benchmarks/bench_kernel.py --out results/kernel.csv
-    python benchmarks/bench_kernel.py --batch 16384 --length 5 --dim 100   # one point
+    python benchmarks/bench_kernel.py                                   # the bar points
+    python benchmarks/bench_kernel.py --precision ieee tf32x3 --batch 16384
+    python benchmarks/bench_kernel.py --dry-run                         # CPU rehearsal
 
-Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs).
-"Minimum bytes" counts what any implementation must move once: forward reads x, the mask,
-W and P and writes short; backward reads x, the mask, W, P and the upstream gradient and
-writes dx and dW. Percent of peak uses the nominal bandwidth of the card (datasheet) and
-also the device-to-device copy bandwidth measured at the start of the run. "floor_ms" is
-the least time the card's datasheet allows (minimum bytes at peak bandwidth or minimum
-flops at the peak of the chosen precision, whichever is larger), and
-"max_pct_nominal_peak" the bandwidth share that floor leaves reachable: in IEEE float32 at
-d = 100 the FMA units bind, not memory.
-Needs a CUDA GPU; on a CPU-only machine it says so and exits.
+Two timers, both medians (`triton.testing`):
+- "graph" (`do_bench_cudagraph`): the launches captured in a CUDA graph and replayed, so
+  the time is the kernels' and not Python's. Ours are timed through their launchers
+  (`attention_forward` / `attention_backward`); the baselines' forward and forward+backward
+  are captured whole (their backward alone cannot be captured without its forward).
+- "autograd" (`do_bench`, L2 flushed between runs): through the autograd entry point as
+  a training step calls it, Python and allocator included.
+
+Baselines compute in float32 with TF32 off. Floors: the memory floor is the fewest bytes
+any implementation moves (x, mask, W, P in; short out; for the backward also the upstream
+gradient in and dx, dW out) at the copy bandwidth measured at the start; the arithmetic
+floor counts the fewest flops (`min_flops`) at the datasheet peak of the unit each
+precision uses: FP32 FMA for ieee and everything outside the three d x d products;
+TF32 tensor cores for tf32 (one pass) and tf32x3 (three passes); BF16 tensor cores for
+bf16x3 (three passes). floor = max(memory, arithmetic); "x floor" = time / floor.
+
+Rows go to one CSV per precision (`--out` with the precision in its name when several
+are timed; columns B, L, d, pass, <impl>_ms (autograd timer), <impl>_graph_ms,
+floor_ms, ...) with the machine and the chosen configurations in a JSON file beside it.
+Needs a CUDA GPU; `--dry-run` runs every code path once on tiny CPU inputs (the Triton
+kernels in the interpreter) and times nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fastattrec.kernels import position_encoding, short_term_attention_reference
+from fastattrec.kernels import PRECISIONS, position_encoding, short_term_attention_reference
 
 from common import machine, print_table, write_csv
 
-NOMINAL_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L4": 0.3}
-# Dense float32 peaks (datasheet, TFLOP/s): FMA units (IEEE fp32 dots) and TF32 tensor cores.
-NOMINAL_TFLOPS = {"H100": {"ieee": 67.0, "tf32": 494.7}, "H200": {"ieee": 67.0, "tf32": 494.7},
-                  "A100": {"ieee": 19.5, "tf32": 156.0}, "L4": {"ieee": 30.3, "tf32": 60.0}}
+# Datasheet peaks (dense, TFLOP/s) and bandwidth (TB/s). The bandwidth used for floors is
+# measured; the nominal one is printed beside it.
+PEAKS = {"H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "tbps": 3.35},
+         "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "tbps": 4.8},
+         "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "tbps": 2.0}}
+# (tensor-core unit, passes) of the three d x d products per precision
+PRODUCT_UNIT = {"ieee": ("fp32", 1), "tf32": ("tf32", 1), "tf32x3": ("tf32", 3),
+                "bf16x3": ("bf16", 3)}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+OURS = ("triton", "blocks", "split")  # the autotuned layout, the block layout, cuBLAS split
+BASELINES = ("eager", "compile")
 
 
-def nominal_bandwidth(name: str) -> float | None:
-    for key, tbps in NOMINAL_TBPS.items():
-        if key in name:
-            return tbps * 1e12
-    return None
+def peaks_for(name: str) -> dict | None:
+    return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def measured_copy_bandwidth() -> float:
-    """Bytes/s of a large device-to-device copy (read + write counted)."""
-    from triton.testing import do_bench
+def min_flops(b: int, length: int, d: int, which: str) -> tuple[int, int]:
+    """(flops in the three d x d products, all other flops) any implementation must do.
 
-    n = 1 << 28  # 1 GiB of float32
-    a = torch.empty(n, device="cuda", dtype=torch.float32).normal_()
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
-    return 2 * n * 4 / (ms * 1e-3)
-
-
-def nominal_flops(name: str, precision: str) -> float | None:
-    for key, peaks in NOMINAL_TFLOPS.items():
-        if key in name:
-            return peaks[precision] * 1e12
-    return None
-
-
-def min_flops(b: int, length: int, d: int, which: str) -> int:
-    """Floating-point operations any implementation must do (no recomputation).
-
-    Forward: the projection (X + P) W (2 B L d^2), S = Q Q^T (2 B L^2 d) and p_bar^T X
-    (2 B L d). Backward: dX = dH W^T and dW = (X + P)^T dH (2 B L d^2 each), dQ = dS Q
-    (2 B L^2 d) and the value path (2 B L d). At d = 100 the three d x d products
-    dominate: about 300 flops per element of x against 8 bytes moved (x in, dx out),
-    so in IEEE float32 the FMA units, not memory, set the floor.
+    Forward: the projection X W (2 B L d^2), S = Q Q^T (2 B L^2 d), p_bar^T X (2 B L d).
+    Backward: dX = dH W^T and dW = X^T dH (2 B L d^2 each), dQ = M Q (2 B L^2 d) and the
+    value path (2 B L d). P W and P^T (sum dH) are O(L d^2), negligible.
     """
     proj, attn, vals = 2 * b * length * d * d, 2 * b * length * length * d, 2 * b * length * d
-    fwd = proj + attn + vals
-    bwd = 2 * proj + attn + vals
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[which]
+    mm = {"fwd": proj, "bwd": 2 * proj, "fwd+bwd": 3 * proj}[which]
+    rest = {"fwd": attn + vals, "bwd": attn + vals, "fwd+bwd": 2 * (attn + vals)}[which]
+    return mm, rest
 
 
 def min_bytes(b: int, length: int, d: int, which: str) -> int:
@@ -82,148 +80,238 @@ def min_bytes(b: int, length: int, d: int, which: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd - (x + mask + w + pos)}[which]
 
 
-def inputs(b: int, length: int, d: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(b, length, d, device="cuda", generator=g)
-    n = torch.randint(0, length + 1, (b,), device="cuda", generator=g)
-    mask = torch.arange(length, device="cuda")[None, :] >= (length - n)[:, None]
-    w = torch.empty(d, d, device="cuda").uniform_(-0.05, 0.05, generator=g)
-    pos = position_encoding(length, d, device="cuda")
-    up = torch.randn(b, d, device="cuda", generator=g)
+def floor_s(b: int, length: int, d: int, which: str, precision: str, bandwidth: float,
+            peaks: dict) -> float:
+    """max(memory floor, arithmetic floor) in seconds for one pass in `precision`."""
+    mm, rest = min_flops(b, length, d, which)
+    unit, passes = PRODUCT_UNIT[precision]
+    arith = mm * passes / (peaks[unit] * 1e12) + rest / (peaks["fp32"] * 1e12)
+    return max(min_bytes(b, length, d, which) / bandwidth, arith)
+
+
+def measured_copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
+    from triton.testing import do_bench
+
+    n = 1 << 28
+    a = torch.empty(n, device="cuda", dtype=torch.float32).normal_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median")
+    return 2 * n * 4 / (ms * 1e-3)
+
+
+def inputs(b: int, length: int, d: int, device: str, seed: int = 0):
+    """Training-scale inputs (embeddings ~ N(0, 0.05^2), W ~ U(-0.05, 0.05)), left-padded
+    windows with a random number of items, and an upstream gradient."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, length, d, device=device, generator=g) * 0.05
+    n = torch.randint(0, length + 1, (b,), device=device, generator=g)
+    mask = torch.arange(length, device=device)[None, :] >= (length - n)[:, None]
+    w = torch.empty(d, d, device=device).uniform_(-0.05, 0.05, generator=g)
+    pos = position_encoding(length, d, device=device)
+    up = torch.randn(b, d, device=device, generator=g)
     return x, mask, w, pos, up
 
 
-def bench_impl(fn, x, mask, w, pos, up, which: str) -> float:
-    from triton.testing import do_bench
+def pass_fns(impl: str, precision: str, x, mask, w, pos, up, compiled) -> dict:
+    """{timer: {pass: zero-argument callable}} for one implementation."""
+    from fastattrec.kernels.attention import (
+        attention_backward,
+        attention_forward,
+        short_term_attention_triton,
+    )
+    from fastattrec.kernels.attention_split import (
+        short_term_attention_split,
+        split_backward,
+        split_forward,
+    )
 
-    if which == "fwd":
-        with torch.no_grad():
-            return do_bench(lambda: fn(x, mask, w, pos), warmup=10, rep=40,
-                            return_mode="median")
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    if which == "bwd":
-        out = fn(xr, mask, wr, pos)
-        return do_bench(lambda: torch.autograd.grad(out, (xr, wr), up, retain_graph=True),
-                        warmup=10, rep=40, return_mode="median")
-    return do_bench(lambda: torch.autograd.grad(fn(xr, mask, wr, pos), (xr, wr), up),
-                    warmup=10, rep=40, return_mode="median")
+    if impl in BASELINES:
+        fn = short_term_attention_reference if impl == "eager" else compiled
+    elif impl == "split":
+        def fn(a, m, c, p):
+            return short_term_attention_split(a, m, c, p, precision)
+    else:
+        layout = "auto" if impl == "triton" else "blocks"
+
+        def fn(a, m, c, p):
+            return short_term_attention_triton(a, m, c, p, precision, layout)
+
+    def fwd_nograd():
+        with torch.no_grad():
+            return fn(x, mask, w, pos)
+
+    out = fn(xr, mask, wr, pos)
+    autograd = {
+        "fwd": fwd_nograd,
+        "bwd": lambda: torch.autograd.grad(out, (xr, wr), up, retain_graph=True),
+        "fwd+bwd": lambda: torch.autograd.grad(fn(xr, mask, wr, pos), (xr, wr), up),
+    }
+    if impl in BASELINES:
+        graph = {"fwd": fwd_nograd, "fwd+bwd": autograd["fwd+bwd"]}
+    elif impl == "split":
+        saved = split_forward(x, mask, w, pos, precision)[1]
+        graph = {"fwd": lambda: split_forward(x, mask, w, pos, precision),
+                 "bwd": lambda: split_backward(up, x, mask, w, pos, saved, precision),
+                 "fwd+bwd": lambda: split_backward(up, x, mask, w, pos,
+                                                   split_forward(x, mask, w, pos, precision)[1],
+                                                   precision)}
+    else:
+        layout = "auto" if impl == "triton" else "blocks"
+        graph = {"fwd": lambda: attention_forward(x, mask, w, pos, precision, layout),
+                 "bwd": lambda: attention_backward(up, x, mask, w, pos, precision, layout),
+                 "fwd+bwd": lambda: (attention_forward(x, mask, w, pos, precision, layout),
+                                     attention_backward(up, x, mask, w, pos, precision, layout))}
+    return {"graph": graph, "autograd": autograd}
 
 
-def fits(b: int, length: int, d: int, free: int, eager: bool) -> bool:
+def time_fn(fn: Callable, timer: str, dry_run: bool) -> float:
+    """Median milliseconds of `fn` with `timer`; NaN if it cannot be timed that way."""
+    fn()  # compile, autotune and allocate outside any capture
+    if dry_run:
+        return math.nan
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        if timer == "graph":
+            return do_bench_cudagraph(fn, rep=50, return_mode="median")
+        return do_bench(fn, warmup=10, rep=50, return_mode="median")
+    except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. not capturable
+        print(f"    ({timer} timing failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return math.nan
+
+
+def fits(b: int, length: int, d: int, free: int, impl: str) -> bool:
     per = b * length * d * 4
-    need = (14 * per + 6 * b * length * length * 4) if eager else 5 * per
+    need = (14 * per + 6 * b * length * length * 4) if impl in BASELINES else 6 * per
     return need < 0.6 * free
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1024, 16384, 262144, 1048576])
-    ap.add_argument("--length", type=int, nargs="+", default=[5, 50, 200])
-    ap.add_argument("--dim", type=int, nargs="+", default=[64, 100, 128])
-    ap.add_argument("--compile-dims", type=int, nargs="*", default=None,
-                    help="d values for which torch.compile is measured (default: all)")
-    ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32"])
-    ap.add_argument("--impls", nargs="+", default=["triton", "split", "eager", "compile"],
-                    choices=["triton", "split", "structured", "eager", "compile"],
-                    help="triton: the fused kernel (projection in Triton); split: projections "
-                         "in cuBLAS, the rest in Triton; structured: the same algorithm in "
-                         "torch ops; eager / compile: the reference, plain or torch.compile'd")
+    ap.add_argument("--length", type=int, nargs="+", default=[5])
+    ap.add_argument("--dim", type=int, nargs="+", default=[100])
+    ap.add_argument("--precision", nargs="+", default=["ieee", "tf32x3", "bf16x3"],
+                    choices=PRECISIONS)
+    ap.add_argument("--impls", nargs="+", default=["triton", "eager", "compile"],
+                    choices=[*OURS, *BASELINES],
+                    help="triton: the autotuned layout (tiles for L <= 8); blocks: the block "
+                         "layout; split: projections in cuBLAS; eager / compile: the reference "
+                         "plain or torch.compile'd (float32, TF32 off)")
+    ap.add_argument("--timers", nargs="+", default=["graph", "autograd"],
+                    choices=["graph", "autograd"])
     ap.add_argument("--out", type=Path, default=Path("results/bench_kernel.csv"))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU rehearsal: tiny sizes, Triton in the interpreter, no timing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+        if "compile" in args.impls:  # inductor's CPU build says nothing about the GPU run
+            print("dry run: torch.compile left out")
+            args.impls.remove("compile")
+        device, args.batch = "cpu", [3]
+        args.length, args.dim = [min(n, 9) for n in args.length], [min(n, 20) for n in args.dim]
+    elif not torch.cuda.is_available():
         print("bench_kernel needs a CUDA GPU (the Triton kernel's speed means nothing in the "
-              "CPU interpreter); nothing measured.")
+              "CPU interpreter); nothing measured. --dry-run rehearses on the CPU.")
         return 0
-    from fastattrec.kernels.attention import chosen_configs, short_term_attention_triton
-    from fastattrec.kernels.attention_split import short_term_attention_split
-    from fastattrec.kernels.structured import short_term_attention_structured
+    else:
+        device = "cuda"
+    from fastattrec.kernels.launch import chosen_configs
 
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 baselines
+    torch.backends.cudnn.allow_tf32 = False
     meta = machine()
-    meta["precision"] = args.precision
-    meta["copy_bandwidth_Bps"] = copy_bw = measured_copy_bandwidth()
-    nominal = nominal_bandwidth(meta["device"])
-    meta["nominal_bandwidth_Bps"] = nominal
-    peak_flops = nominal_flops(meta["device"], args.precision)
-    meta["nominal_flops"] = peak_flops
-    print(f"{meta['device']}: measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, "
-          f"nominal {nominal / 1e12 if nominal else float('nan'):.2f} TB/s")
+    peaks = peaks_for(meta["device"]) or PEAKS["H100"]
+    bandwidth = peaks["tbps"] * 1e12 if args.dry_run else measured_copy_bandwidth()
+    meta.update({"copy_bandwidth_Bps": bandwidth, "peaks": peaks, "timers": args.timers})
+    print(f"{meta['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+          f"({'nominal, dry run' if args.dry_run else 'measured'}; "
+          f"datasheet {peaks['tbps']} TB/s); peaks TFLOP/s fp32 {peaks['fp32']}, "
+          f"tf32 {peaks['tf32']}, bf16 {peaks['bf16']}")
+    compiled = None
+    if "compile" in args.impls:
+        import torch._functorch.config as functorch_config
 
-    def triton_fn(x, m, w, p):
-        return short_term_attention_triton(x, m, w, p, precision=args.precision)
-
-    def split_fn(x, m, w, p):
-        return short_term_attention_split(x, m, w, p, precision=args.precision)
-
-    # The backward benchmark replays one graph (retain_graph), which donated buffers forbid.
-    import torch._functorch.config as functorch_config
-
-    functorch_config.donated_buffer = False
-    compiled = torch.compile(short_term_attention_reference, dynamic=True)
-    every = {"triton": triton_fn, "split": split_fn,
-             "structured": short_term_attention_structured,
-             "eager": short_term_attention_reference, "compile": compiled}
-    impls = {k: every[k] for k in args.impls}
-    ours = [k for k in impls if k not in ("eager", "compile")]
-    if args.precision == "tf32":  # cuBLAS and torch ops follow the same switch
-        torch.backends.cuda.matmul.allow_tf32 = True
-    rows = []
-    free = torch.cuda.mem_get_info()[0]
+        functorch_config.donated_buffer = False  # the bwd timer replays one graph
+        compiled = torch.compile(short_term_attention_reference, dynamic=True)
+    rows = {p: [] for p in args.precision}
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 1 << 40
+    ours = [i for i in args.impls if i in OURS]
+    bases = [i for i in args.impls if i in BASELINES]
     for length in args.length:
         for d in args.dim:
             for b in args.batch:
-                if not fits(b, length, d, free, eager=False):
+                if not fits(b, length, d, free, "triton"):
                     print(f"skip B={b} L={length} d={d}: does not fit in GPU memory")
                     continue
-                data = inputs(b, length, d)
-                for which in ("fwd", "bwd", "fwd+bwd"):
-                    row = {"B": b, "L": length, "d": d, "pass": which}
-                    for name, fn in impls.items():
-                        if name in ("eager", "compile") and not fits(b, length, d, free, True):
-                            continue
-                        if name == "compile" and args.compile_dims is not None \
-                                and d not in args.compile_dims:
-                            continue
-                        try:
-                            row[f"{name}_ms"] = bench_impl(fn, *data, which)
-                        except torch.OutOfMemoryError:
-                            torch.cuda.empty_cache()
-                            row[f"{name}_ms"] = math.nan
-                    nbytes = min_bytes(b, length, d, which)
-                    row["min_bytes"] = nbytes
-                    floor_s = None
-                    if nominal and peak_flops:
-                        # The least time the card allows: memory or arithmetic, whichever
-                        # binds; and the share of peak bandwidth that floor leaves reachable.
-                        floor_s = max(nbytes / nominal,
-                                      min_flops(b, length, d, which) / peak_flops)
-                        row["floor_ms"] = floor_s * 1e3
-                        row["max_pct_nominal_peak"] = 100 * nbytes / floor_s / nominal
-                    for name in ours:
-                        t = row.get(f"{name}_ms", math.nan) * 1e-3
-                        row[f"{name}_GBps"] = nbytes / t / 1e9
-                        if nominal:
-                            row[f"{name}_pct_nominal_peak"] = 100 * nbytes / t / nominal
-                        row[f"{name}_pct_copy_peak"] = 100 * nbytes / t / copy_bw
-                        if floor_s:
-                            row[f"{name}_pct_of_floor"] = 100 * floor_s / t
-                        for base in ("eager", "compile"):
-                            if f"{base}_ms" in row:
-                                row[f"{name}_vs_{base}"] = row[f"{base}_ms"] / (t * 1e3)
-                    rows.append(row)
-                    print_table([row], list(row))
+                data = inputs(b, length, d, device)
+                base_ms: dict[tuple, float] = {}
+                for impl in bases:  # once per (B, pass), shared by every precision
+                    if not fits(b, length, d, free, impl):
+                        continue
+                    fns = pass_fns(impl, "ieee", *data, compiled)
+                    for timer in args.timers:
+                        for which, fn in fns[timer].items():
+                            base_ms[(impl, timer, which)] = time_fn(fn, timer, args.dry_run)
+                    del fns
+                for prec in args.precision:
+                    ours_ms: dict[tuple, float] = {}
+                    for impl in ours:
+                        if impl != "triton" and length > 64:
+                            continue  # blocks and split do not take long windows
+                        fns = pass_fns(impl, prec, *data, compiled)
+                        for timer in args.timers:
+                            for which, fn in fns[timer].items():
+                                ours_ms[(impl, timer, which)] = time_fn(fn, timer, args.dry_run)
+                        del fns
+                    for which in PASSES:
+                        fl = floor_s(b, length, d, which, prec, bandwidth, peaks) * 1e3
+                        fl32 = floor_s(b, length, d, which, "ieee", bandwidth, peaks) * 1e3
+                        row = {"B": b, "L": length, "d": d, "pass": which, "precision": prec,
+                               "floor_ms": fl, "floor_fp32_ms": fl32,
+                               "min_bytes": min_bytes(b, length, d, which)}
+                        for (impl, timer, w), ms in {**base_ms, **ours_ms}.items():
+                            if w != which:
+                                continue
+                            key = f"{impl}_ms" if timer == "autograd" else f"{impl}_graph_ms"
+                            row[key] = ms
+                            row[key.replace("_ms", "_x_floor")] = ms / (
+                                fl32 if impl in BASELINES else fl)
+                        for impl in ours:
+                            for base in bases:
+                                for sfx in ("_ms", "_graph_ms"):
+                                    if impl + sfx in row and base + sfx in row:
+                                        row[f"{impl}_vs_{base}{sfx[:-3]}"] = \
+                                            row[base + sfx] / row[impl + sfx]
+                        rows[prec].append(row)
                 del data
-                torch.cuda.empty_cache()
-    meta["chosen_configs"] = {str(k): v for k, v in chosen_configs().items()}
-    write_csv(args.out, rows, meta)
-    cols = ["B", "L", "d", "pass", *[f"{k}_ms" for k in impls], "floor_ms",
-            "max_pct_nominal_peak"]
-    for name in ours:
-        cols += [f"{name}_vs_eager", f"{name}_vs_compile", f"{name}_pct_nominal_peak"]
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    meta["chosen_configs"] = {str(k): list(v) for k, v in chosen_configs().items()}
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
-          f"precision {args.precision}  sha {meta['git_sha']}")
-    print_table(rows, cols)
-    print(f"written {args.out}")
+          f"sha {meta['git_sha']}")
+    print("chosen configurations (kind, L, d, precision, B >= 16384, interpreted): config")
+    for k, v in chosen_configs().items():
+        print(f"  {k}: {v}")
+    for prec, prow in rows.items():
+        out = args.out if len(rows) == 1 else args.out.with_name(
+            f"{args.out.stem}_{prec}{args.out.suffix}")
+        write_csv(out, prow, {**meta, "precision": prec})
+        cols = ["B", "L", "d", "pass", "floor_ms"]
+        for impl in [*ours, *bases]:
+            cols += [c for c in (f"{impl}_graph_ms", f"{impl}_ms") if any(c in r for r in prow)]
+        for impl in ours:
+            cols += [c for c in (f"{impl}_graph_x_floor", f"{impl}_vs_eager_graph",
+                                 f"{impl}_vs_compile_graph", f"{impl}_vs_eager",
+                                 f"{impl}_vs_compile") if any(c in r for r in prow)]
+        print(f"\nprecision {prec} (baselines float32, TF32 off; x floor: time / floor)")
+        print_table(prow, cols)
+        print(f"written {out}")
     return 0
 
 

@@ -4,15 +4,24 @@ against the in-repo baseline (`--kernel torch --no-compile`), on one machine in 
     python benchmarks/bench_train.py --device cpu --size ml-100k --epochs 5
     python benchmarks/bench_train.py --device cuda --size ml-1m --epochs 40 --eval-every 5
     python benchmarks/bench_train.py --device cpu --input ml-100k.inter --epochs 5
+    python benchmarks/bench_train.py --device cpu --size ml-100k --profile
+    python benchmarks/bench_train.py --device cpu --size ml-100k --contention 1
 
 Reports medians: seconds per epoch (epochs after the first, which carries one-off
 compilation and capture), samples/s, test evaluation time per protocol, the wall time
-of the whole `train` call, and peak memory.
+of the whole `train` call, peak memory, and the ratio to the in-repo baseline
+(`--kernel torch --no-compile`) measured in the same run.
+
+--profile: a torch.profiler table of one training epoch of the default configuration
+(CPU) or of 30 steps (CUDA, with the number of CUDA kernels per step).
+--contention N: also time the default configuration while N single-threaded busy
+processes share the machine, and report the slowdown against idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import statistics
 import sys
@@ -83,6 +92,68 @@ def run_config(data_dir: Path, work: Path, label: str, cfg: TrainConfig, device:
     }
 
 
+def _busy() -> None:  # pragma: no cover - runs in a child process
+    while True:
+        pass
+
+
+def with_contention(n: int, fn):
+    """Run fn() while n busy single-threaded processes compete for the cores."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_busy, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        time.sleep(0.5)
+        return fn()
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+
+
+def profile_epoch(data_dir: Path, device: str, threads: int) -> None:
+    """torch.profiler over the training steps of the default configuration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastattrec.data.dataset import load_prepared
+    from fastattrec.kernels import resolve_backend
+    from fastattrec.training import EpochRunner, _build
+
+    dev = torch.device(device)
+    cfg = TrainConfig(device=device)
+    data = DeviceData.from_prepared(load_prepared(data_dir), dev)
+    use_graph = cfg.compile and dev.type == "cuda"
+    model, _, opt, gens = _build(cfg, data, dev, resolve_backend(cfg.kernel, dev), use_graph)
+    runner = EpochRunner(model, opt, data, cfg)
+    if use_graph:
+        runner.capture()
+    runner.perm.copy_(torch.randperm(runner.n_train, generator=gens["shuffle"], device=dev))
+    runner.run()  # warm-up epoch
+    steps = runner.n_steps if dev.type == "cpu" else min(30, runner.n_steps)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        runner.step.zero_()
+        for _ in range(steps):
+            if runner.graph is not None:
+                runner.graph.replay()
+            else:
+                runner._step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    how = "hand-written step" if runner.manual else "autograd"
+    print(f"profile of {steps} training steps ({how} on {device}, "
+          f"{threads or torch.get_num_threads()} threads):")
+    print(events.table(sort_by=sort, row_limit=25))
+    if dev.type == "cuda":
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"CUDA kernels per step: {kernels / steps:.1f}")
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"aten operations per step: {ops / steps:.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -95,8 +166,16 @@ def main() -> int:
                     help="epochs for the baseline (default: --epochs)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--prep-repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    ap.add_argument("--contention", type=int, default=0,
+                    help="also time the default configuration beside N busy processes")
     ap.add_argument("--out", type=Path, default=Path("results/bench_train.csv"))
     args = ap.parse_args()
+    if args.threads:
+        from fastattrec.training import set_threads
+
+        set_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here; nothing measured")
         return 0
@@ -132,12 +211,22 @@ def main() -> int:
     if not args.no_baseline:
         configs.append(("baseline torch no-compile", dict(kernel="torch", compile=False),
                         args.baseline_epochs or args.epochs))
+    if args.profile:
+        profile_epoch(data_dir, args.device, args.threads)
+    if args.contention:
+        configs.insert(1, (f"fastattrec beside {args.contention} busy", dict(kernel="auto",
+                           compile=True), args.epochs))
     rows = []
     for label, over, epochs in configs:
         for rep in range(args.repeats):
             cfg = TrainConfig(device=args.device, epochs=epochs,
                               eval_every=min(args.eval_every, epochs), **over)
-            row = run_config(data_dir, work, f"{label} {rep}", cfg, args.device)
+            if "busy" in label:
+                row = with_contention(args.contention, lambda cfg=cfg, label=label, rep=rep:
+                                      run_config(data_dir, work, f"{label} {rep}", cfg,
+                                                 args.device))
+            else:
+                row = run_config(data_dir, work, f"{label} {rep}", cfg, args.device)
             row["config"] = label
             rows.append(row)
             print_table([row], ["config", "kernel", "epochs", "epoch_s_median",
@@ -150,10 +239,14 @@ def main() -> int:
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0]
                if isinstance(mine[0][k], float | int) and not isinstance(mine[0][k], bool)}
         summary.append({"config": label, "kernel": mine[0]["kernel"], "runs": len(mine), **med})
-    if len(summary) >= 2:
+    if len(summary) >= 2 and not args.no_baseline:
         for row in summary[:-1]:
             row["epoch_speedup_vs_baseline"] = (summary[-1]["epoch_s_median"]
                                                 / row["epoch_s_median"])
+    if args.contention:
+        idle = summary[0]["epoch_s_median"]
+        busy = next(r for r in summary if "busy" in r["config"])
+        busy["slowdown_vs_idle"] = busy["epoch_s_median"] / idle
     meta["args"] = {k: str(v) for k, v in vars(args).items()}
     write_csv(args.out, summary, meta)
     print(f"\n{meta['device']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
@@ -161,7 +254,7 @@ def main() -> int:
     print_table(summary, ["config", "kernel", "runs", "epochs", "epoch_s_median",
                           "first_epoch_s", "samples_per_s", "eval_sampled_s", "eval_full_s",
                           "train_call_s", "HR@10_sampled", "peak_mem_MB",
-                          "epoch_speedup_vs_baseline"])
+                          "epoch_speedup_vs_baseline", "slowdown_vs_idle"])
     print(f"written {args.out}")
     return 0
 

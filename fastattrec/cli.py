@@ -213,11 +213,12 @@ def _train_options(f):
                      help="Short-term attention: triton (fused kernel, CUDA), structured "
                           "(the kernel's algorithm in torch ops, hand-written backward), torch "
                           "(the plain reference), auto (triton on CUDA, structured on CPU)."),
-        click.option("--precision", type=click.Choice(["ieee", "tf32"]), default="ieee",
-                     show_default=True,
-                     help="Triton kernel's matrix products: ieee float32 (matches the "
-                          "reference to float32 rounding), or tf32 tensor cores (relative "
-                          "error measured 6e-4 on the output, 5e-3 on dW)."),
+        click.option("--precision", type=click.Choice(["ieee", "tf32", "tf32x3", "bf16x3"]),
+                     default="ieee", show_default=True,
+                     help="Triton kernel's d x d products (CUDA only): ieee float32 on FMA "
+                          "units; tf32x3 / bf16x3 split each operand in two and run three "
+                          "tensor-core products, float32-level (emulated dW error 7e-7 / 2e-6 "
+                          "at training scale); tf32, one tensor-core pass (about 3e-3 on dW)."),
         click.option("--compile/--no-compile", default=True, show_default=True,
                      help="On CUDA, capture the training step as a CUDA graph and replay "
                           "it, with the score-and-loss arithmetic fused by torch.compile. "

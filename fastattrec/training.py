@@ -32,6 +32,7 @@ import torch
 from fastattrec import __version__
 from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.batches import DeviceData
+from fastattrec.cpu_step import ManualStep
 from fastattrec.data.dataset import fingerprint, load_prepared, read_meta
 from fastattrec.errors import UserError
 from fastattrec.evaluate import (
@@ -176,6 +177,11 @@ class EpochRunner:
         # average is exactly the single-process gradient.
         self.loss_scale = float(self.world)
         self.graph: torch.cuda.CUDAGraph | None = None
+        # On the CPU, one process, the structured attention: the hand-written step
+        # (cpu_step.py), which writes the gradients itself instead of autograd.
+        manual = (dev.type == "cpu" and self.world == 1 and forward is None
+                  and model.cfg.kernel == "structured")
+        self.manual = ManualStep(model) if manual else None
 
     def _step(self) -> None:
         cfg = self.cfg
@@ -186,9 +192,13 @@ class EpochRunner:
         idx = self.perm[pos.clamp(max=self.n_train - 1)]  # (b,) train sample indices
         vf = valid.to(torch.float32)
         count = (hi - lo).to(torch.float32)  # samples in the whole global batch
-        loss = self.forward(self.users[idx], self.windows[idx], self.targets[idx],
-                            self.train_negs[idx], vf, count)
-        (loss * self.loss_scale).backward()
+        args = (self.users[idx], self.windows[idx], self.targets[idx], self.train_negs[idx],
+                vf, count)
+        if self.manual is not None:
+            loss = self.manual(*args)
+        else:
+            loss = self.forward(*args)
+            (loss * self.loss_scale).backward()
         self.opt.step()
         local_sum = loss.detach() * (count if cfg.mode == "inner" else 1.0)
         self.loss_sum += local_sum.to(torch.float64)
@@ -241,7 +251,8 @@ class EpochRunner:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.opt.zero_grad(set_to_none=True)
+                if self.manual is None:
+                    self.opt.zero_grad(set_to_none=True)
                 self._step()
             if progress is not None:
                 progress(i)

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .modes import FLOAT32_LEVEL, PRECISIONS, TENSOR_CORE, check_precision
 from .reference import (
     MASKED_LOGIT,
     position_encoding,
@@ -26,12 +27,13 @@ from .reference import (
 )
 
 BACKENDS = ("auto", "triton", "torch", "structured")
-PRECISIONS = ("ieee", "tf32")
 
 __all__ = [
     "BACKENDS",
+    "FLOAT32_LEVEL",
     "MASKED_LOGIT",
     "PRECISIONS",
+    "TENSOR_CORE",
     "position_encoding",
     "resolve_backend",
     "short_term_attention",
@@ -77,9 +79,12 @@ def short_term_attention(
     """Short-term interest (B, d) of windows x (B, L, d) with key mask (B, L).
 
     w: (d, d) projection, pos: (L, d) position encoding. `precision` applies to the Triton
-    backend: "ieee" (full float32 dots, the default) or "tf32" (tensor-core dots, faster,
-    about 1e-3 relative error).
+    backend's d x d products (`precision.py`): "ieee" (float32 on the FMA units, the
+    default), "tf32x3" and "bf16x3" (split operands on tensor cores, float32-level by the
+    emulation), or "tf32" (one tensor-core pass, about 3e-3 relative error on dW). The
+    other backends compute in the inputs' dtype and ignore it.
     """
+    check_precision(precision)
     chosen = resolve_backend(backend, x.device)
     if chosen == "torch":
         return short_term_attention_reference(x, mask, w, pos)

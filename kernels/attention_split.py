@@ -1,7 +1,7 @@
 """Short-term attention with the projections in cuBLAS and the rest fused in Triton.
 
 A second layout of the same computation as `attention.py`, kept beside it so that one
-GPU run can time both (`benchmarks/bench_kernel.py --variants fused split`). Why: at
+GPU run can time both (`benchmarks/bench_kernel.py --impls triton split`). Why: at
 d = 100 the three d x d products (the projection, dH W^T and the dW reduction) are almost
 all of the arithmetic, and in IEEE float32 they run on the FMA units, where cuBLAS's tuned
 SGEMM is the fastest code there is; everything else is a few passes over memory.
@@ -13,6 +13,8 @@ Backward: one Triton pass recomputes A from Hx, writes dH = (M Q) * [H > 0] and 
           path p_bar g^T into dX; then cuBLAS adds dH W^T into dX in place, and
           dW = X_flat^T dH_flat + P^T (sum_b dH_b) is one more product. No atomics.
 
+Precision: cuBLAS has no 3-pass mode, so in tf32x3 and bf16x3 its products run in full
+float32 (TF32 only in mode "tf32"); the Triton part uses the mode as the other layouts do.
 Windows up to 64 rows (next power of two) only; longer ones use `attention.py`'s long
 kernels.
 """
@@ -26,28 +28,27 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    PRECISIONS,
-    _as_bytes,
+    _block_meta,
     _block_rows,
     _block_softmax,
-    _check,
-    _grad_buffers,
-    _is_long,
+    _interp_block_choice,
     _load_rows,
-    _matmul_precision,
-    _meta,
-    _pick,
     _score_grad,
     _store_short,
-    _weight_grad,
+    cublas_tf32,
+    layout_for,
     short_term_attention_triton,
+    weight_grad,
 )
+from .launch import KernelSpec, check_inputs, checked_grad, mask_bytes, pick
+from .precision import _mm, check_precision, position_projection
 
 
 @triton.jit
 def _split_probs(h_ptr, pw_ptr, mask_ptr, b0, B, scale,
                  L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                 INTERP: tl.constexpr):
     """Softmax matrix A of the block's windows from the saved projection Hx (+ P W)."""
     wl, gw, grow, prow, row_ok, key_ok = _block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
     s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
@@ -55,7 +56,7 @@ def _split_probs(h_ptr, pw_ptr, mask_ptr, b0, B, scale,
         h = _load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
         h += _load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
         q = tl.maximum(h, 0.0)
-        s += tl.dot(q, tl.trans(q), input_precision=PRECISION)
+        s = _mm(q, tl.trans(q), s, PREC, INTERP)
     a, same = _block_softmax(s * scale, wl, row_ok, key_ok)
     return a, wl, gw, grow, prow, row_ok, key_ok, same
 
@@ -63,30 +64,32 @@ def _split_probs(h_ptr, pw_ptr, mask_ptr, b0, B, scale,
 @triton.jit
 def _split_fwd(h_ptr, pw_ptr, x_ptr, mask_ptr, out_ptr, B, scale,
                L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+               INTERP: tl.constexpr):
     b0 = tl.program_id(0) * WPB
     a, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
-        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
+        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
     p_bar = tl.sum(a, axis=0) / L
-    _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D,
-                 PRECISION)
+    _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D)
 
 
 @triton.jit
 def _split_bwd(h_ptr, pw_ptr, x_ptr, mask_ptr, g_ptr, dx_ptr, dh_ptr, B, scale,
                L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+               INTERP: tl.constexpr):
     """dH and the value path of dX (p_bar_j g_{w(j)}); dH W^T is added by cuBLAS."""
     b0 = tl.program_id(0) * WPB
     a, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
-        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PRECISION)
+        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
     p_bar = tl.sum(a, axis=0) / L
     msym = _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D, BLOCK_R,
                        BLOCK_D)
     for n0 in range(0, D, BLOCK_D):
         h = _load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
         h += _load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
-        dq = tl.dot(msym, tl.maximum(h, 0.0), input_precision=PRECISION)
+        dq = _mm(msym, tl.maximum(h, 0.0), tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32),
+                 PREC, INTERP)
         cols = n0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (cols < D)[None, :]
         tl.store(dh_ptr + grow[:, None] * D + cols[None, :], tl.where(h > 0, dq, 0.0), mask=ok)
@@ -94,38 +97,44 @@ def _split_bwd(h_ptr, pw_ptr, x_ptr, mask_ptr, g_ptr, dx_ptr, dh_ptr, B, scale,
         tl.store(dx_ptr + grow[:, None] * D + cols[None, :], value, mask=ok)
 
 
-def _split_candidates(length: int, dim: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_R, BLOCK_D, num_warps): without the projection in the program, small blocks
-    (little block-diagonal waste in Q Q^T) are worth trying."""
-    full_d = max(16, triton.next_power_of_2(dim))
+def split_candidates(length: int, dim: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_R, BLOCK_D, num_warps, num_stages): without the projection in the program,
+    a small block (little block-diagonal waste in Q Q^T); BLOCK_D 16 and 8 warps keep
+    every precision out of local memory (4 warps, or 64 rows at L <= 32, spilled in the
+    offline report)."""
     need = max(16, triton.next_power_of_2(length))
-    shapes = {(r, min(full_d, 128)) for r in (16, 32) if r >= need}
-    shapes.add((max(need, 64), min(full_d, 64)))
-    return [(r, bd, 4 if r * bd <= 2048 else 8) for r, bd in sorted(shapes)]
+    return [(max(need, 32), 16, 8, 1)]
+
+
+def _projections(x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, precision: str):
+    """Hx = X_flat W in cuBLAS (TF32 in mode "tf32" only; full float32 for the float32-level
+    modes, which cuBLAS has no 3-pass form of) and P W in float64 (the P-split)."""
+    b, length, dim = x.shape
+    with cublas_tf32(precision == "tf32"):
+        hx = (x.view(b * length, dim) @ w).view(b, length, dim)
+    return hx, position_projection(pos, w)
 
 
 def split_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
                   precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """(short (B, d), Hx (B, L, d) = X W, kept for the backward)."""
-    _check(x, mask, w, pos)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_inputs(x, mask, w, pos)
+    check_precision(precision)
     b, length, dim = x.shape
-    with _matmul_precision(precision):
-        hx = (x.view(b * length, dim) @ w).view(b, length, dim)  # cuBLAS
-        pw = (pos @ w).contiguous()  # (L, d)
+    hx, pw = _projections(x, w, pos, precision)
     out = torch.empty((b, dim), dtype=x.dtype, device=x.device)
     if b == 0:
         return out, hx
-    mask8 = _as_bytes(mask)
+    mask8 = mask_bytes(mask)
 
     def run(cfg):
-        meta = _meta(cfg, length)
+        meta = _block_meta(cfg, length, precision)
         grid = (triton.cdiv(b, meta["WPB"]),)
         _split_fwd[grid](hx, pw, x, mask8, out, b, 1.0 / math.sqrt(dim), L=length, D=dim,
-                         PRECISION=precision, **meta)
+                         **meta)
 
-    run(_pick("split_fwd", length, dim, precision, b, run, _split_candidates(length, dim)))
+    run(pick("split_fwd", length, dim, precision, b, run, split_candidates(length, dim),
+             _interp_block_choice))
     return out, hx
 
 
@@ -134,24 +143,40 @@ def split_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, w: t
                    precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (B, L, d), dw (d, d)) for upstream gradient `grad` (B, d)."""
     b, length, dim = x.shape
-    grad, dx, dh = _grad_buffers(grad, x)
+    grad = checked_grad(grad, x)
+    dx, dh = torch.empty_like(x), torch.empty_like(x)
     if b == 0:
         return dx, torch.zeros_like(w)
-    mask8 = _as_bytes(mask)
-    with _matmul_precision(precision):
-        pw = (pos @ w).contiguous()
+    mask8 = mask_bytes(mask)
+    pw = position_projection(pos, w)
 
     def run(cfg):
-        meta = _meta(cfg, length)
+        meta = _block_meta(cfg, length, precision)
         meta.pop("WB")
         grid = (triton.cdiv(b, meta["WPB"]),)
         _split_bwd[grid](hx, pw, x, mask8, grad, dx, dh, b, 1.0 / math.sqrt(dim), L=length,
-                         D=dim, PRECISION=precision, **meta)
+                         D=dim, **meta)
 
-    run(_pick("split_bwd", length, dim, precision, b, run, _split_candidates(length, dim)))
-    with _matmul_precision(precision):
+    run(pick("split_bwd", length, dim, precision, b, run, split_candidates(length, dim),
+             _interp_block_choice))
+    with cublas_tf32(precision == "tf32"):
         dx.view(b * length, dim).addmm_(dh.view(b * length, dim), w.T)  # dX += dH W^T
-    return dx, _weight_grad(x, pos, dh, precision)
+    return dx, weight_grad(x, pos, dh, precision)
+
+
+def split_resource_specs(length: int, dim: int, precision: str) -> list[KernelSpec]:
+    """The split layout's Triton kernels, one per candidate, for the resource report."""
+    specs = []
+    for cfg in split_candidates(length, dim):
+        meta = _block_meta(cfg, length, precision)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        meta["INTERP"] = False
+        specs.append(KernelSpec("split_fwd", cfg, _split_fwd,
+                                {"L": length, "D": dim, **meta}, warps, stages))
+        meta.pop("WB")
+        specs.append(KernelSpec("split_bwd", cfg, _split_bwd,
+                                {"L": length, "D": dim, **meta}, warps, stages))
+    return specs
 
 
 class _SplitAttention(torch.autograd.Function):
@@ -172,6 +197,6 @@ class _SplitAttention(torch.autograd.Function):
 def short_term_attention_split(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
                                pos: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
     """Same contract as `short_term_attention_triton`; projections in cuBLAS."""
-    if _is_long(x.shape[1]):  # the long kernels of attention.py
+    if layout_for(x.shape[1]) == "long":  # the long kernels of attention.py
         return short_term_attention_triton(x, mask, w, pos, precision)
     return _SplitAttention.apply(x, mask, w, pos, precision)

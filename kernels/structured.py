@@ -22,33 +22,47 @@ import torch
 from .reference import MASKED_LOGIT
 
 
+def structured_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
+                       pos: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """(B, L, d) window rows -> (B, d) short-term interest, and what the backward needs."""
+    b, l, d = x.shape
+    z = x + pos  # (B, L, d)
+    h = (z.reshape(b * l, d) @ w).reshape(b, l, d)  # one projection for Q and K
+    q = torch.relu(h)
+    s = torch.bmm(q, q.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
+    s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
+    a = torch.softmax(s, dim=-1)
+    p_bar = a.mean(dim=1)  # (B, L) column means
+    out = torch.bmm(p_bar[:, None, :], x)[:, 0]  # (B, d) = p_bar^T X
+    return out, (x, mask, w, z, h, a, p_bar)
+
+
+def structured_backward(saved: tuple, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dX (B, L, d) and dW (d, d) from dL/dshort (B, d); see the module docstring."""
+    x, mask, w, z, h, a, p_bar = saved
+    b, l, d = x.shape
+    grad = grad.contiguous()
+    da = torch.bmm(x, grad[:, :, None])[:, :, 0] / l  # (B, L): dA_ij, the same for every i
+    rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
+    ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
+    m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
+    dh = torch.bmm(m, torch.relu(h)) * (h > 0)  # (B, L, d)
+    dh_flat = dh.reshape(b * l, d)
+    dx = (dh_flat @ w.T).reshape(b, l, d) + p_bar[:, :, None] * grad[:, None, :]
+    dw = z.reshape(b * l, d).T @ dh_flat
+    return dx, dw
+
+
 class _StructuredAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, w, pos):
-        b, l, d = x.shape
-        z = x + pos  # (B, L, d)
-        h = (z.reshape(b * l, d) @ w).reshape(b, l, d)  # one projection for Q and K
-        q = torch.relu(h)
-        s = torch.einsum("bid,bjd->bij", q, q) * (1.0 / math.sqrt(d))  # (B, L, L)
-        s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
-        a = torch.softmax(s, dim=-1)
-        p_bar = a.mean(dim=1)  # (B, L) column means
-        ctx.save_for_backward(x, mask, w, z, h, a, p_bar)
-        return torch.einsum("bl,bld->bd", p_bar, x)  # (B, d)
+        out, saved = structured_forward(x, mask, w, pos)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, mask, w, z, h, a, p_bar = ctx.saved_tensors
-        b, l, d = x.shape
-        grad = grad.contiguous()
-        da = (x * grad[:, None, :]).sum(-1) / l  # (B, L): dA_ij, the same for every i
-        rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
-        ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
-        m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
-        dh = torch.bmm(m, torch.relu(h)) * (h > 0)  # (B, L, d)
-        dh_flat = dh.reshape(b * l, d)
-        dx = (dh_flat @ w.T).reshape(b, l, d) + p_bar[:, :, None] * grad[:, None, :]
-        dw = z.reshape(b * l, d).T @ dh_flat
+        dx, dw = structured_backward(ctx.saved_tensors, grad)
         return dx, None, dw, None
 
 

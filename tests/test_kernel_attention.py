@@ -16,7 +16,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton = pytest.importorskip("triton")
 attention = pytest.importorskip("fastattrec.kernels.attention")
 attention_split = pytest.importorskip("fastattrec.kernels.attention_split")
-attention.set_autotune(False)  # one compiled configuration per shape keeps CUDA runs short
+attention_tiles = pytest.importorskip("fastattrec.kernels.attention_tiles")
+launch = pytest.importorskip("fastattrec.kernels.launch")
+launch.set_autotune(False)  # one compiled configuration per shape keeps CUDA runs short
 
 # (B, L, d, masking): awkward sizes on purpose: B = 1, L = 1, d = 1 and d = 7, d = 100
 # (not a power of two), d = 128, long windows, and a B not divisible by windows/program.
@@ -32,10 +34,15 @@ SHAPES = [
     (2, 100, 40, "prefix"),
     (1, 65, 24, "none"),
     (3, 7, 33, "prefix"),
+    (3, 8, 20, "partial"),
+    (2, 9, 20, "prefix"),
 ]
 if DEVICE == "cuda":  # sizes that would take minutes in the interpreter
     SHAPES += [(4097, 5, 100, "prefix"), (1000, 50, 64, "partial"), (257, 200, 100, "partial"),
-               (300, 5, 256, "partial"), (70000, 5, 100, "prefix")]
+               (300, 5, 256, "partial"), (70000, 5, 100, "prefix"), (5000, 8, 100, "partial")]
+# "triton": the layout the entry point picks (tiles for L <= 8, blocks, long); "blocks":
+# the block layout forced where the entry point would pick tiles; "split": cuBLAS layout.
+VARIANTS = ["triton", "blocks", "split"]
 
 
 def make_inputs(b, length, d, masking, seed=0, device=DEVICE):
@@ -57,13 +64,15 @@ def make_inputs(b, length, d, masking, seed=0, device=DEVICE):
     return [t.to(device) for t in (x, mask, w, pos, upstream)]
 
 
-def run(backend, x, mask, w, pos, upstream):
+def run(backend, x, mask, w, pos, upstream, precision="ieee"):
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     if backend == "split":  # the cuBLAS-projection layout, not (yet) a public backend
-        out = attention_split.short_term_attention_split(x, mask, w, pos)
+        out = attention_split.short_term_attention_split(x, mask, w, pos, precision)
+    elif backend in ("tiles", "blocks", "long"):
+        out = attention.short_term_attention_triton(x, mask, w, pos, precision, backend)
     else:
-        out = short_term_attention(x, mask, w, pos, backend=backend)
+        out = short_term_attention(x, mask, w, pos, backend=backend, precision=precision)
     dx, dw = torch.autograd.grad(out, (x, w), upstream)
     return out.detach(), dx, dw
 
@@ -84,9 +93,11 @@ def check_close(got, ref32, ref64, what):
     assert own <= max(1e-5, 3 * floor), f"{what}: {own:.2e} from float64 (reference {floor:.2e})"
 
 
-@pytest.mark.parametrize("variant", ["triton", "split"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("b,length,d,masking", SHAPES)
 def test_triton_matches_reference(b, length, d, masking, variant):
+    if variant == "blocks" and attention.layout_for(length) != "tiles":
+        pytest.skip("the entry point already runs the block layout (or long) here")
     inputs = make_inputs(b, length, d, masking)
     out, dx, dw = run(variant, *inputs)
     ref32 = run("torch", *inputs)
@@ -113,13 +124,73 @@ def test_fully_masked_window_is_uniform_mean():
     assert torch.allclose(out, x.mean(dim=1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["triton", "split"])
+@pytest.mark.parametrize("variant", ["triton", "blocks", "split"])
 def test_deterministic_bytes(variant):
     inputs = make_inputs(9, 5, 100, "partial", seed=2)
     a = run(variant, *inputs)
     b = run(variant, *inputs)
     for t1, t2 in zip(a, b, strict=True):
         assert torch.equal(t1, t2)
+
+
+# Tolerances against float64 per precision mode: float32-level modes as the float32
+# reference (check_close); bf16x3 about 1e-5 at these unit-scale inputs (2e-6 at the
+# training scale, tests/test_kernel_precision.py); tf32 on tensor cores is loose, but
+# in the interpreter its dots are float32.
+def check_mode(got, ref32, ref64, what, mode):
+    if mode == "bf16x3":
+        assert rel_err(got, ref64) < 5e-5, f"{what}: {rel_err(got, ref64):.2e}"
+    elif mode == "tf32" and DEVICE == "cuda":
+        assert rel_err(got, ref64) < 3e-2, f"{what}: {rel_err(got, ref64):.2e}"
+    else:
+        check_close(got, ref32, ref64, what)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "tf32x3", "bf16x3"])
+@pytest.mark.parametrize("layout,b,length,d", [("tiles", 13, 5, 100), ("blocks", 13, 5, 100),
+                                                ("long", 2, 100, 40)])
+def test_precision_modes_match_reference(layout, b, length, d, mode):
+    """Each mode's whole forward and backward (the P-split and float32 value path
+    included) against the reference; the interpreter runs the split formulas exactly."""
+    inputs = make_inputs(b, length, d, "prefix", seed=5)
+    ref32 = run("torch", *inputs)
+    ref64 = run("torch", *[t.double() if t.is_floating_point() else t for t in inputs])
+    got = run(layout, *inputs, precision=mode)
+    for g, r32, r64, what in zip(got, ref32, ref64, ("out", "dx", "dw"), strict=True):
+        check_mode(g, r32, r64, f"{layout} {mode} {what}", mode)
+
+
+def test_tiles_persistent_grid_walks_several_tiles():
+    """Small tiles force several tiles per program (three programs in the interpreter), so
+    the per-program dW partials accumulate across tiles and the scratch is reused."""
+    b, length, d = 70, 5, 24
+    inputs = make_inputs(b, length, d, "partial", seed=6)
+    cfg = (16, 16, 16, 4, 1)  # TW = 16 (not a GPU candidate): five tiles
+    saved = launch.chosen_configs()
+    try:
+        for kind in ("tile_fwd", "tile_bwd"):
+            launch.force_config(kind, length, d, "tf32x3", b, cfg)
+        got = run("tiles", *inputs, precision="tf32x3")
+        again = run("tiles", *inputs, precision="tf32x3")
+    finally:
+        launch.forget_configs(keep=saved)
+    ref32 = run("torch", *inputs)
+    ref64 = run("torch", *[t.double() if t.is_floating_point() else t for t in inputs])
+    for g, r32, r64, what in zip(got, ref32, ref64, ("out", "dx", "dw"), strict=True):
+        check_close(g, r32, r64, what)
+    assert all(torch.equal(u, v) for u, v in zip(got, again, strict=True))
+
+
+def test_layout_for():
+    assert [attention.layout_for(n) for n in (1, 5, 8, 9, 64, 65, 200)] == \
+        ["tiles", "tiles", "tiles", "blocks", "blocks", "long", "long"]
+    assert attention.layout_for(5, "blocks") == "blocks"
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        attention.layout_for(9, "tiles")
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        attention.layout_for(65, "blocks")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        attention.layout_for(5, "rows")
 
 
 def test_hand_worked_window():
@@ -181,27 +252,29 @@ def test_empty_batch():
     assert short_term_attention(x, mask, w, pos, backend="triton").shape == (0, 16)
 
 
-@pytest.mark.parametrize("variant", ["triton", "split"])
+@pytest.mark.parametrize("variant", ["tiles", "blocks", "split"])
 def test_every_candidate_block_size(variant):
-    """Each block-size candidate the GPU autotuner may pick computes the same thing (the
+    """Each configuration the GPU autotuner may pick computes the same thing (the
     interpreter otherwise runs only one of them)."""
-    b, length, d = 13, 5, 100
+    b, length, d = 13, 5, 40
     inputs = make_inputs(b, length, d, "prefix", seed=4)
     ref32 = run("torch", *inputs)
     ref64 = run("torch", *[t.double() if t.is_floating_point() else t for t in inputs])
-    if variant == "split":
-        cands, kinds = attention_split._split_candidates(length, d), ("split_fwd", "split_bwd")
-    else:
-        cands, kinds = attention._candidates(length, d), ("fwd", "bwd")
-    assert len(cands) >= 2
-    saved = dict(attention._chosen)
+    prec = "tf32x3" if variant == "tiles" else "ieee"  # tiles: the list with two
+    cands, kinds = {
+        "tiles": (attention_tiles.tile_candidates(length, d, "tf32x3"),
+                  ("tile_fwd", "tile_bwd")),
+        "blocks": (attention.block_candidates(length, d), ("fwd", "bwd")),
+        "split": (attention_split.split_candidates(length, d), ("split_fwd", "split_bwd")),
+    }[variant]
+    assert len(cands) >= 1
+    saved = launch.chosen_configs()
     try:
         for cfg in cands:
             for kind in kinds:
-                attention._chosen[(kind, length, d, "ieee", False, attention._interpreted())] = cfg
-            for got, r32, r64, what in zip(run(variant, *inputs), ref32, ref64,
+                launch.force_config(kind, length, d, prec, b, cfg)
+            for got, r32, r64, what in zip(run(variant, *inputs, precision=prec), ref32, ref64,
                                            ("out", "dx", "dw"), strict=True):
                 check_close(got, r32, r64, f"{what} with {cfg}")
     finally:
-        attention._chosen.clear()
-        attention._chosen.update(saved)
+        launch.forget_configs(keep=saved)

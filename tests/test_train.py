@@ -133,3 +133,11 @@ def test_cli_errors(data_dir, tmp_path):
     assert r.exit_code != 0 and "--resume" in r.output
     r = cli("train", "--resume", tmp_path / "done", "--lr", "0.1")
     assert r.exit_code != 0 and "only --epochs and --device" in r.output
+
+
+def test_cli_precision_choices_match_the_kernels():
+    from fastattrec.cli import train as train_cmd
+    from fastattrec.kernels import PRECISIONS
+
+    opt = next(p for p in train_cmd.params if p.name == "precision")
+    assert tuple(opt.type.choices) == PRECISIONS
