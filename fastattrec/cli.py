@@ -217,8 +217,9 @@ def _train_options(f):
                      default="ieee", show_default=True,
                      help="Triton kernel's d x d products (CUDA only): ieee float32 on FMA "
                           "units; tf32x3 / bf16x3 split each operand in two and run three "
-                          "tensor-core products, float32-level (emulated dW error 7e-7 / 2e-6 "
-                          "at training scale); tf32, one tensor-core pass (about 3e-3 on dW)."),
+                          "tensor-core products (emulated dW error 1e-6 / 3e-6 at training "
+                          "scale, float32-level); tf32, one tensor-core pass (about 2e-3 on "
+                          "dW). Not yet timed on a GPU."),
         click.option("--compile/--no-compile", default=True, show_default=True,
                      help="On CUDA, capture the training step as a CUDA graph and replay "
                           "it, with the score-and-loss arithmetic fused by torch.compile. "
