@@ -59,7 +59,14 @@ def run_torch(p0, q0, gp, gq, capturable: bool, split: int | None = None, wd: fl
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["fused-eps", "device-tensors"])
-def test_matches_keras_rule(capturable):
+@pytest.mark.parametrize("triton_kernel", [True, False], ids=["triton", "foreach"])
+def test_matches_keras_rule(capturable, triton_kernel, monkeypatch):
+    import fastattrec.optim as optim
+
+    if not triton_kernel:
+        monkeypatch.setattr(optim, "_fused_available", lambda params: False)
+    elif capturable and not optim._fused_available([torch.zeros(1)]):
+        pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
     p0, q0, gp, gq = problem()
     p, q = run_torch(p0, q0, gp, gq, capturable)
     np.testing.assert_allclose(p, keras_adam_numpy(p0, gp, 2e-6), rtol=2e-6, atol=1e-9)
@@ -140,3 +147,20 @@ def test_cuda_graph_replay_matches_keras_rule():
                                rtol=2e-6, atol=1e-9)
     np.testing.assert_allclose(q.detach().cpu().numpy(), keras_adam_numpy(q0, gq, 0.0),
                                rtol=2e-6, atol=1e-9)
+
+
+def test_fused_kernel_zeroes_the_gradient_it_read():
+    pytest.importorskip("triton")
+    from fastattrec.kernels.keras_adam import group_constants, keras_adam_
+    from fastattrec.optim import _fused_available
+
+    if not _fused_available([torch.zeros(1)]):
+        pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
+    p0, _, gp, _ = problem(seed=5, steps=1)
+    p, g = torch.from_numpy(p0.copy()).reshape(-1), torch.from_numpy(gp[0].copy()).reshape(-1)
+    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.zeros(())
+    keras_adam_([p], [g], [m], [v], [step],
+                group_constants(LR, (B1, B2), EPS, 2e-6, p.device), zero_grad=True)
+    assert torch.count_nonzero(g) == 0 and step.item() == 0  # counting is the caller's
+    want = keras_adam_numpy(p0, gp[:1], 2e-6).reshape(-1)
+    np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=1e-9)

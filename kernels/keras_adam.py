@@ -1,0 +1,81 @@
+"""Adam with Keras's epsilon placement as one Triton kernel per parameter.
+
+The CUDA-graph training step used to run the optimiser as ~35 foreach launches (weight
+decay, two moment updates, sqrt, eps, bias correction on the device, the update). This
+kernel does all of it in one pass over each parameter: it reads the step count from the
+device, so it can be captured in a CUDA graph, computes the bias correction in float64
+from the per-group constants, updates m, v and the parameter in float32 exactly as the
+foreach path does, and can zero the gradient after reading it. The step counters are
+incremented by the caller afterwards (one foreach launch), so every program of every
+launch sees the same step.
+
+    m = m + (1 - b1) (g + wd p - m);   v = b2 v + (1 - b2) (g + wd p)^2
+    p = p - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+# Layout of the per-group constants tensor (float64). 1 - b1 and 1 - b2 are computed on
+# the host in float64: in float32, 1 - 0.999 loses five digits to cancellation.
+LR, ONE_MINUS_B1, B2, ONE_MINUS_B2, LOG_B1, LOG_B2, EPS, WD = range(8)
+
+
+@triton.jit
+def _keras_adam(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, c_ptr, n,
+                ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    t = tl.load(step_ptr).to(tl.float64) + 1.0  # the step being taken
+    lr = tl.load(c_ptr + 0)
+    w1 = tl.load(c_ptr + 1).to(tl.float32)  # 1 - b1
+    b2 = tl.load(c_ptr + 2).to(tl.float32)
+    w2 = tl.load(c_ptr + 3).to(tl.float32)  # 1 - b2
+    eps = tl.load(c_ptr + 6).to(tl.float32)
+    wd = tl.load(c_ptr + 7).to(tl.float32)
+    corr1 = 1.0 - tl.exp(t * tl.load(c_ptr + 4))  # 1 - b1^t, in float64
+    corr2 = 1.0 - tl.exp(t * tl.load(c_ptr + 5))
+    alpha = (lr * tl.sqrt(corr2) / corr1).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0) + wd * p
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = m + w1 * (g - m)
+    v = v * b2 + w2 * (g * g)
+    p = p - (m * alpha) / (tl.sqrt(v) + eps)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, p, mask=mask)
+    if ZERO_GRAD:
+        tl.store(g_ptr + offs, tl.zeros_like(g), mask=mask)
+
+
+def group_constants(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                    device: torch.device) -> torch.Tensor:
+    """The float64 constants a group's launches read (log(b) precomputed exactly)."""
+    b1, b2 = betas
+    return torch.tensor([lr, 1.0 - b1, b2, 1.0 - b2, math.log(b1), math.log(b2), eps,
+                         weight_decay], dtype=torch.float64, device=device)
+
+
+def keras_adam_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                steps: list[torch.Tensor], consts: torch.Tensor,
+                zero_grad: bool = False) -> None:
+    """One Keras-Adam step of every parameter in place (one launch each); `steps` are
+    the parameters' step counters, read but not incremented here."""
+    for p, g, m, v, st in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()
+                and v.is_contiguous()):
+            raise ValueError("keras_adam_ needs contiguous parameters, gradients and moments")
+        if p.dtype != torch.float32 or g.dtype != torch.float32:
+            raise ValueError("keras_adam_ updates float32 parameters")
+        n = p.numel()
+        _keras_adam[(triton.cdiv(n, BLOCK),)](p, g, m, v, st, consts, n,
+                                              ZERO_GRAD=zero_grad, BLOCK=BLOCK)
