@@ -193,7 +193,15 @@ with profile(activities=acts) as prof:
     if not dry:
         torch.cuda.synchronize()
 key = "self_cpu_time_total" if dry else "self_device_time_total"
-table = prof.key_averages().table(sort_by=key, row_limit=25)
+events = prof.key_averages()
+table = events.table(sort_by=key, row_limit=25)
+if dry:
+    count = sum(e.count for e in events if e.key.startswith("aten::")) / 30
+    table = f"aten operations per step: {count:.1f}\n" + table
+else:
+    cuda = torch.autograd.DeviceType.CUDA
+    count = sum(e.count for e in events if e.device_type == cuda) / 30
+    table = f"CUDA kernels per training step: {count:.1f}\n" + table
 Path(sys.argv[2]).write_text(table)
 print(table)
 EOF

@@ -41,8 +41,12 @@ class ManualStep:
 
     def __init__(self, model: AttRec) -> None:
         self.model = model
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+        self._buffers()
+
+    def _buffers(self) -> None:
+        for p in self.model.parameters():  # (again, if someone set them to None)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     @torch.no_grad()
     def __call__(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
@@ -50,6 +54,7 @@ class ManualStep:
         """The batch loss (as AttRec.forward: mean over valid samples for inner, sum for
         dist); the parameters' `.grad` hold its gradient afterwards (L2 excluded: the
         optimiser's weight decay adds it)."""
+        self._buffers()
         m = self.model
         cfg = m.cfg
         w = cfg.w
