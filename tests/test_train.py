@@ -15,7 +15,7 @@ from fastattrec.training import TrainConfig, train
 
 from helpers import cli
 
-SMALL = dict(dim=16, batch_size=256, eval_every=2, device="cpu")
+SMALL = dict(dim=16, batch_size=256, eval_every=2, device="cpu", compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +141,15 @@ def test_cli_precision_choices_match_the_kernels():
 
     opt = next(p for p in train_cmd.params if p.name == "precision")
     assert tuple(opt.type.choices) == PRECISIONS
+
+
+def test_compiled_cpu_step_resumes_bit_identically(data_dir, tmp_path):
+    """--compile on CPU (the default): an interrupted run resumed ends with the same
+    weights as the uninterrupted one, bit for bit."""
+    cfg = dict(SMALL, compile=True, epochs=3)
+    train(data_dir, tmp_path / "full", TrainConfig(**cfg), log=print)
+    train(data_dir, tmp_path / "part", TrainConfig(**{**cfg, "epochs": 2}), log=print)
+    assert cli("train", "--resume", tmp_path / "part", "--epochs", "3").exit_code == 0
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
