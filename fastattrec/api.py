@@ -125,9 +125,12 @@ class Run:
         """Test metrics of the model (and the popularity baseline): one row per (model,
         protocol), columns HR@K, NDCG@K per K and MRR (docs/spec.md §4). With `save`, also
         written to eval.json in the run folder (when no other command holds it)."""
-        from fastattrec.evaluate import ModelRanker, PopularityRanker, evaluate
+        from fastattrec.data.dataset import fingerprint
+        from fastattrec.evaluate import PROTOCOLS, ModelRanker, PopularityRanker, evaluate
         from fastattrec.runs import load_run as open_run
 
+        if protocol not in PROTOCOLS:
+            raise UserError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
         ks = sorted(set(int(k) for k in ks))
         if not ks or ks[0] < 1:
             raise UserError(f"-k must be at least 1, got {ks[0] if ks else 'none'}.")
@@ -144,7 +147,9 @@ class Run:
         frame = metrics_frame(results, ks).with_columns(
             pl.lit(loaded.checkpoint).alias("checkpoint"), pl.lit(loaded.epoch).alias("epoch"))
         self.last_evaluation = {"checkpoint": loaded.checkpoint, "epoch": loaded.epoch,
-                                "ndcg_log": ndcg_log, "seconds": seconds, "results": results}
+                                "ndcg_log": ndcg_log, "seconds": seconds, "results": results,
+                                "data": {"path": str(loaded.prepared.path.resolve()),
+                                         "fingerprint": fingerprint(loaded.prepared.meta)}}
         if save:
             save_evaluation(loaded, self.last_evaluation)
         return frame
@@ -170,7 +175,10 @@ class Run:
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
         else:
-            dense = torch.as_tensor(dense_users(loaded, list(users)), device=dev)
+            users = list(users)
+            if not users:
+                raise UserError("users is empty; give raw user ids, or None for every user.")
+            dense = torch.as_tensor(dense_users(loaded, users), device=dev)
         return recommend_frame(loaded, dense, k, titles)
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from fastattrec.errors import UserError
 from fastattrec.outputs import OLD_TAG, TMP_TAG, write_error
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+WRITE_FAILURE_TEXT = re.compile(r"No space left|Read-only file system|Disk quota|"
+                                r"os error (28|30|122)\b|file write failed", re.IGNORECASE)
 
 
 def _umask() -> int:
@@ -158,8 +161,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def is_write_failure(e: BaseException, paths: tuple = ()) -> bool:
-    """True for an OSError that a write raises on a full, read-only or forbidden place
-    (and not, say, a missing input read inside the same block)."""
-    if not isinstance(e, OSError) or e.errno not in WRITE_ERRNOS:
-        return False
-    return e.filename is None or str(e.filename) in {str(p) for p in paths}
+    """True for an error that a write raises on a full, read-only or forbidden place (and
+    not, say, a missing input read inside the same block): an OSError with such an errno,
+    or any error whose text says so (Polars and torch report these without an errno)."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return e.filename is None or str(e.filename) in {str(p) for p in paths}
+    return bool(WRITE_FAILURE_TEXT.search(str(e)))

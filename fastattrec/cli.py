@@ -79,7 +79,8 @@ def main() -> None:
 @click.option("--items", default=3706, show_default=True, help="Number of items.")
 @click.option("--interactions", default=1_000_209, show_default=True,
               help="Total number of ratings (split over users with a heavy tail).")
-@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same file).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Random seed (same seed, same file).")
 @click.option("--clusters", type=int, default=None,
               help="Item clusters the users move between (default: items/40, 2..64).")
 @click.option("--switch", default=0.15, show_default=True,
@@ -134,7 +135,8 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
               show_default=True,
               help="notebook: sample as the original notebook (raw integer item ids as table "
                    "rows, negatives from 1..max raw id, 101 test negatives with repeats).")
-@click.option("--seed", default=0, show_default=True, help="Seed for every random draw.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seed for every random draw.")
 @click.option("--streaming", is_flag=True,
               help="Run the plans on Polars' streaming engine (for logs larger than memory).")
 @click.option("--force", is_flag=True,
@@ -229,7 +231,7 @@ def _train_options(f):
         click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
                      show_default=True,
                      help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),
-        click.option("--threads", default=0, show_default=True,
+        click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 1024),
                      help="CPU threads for torch (0: one per core)."),
     ]
     for o in reversed(opts):
@@ -281,6 +283,9 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     if resume_dir is not None:
         if run_dir is not None and Path(run_dir) != Path(resume_dir):
             raise UserError("give either -o RUN_DIR for a new run or --resume RUN_DIR, not both.")
+        if data_dir is not None:
+            raise UserError(f"--resume continues on the dataset the run started on, so "
+                            f"DATA_DIR ({data_dir}) is not used; drop it.")
         ctx = click.get_current_context()
         changed = {
             k: v for k, v in opts.items()

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -49,7 +50,10 @@ def absolute(path: Path) -> Path:
 
 def _inside(a: Path, b: Path) -> bool:
     """True when `a` is `b` or lies under it (both resolved through links)."""
-    ra, rb = a.resolve(), b.resolve()
+    try:
+        ra, rb = a.resolve(), b.resolve()
+    except (RuntimeError, OSError):  # a symbolic link loop: not an input we can read
+        return False
     return ra == rb or rb in ra.parents
 
 
@@ -59,7 +63,7 @@ def refuse_inputs(target: Path, inputs: Iterable[Path], option: str = "-o") -> N
         if src is None:
             continue
         if _inside(Path(src), target):
-            what = "is" if absolute(src).resolve() == absolute(target).resolve() else "holds"
+            what = "is" if _inside(target, Path(src)) and _inside(Path(src), target) else "holds"
             raise UserError(f"{option} {target} {what} the input {src}; writing there would "
                             f"destroy it, choose another {option}.")
 
@@ -101,8 +105,11 @@ def exclusive_lock(target: Path) -> Iterator[None]:
             break
         os.close(fd)  # locked a file that its previous holder had just removed: retry
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            raise write_error(path, e) from None
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -150,29 +157,54 @@ def _remove(p: Path) -> None:
 def claim_output(target: Path, *, force: bool, made_by_us: Callable[[Path], bool],
                  what: str, inputs: Iterable[Path] = (), option: str = "-o",
                  log: Callable[[str], None] = lambda s: None,
-                 allow_existing: bool = False) -> Iterator[Path]:
-    """Check, lock and tidy `target` before a command writes it; yields the absolute path.
+                 allow_existing: bool = False, kind: str = "folder") -> Iterator[Path]:
+    """Check, lock and tidy `target` before a command writes it; yields the path to write.
 
-    `what` names the kind of output in messages ("prepared dataset", "run folder").
-    An existing `target` is refused without `force` (unless `allow_existing`), and with
-    `force` unless it is an empty folder or `made_by_us(target)` says fastattrec made it.
+    A symbolic link is followed: the command writes (and locks) what it points to, and the
+    link stays. `what` names the kind of output in messages ("prepared dataset"); `kind`
+    is "folder" or "file" (a file output refuses an existing folder). An existing target
+    is refused without `force` (unless `allow_existing`), and with `force` unless it is an
+    empty folder (folder outputs) or `made_by_us(target)` says fastattrec made it;
+    `made_by_us` may also raise a UserError that says what else is in the way.
     """
-    target = absolute(target)
+    target = resolve_output(target, option)
     refuse_inputs(target, inputs, option)
     _refuse_under_file(target, option)
     with exclusive_lock(target):
         for p in remove_stale(target):
             log(f"cleaned up {p} left by an interrupted command")
-        if target.exists() or target.is_symlink():
+        if target.exists():
+            if kind == "file" and target.is_dir():
+                raise UserError(f"{option} {target} is a folder; give a file name.")
             if not (force or allow_existing):
                 raise UserError(f"{target} already exists; pass --force to replace it or "
                                 f"choose another {option}.")
-            if force and not (_empty_dir(target) or made_by_us(target)):
-                kind = "folder" if target.is_dir() else "file"
-                raise UserError(f"{target} is a {kind} that fastattrec did not make (not a "
+            empty = kind == "folder" and _empty_dir(target)
+            if force and not (empty or made_by_us(target)):
+                found = "folder" if target.is_dir() else "file"
+                raise UserError(f"{target} is a {found} that fastattrec did not make (not a "
                                 f"{what}); --force only replaces fastattrec's own output, so "
                                 f"remove it yourself or choose another {option}.")
         yield target
+
+
+def resolve_output(target: Path, option: str = "-o") -> Path:
+    """The absolute path an output is written to: a symbolic link at the end is followed
+    (so the link stays and what it points to is replaced and locked)."""
+    target = absolute(target)
+    if target.is_symlink():
+        try:
+            target = target.resolve(strict=False)
+        except (RuntimeError, OSError):
+            raise UserError(f"{option} {target} is a symbolic link that loops or cannot be "
+                            f"followed; choose another {option}.") from None
+    return target
+
+
+def foreign_files(folder: Path, ours: Iterable[str]) -> list[str]:
+    """Names in `folder` that fastattrec did not write (for the --force checks)."""
+    mine = set(ours)
+    return sorted(p.name for p in Path(folder).iterdir() if p.name not in mine)
 
 
 def _empty_dir(p: Path) -> bool:
@@ -206,16 +238,22 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_error(path: Path, e: OSError) -> UserError:
+def write_error(path: Path, e: BaseException) -> UserError:
     """One sentence for a failed write: which path, why, and what to do."""
-    reason = e.strerror or str(e)
-    hint = {
-        errno.ENOSPC: "free some space or write elsewhere",
-        errno.EDQUOT: "free some space or write elsewhere",
-        errno.EACCES: "check its permissions or write elsewhere",
-        errno.EPERM: "check its permissions or write elsewhere",
-        errno.EROFS: "the file system is read-only; write elsewhere",
-        errno.ENOTDIR: "a part of that path is a file, not a folder",
-        errno.EISDIR: "that path is a folder; give a file name",
-    }.get(e.errno or 0, "check the path")
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0][:160] if text else
+                                              type(e).__name__)
+    code = getattr(e, "errno", None) or 0
+    if code in (errno.ENOSPC, errno.EDQUOT) or re.search(r"No space|quota|os error 28|"
+                                                          r"write failed", text, re.I):
+        hint = "free some space or write elsewhere"
+    elif code == errno.EROFS or re.search(r"Read-only", text, re.I):
+        hint = "the file system is read-only; write elsewhere"
+    else:
+        hint = {
+            errno.EACCES: "check its permissions or write elsewhere",
+            errno.EPERM: "check its permissions or write elsewhere",
+            errno.ENOTDIR: "a part of that path is a file, not a folder",
+            errno.EISDIR: "that path is a folder; give a file name",
+        }.get(code, "check the path")
     return UserError(f"cannot write {path} ({reason}); {hint}.")

@@ -11,7 +11,7 @@ import torch
 
 from fastattrec.atomic import atomic_path
 from fastattrec.errors import UserError
-from fastattrec.evaluate import ModelRanker, worst_if_nan
+from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
 
 
@@ -25,7 +25,11 @@ def top_k(run: LoadedRun, users: torch.Tensor, k: int,
     items, scores = [], []
     for lo in range(0, users.shape[0], chunk):
         u = users[lo:lo + chunk]
-        g = worst_if_nan(ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone())  # (b, I)
+        g = ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone()  # (b, I)
+        if not bool(torch.isfinite(g[:, data.item_valid]).all()):
+            raise UserError(f"the model's scores are not finite numbers (its weights overflow "
+                            f"when combined) in {run.run_dir}; this checkpoint cannot rank "
+                            f"items — train again with a lower --lr.")
         g[:, ~data.item_valid] = -math.inf
         n = data.lengths[u]
         b = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), n)
@@ -104,19 +108,30 @@ def read_titles(movies: Path) -> pl.DataFrame:
         text = movies.read_bytes().decode("latin-1")
     except OSError as e:
         raise UserError(f"cannot read {movies} ({e.strerror}); {hint}.") from None
-    ids, titles = [], []
+    ids, titles, first = [], [], {}
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split("::")
-        if len(parts) < 2 or not parts[0].strip().lstrip("-").isdigit():
+        if len(parts) != 3 or not parts[0].strip().lstrip("-").isdigit():
             raise UserError(f"{movies}, line {n}: expected 'MovieID::Title::Genres' but found "
-                            f"{line[:60]!r}; {hint}.")
-        ids.append(int(parts[0]))
+                            f"{_short(line)}; {hint}.")
+        movie = int(parts[0])
+        if movie in first:
+            raise UserError(f"{movies}, line {n}: MovieID {movie} already appeared on line "
+                            f"{first[movie]}; each movie needs one line.")
+        first[movie] = n
+        ids.append(movie)
         titles.append(parts[1])
     if not ids:
         raise UserError(f"{movies} holds no titles; {hint}.")
     return pl.DataFrame({"raw_item": ids, "title": titles})
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A value for a message: printable, at most `limit` characters."""
+    shown = text.encode("ascii", "backslashreplace").decode()
+    return repr(shown if len(shown) <= limit else shown[:limit] + "...")
 
 
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, quoted
 from fastattrec.outputs import TMP_TAG, read_json_dict
 
 RUN_KIND = "fastattrec-run"
@@ -42,7 +42,7 @@ def is_run_folder(path: Path) -> bool:
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """config.json of a run, checked, or one sentence on what is wrong with the folder."""
     run_dir = Path(run_dir)
-    hint = f"train one with `fastattrec train DATA_DIR -o {run_dir}`"
+    hint = f"train one with `fastattrec train DATA_DIR -o {quoted(run_dir)}`"
     if not run_dir.exists():
         raise UserError(f"{run_dir} does not exist; {hint}.")
     if not run_dir.is_dir():
@@ -54,7 +54,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if cfg is None or not isinstance(cfg.get("train"), dict):
         raise UserError(f"{path} is damaged (not the JSON object fastattrec writes); the run "
                         f"cannot be read — start it again with `fastattrec train DATA_DIR -o "
-                        f"{run_dir} --force`.")
+                        f"{quoted(run_dir)} --force`.")
     version = cfg.get("run_format_version", RUN_FORMAT_VERSION)
     if version != RUN_FORMAT_VERSION:
         raise UserError(f"{run_dir} has run format {version!r}, this fastattrec reads format "
@@ -69,10 +69,12 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip, EOF and I/O errors all mean the same
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        why = ("it holds Python objects other than tensors, which fastattrec never writes, "
-               "so it is refused as unsafe" if unsafe else f"it is damaged: {first[:120]}")
+        text = str(e)
+        unsafe = "Unsupported global" in text or "GLOBAL" in text
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+        first = first if len(first) <= 160 else first[:157].rsplit(" ", 1)[0] + "..."
+        why = ("it asks to rebuild Python objects other than tensors, which fastattrec never "
+               "writes, so it is refused as unsafe" if unsafe else f"it is damaged: {first}")
         raise UserError(f"{path} cannot be loaded ({why}); use a checkpoint that "
                         f"fastattrec wrote, or start the run again with --force.") from None
     if not isinstance(state, dict) or any(k not in state for k in keys):

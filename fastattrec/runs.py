@@ -49,9 +49,10 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
     saved = read_run_config(run_dir)
     try:
         cfg = TrainConfig.from_dict(saved["train"])
-    except TypeError as e:
-        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot read "
-                        f"({e}).") from None
+        cfg.check()
+    except (TypeError, UserError) as e:
+        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot use "
+                        f"({str(e).rstrip('.')}); the file was changed after training.") from None
     if checkpoint not in ("auto", "best", "last"):
         raise UserError("--checkpoint must be auto, best or last.")
     if checkpoint == "auto":
@@ -65,10 +66,13 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
     data_path = Path(data_dir) if data_dir else Path(cfg.data_dir)
     prepared = load_prepared(data_path)
     recorded = state.get("data_fingerprint") or saved.get("data", {}).get("fingerprint")
-    if data_dir is None and recorded and recorded != fingerprint(prepared.meta):
-        raise UserError(f"{data_path} has been prepared again since {run_dir} was trained "
-                        f"(its fingerprint changed), so the model would be scored against "
-                        f"other data; prepare it as before, or pass --data explicitly.")
+    if recorded and recorded != fingerprint(prepared.meta):
+        what = ("is not the dataset" if data_dir is not None else
+                "has been prepared again since")
+        raise UserError(f"{data_path} {what} {run_dir} was trained on (its fingerprint "
+                        f"differs), so the model would be scored against other data; give "
+                        f"--data the folder it was trained on (a copy is fine), or prepare "
+                        f"it again exactly as before.")
     try:
         mcfg = AttRecConfig(**state["model_config"])
     except TypeError as e:

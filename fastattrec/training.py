@@ -90,27 +90,43 @@ class TrainConfig:
 
     def check(self) -> None:
         """Explain the first bad option in one sentence."""
-        positive = ("maxlen", "dim", "batch_size", "epochs", "eval_every", "k")
-        for name in positive:
+        flag = {"k": "-k"}
+
+        def name_of(name: str) -> str:
+            return flag.get(name, "--" + name.replace("_", "-"))
+
+        numeric = {"maxlen": int, "dim": int, "batch_size": int, "epochs": int,
+                   "eval_every": int, "k": int, "seed": int, "early_stop": int, "lr": float,
+                   "embed_reg": float, "w": float, "gamma": float}
+        for name, kind in numeric.items():
+            v = getattr(self, name)
+            ok = isinstance(v, int) if kind is int else isinstance(v, int | float)
+            if not ok or isinstance(v, bool):
+                want = "an integer" if kind is int else "a number"
+                raise UserError(f"{name_of(name)} must be {want}, got {v!r}.")
+        for name in ("maxlen", "dim", "batch_size", "epochs", "eval_every", "k"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
-                                f"got {getattr(self, name)}.")
+                raise UserError(f"{name_of(name)} must be at least 1, got {getattr(self, name)}.")
         choices = {"mode": MODES, "negatives": NEGATIVE_MODES, "kernel": BACKENDS,
                    "precision": PRECISIONS, "ndcg_log": ("2", "e")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} must be one of "
-                                f"{', '.join(allowed)}, got {getattr(self, name)!r}.")
+                raise UserError(f"{name_of(name)} must be one of {', '.join(allowed)}, got "
+                                f"{getattr(self, name)!r}.")
         for name in ("lr", "embed_reg", "w", "gamma"):
             if not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got "
+                raise UserError(f"{name_of(name)} must be a finite number, got "
                                 f"{getattr(self, name)}.")
         if not 0.0 <= self.w <= 1.0:
             raise UserError(f"--w must be between 0 and 1, got {self.w}.")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}.")
-        if self.embed_reg < 0 or self.early_stop < 0:
-            raise UserError("--embed-reg and --early-stop must not be negative.")
+        if self.embed_reg < 0:
+            raise UserError(f"--embed-reg must not be negative, got {self.embed_reg}.")
+        if self.early_stop < 0:
+            raise UserError(f"--early-stop must not be negative, got {self.early_stop}.")
+        if not 0 <= self.seed < 2**63 - 2:
+            raise UserError(f"--seed must be between 0 and 2^63 - 3, got {self.seed}.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -431,9 +447,10 @@ def _open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, res
     base = ckpt["config"] if ckpt is not None else saved["train"]
     try:
         resumed = TrainConfig.from_dict(base)
-    except TypeError as e:
-        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot read ({e}); "
-                        f"start the run again with --force.") from None
+        resumed.check()
+    except (TypeError, UserError) as e:
+        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot use "
+                        f"({str(e).rstrip('.')}); start the run again with --force.") from None
     if cfg is not None:  # only the epoch count and the device may change on resume
         resumed.epochs, resumed.device = cfg.epochs, cfg.device
     return resumed, ckpt, saved
@@ -561,9 +578,11 @@ def _check_finite(model: AttRec, cfg: TrainConfig, epoch: int, **values: float) 
     bad += [f"{n} has non-finite entries" for n, p in model.named_parameters()
             if not bool(torch.isfinite(p).all())]
     if bad:
+        kept = (f"keeps epoch {epoch - 1} in checkpoint.pt" if epoch > 1 else
+                "saved no epoch")
         raise Diverged(f"training diverged in epoch {epoch} ({'; '.join(bad[:2])}); the run "
-                       f"stops and keeps epoch {epoch - 1} in checkpoint.pt — lower --lr "
-                       f"(now {cfg.lr:g}) or check --embed-reg (now {cfg.embed_reg:g}).")
+                       f"stops and {kept} — lower --lr (now {cfg.lr:g}) or check "
+                       f"--embed-reg (now {cfg.embed_reg:g}).")
 
 
 def _evaluate_epoch(model: AttRec, data: DeviceData, cfg: TrainConfig, epoch: int,
@@ -690,10 +709,13 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     runner = EpochRunner(model, opt, data, cfg, forward=forward, shard=(rank, world))
     if use_graph:
         runner.capture()
-    stopped_early = False
+    stopped_early = cfg.early_stop > 0 and state.stale >= cfg.early_stop
+    if stopped_early:  # the run had already stopped early: resuming changes nothing
+        log(f"{run_dir} stopped early after epoch {state.epoch} (no better validation "
+            f"{state.history[-1]['val_name']} for {state.stale} epochs); nothing to resume")
     writer = CheckpointWriter(run_dir)
     try:
-        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        for epoch in range(state.epoch + 1, 0 if stopped_early else cfg.epochs + 1):
             train_loss, fit_time = _fit_epoch(runner, cfg, data, epoch, gens,
                                               progress and main_proc, distributed)
             _check_finite(model, cfg, epoch, train_loss=train_loss)

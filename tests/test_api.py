@@ -82,3 +82,10 @@ def test_mistakes_raise_user_error(run, tmp_path):
     src = write(tmp_path / "r.dat", TINY_ML1M)
     with pytest.raises(UserError, match="is the input"):
         fa.prepare(src, src, force=True)
+
+
+def test_api_argument_mistakes(run):
+    with pytest.raises(UserError, match="protocol must be one of"):
+        run.evaluate(protocol="xx")
+    with pytest.raises(UserError, match="users is empty"):
+        run.recommend(users=[], k=5)

@@ -93,3 +93,14 @@ def test_force_replaces_only_after_the_new_archive_is_verified(tmp_path, server)
     assert (dest / "ml-100k" / "u.data").read_bytes() == before
     assert cli(*ok, "--md5", md5, "--force").exit_code == 0
     assert sorted(p.name for p in dest.iterdir()) == ["ml-100k"]
+
+
+def test_force_refuses_a_download_folder_holding_files_of_the_users(tmp_path, server):
+    url, md5 = server
+    dest = tmp_path / "data"
+    args = ("download", "ml-100k", "--dir", dest, "--url", f"{url}/ml-100k.zip", "--md5", md5)
+    assert cli(*args).exit_code == 0
+    (dest / "ml-100k" / "my-notes.txt").write_text("keep")
+    r = cli(*args, "--force")
+    assert r.exit_code != 0 and "my-notes.txt" in r.output
+    assert (dest / "ml-100k" / "my-notes.txt").read_text() == "keep"

@@ -89,7 +89,16 @@ def test_synth_force_replaces_only_its_own_log(tmp_path):
     (tmp_path / "dir").mkdir()
     write(tmp_path / "dir" / "x", "keep")
     msg = one_line_error(cli("synth", "-o", tmp_path / "dir", "--force"))
-    assert "did not make" in msg and (tmp_path / "dir" / "x").exists()
+    assert "is a folder" in msg and (tmp_path / "dir" / "x").exists()
+    (tmp_path / "empty").mkdir()
+    msg = one_line_error(cli("synth", "-o", tmp_path / "empty", "--force"))
+    assert "is a folder" in msg and not (tmp_path / "empty.synth.json").exists()
+    # A record file of the user's beside the output is not overwritten.
+    theirs = write(tmp_path / "new.dat.synth.json", "user json")
+    msg = one_line_error(cli("synth", "-o", tmp_path / "new.dat", "--users", "5", "--items",
+                             "20", "--interactions", "40"))
+    assert "not a record fastattrec wrote" in msg and theirs.read_text() == "user json"
+    assert not (tmp_path / "new.dat").exists()
 
 
 def test_outputs_under_a_file_are_one_sentence(tmp_path):
@@ -267,3 +276,62 @@ def test_lock_file_of_a_killed_command_does_not_block(tmp_path):
     time.sleep(0.01)
     assert prep(src, out).exit_code == 0
     assert not lock_path(out).exists()
+
+
+# ---- the audit's second round: more cases of each class ---------------------------------
+
+def test_prep_force_keeps_the_users_files_in_a_dataset_folder(tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    out = tmp_path / "ds"
+    assert prep(src, out).exit_code == 0
+    notes = write(out / "notes.txt", "mine")
+    msg = one_line_error(prep(src, out, "--force"))
+    assert "notes.txt" in msg and "did not write" in msg
+    assert notes.read_text() == "mine"
+
+
+def test_output_symlink_is_followed_and_kept(tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    real = tmp_path / "real"
+    assert prep(src, real, "--seed", "1").exit_code == 0
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert prep(src, link, "--seed", "2", "--force").exit_code == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert json.loads((real / "meta.json").read_text())["params"]["seed"] == 2
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    assert "loops" in one_line_error(prep(src, loop))
+
+
+def test_pipes_and_binary_files_are_named(tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in one_line_error(prep(fifo, tmp_path / "o1"))
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 40)
+    for fmt in ("ml-1m", "ml-100k", "sequence-pairs", "sequence-lines", "csv"):
+        msg = one_line_error(prep(blob, tmp_path / "o2", "--format", fmt))
+        assert "binary file" in msg, fmt
+    import polars as pl
+
+    pl.read_csv(src, separator=":", has_header=False).write_parquet(tmp_path / "x.parquet")
+    msg = one_line_error(prep(tmp_path / "x.parquet", tmp_path / "o3", "--format", "ml-1m"))
+    assert "is a Parquet file" in msg and "--format parquet" in msg
+
+
+def test_full_disk_names_the_file_in_every_place(tmp_path, monkeypatch):
+    import errno
+
+    import fastattrec.outputs as outputs
+
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "write", full)
+    msg = one_line_error(prep(src, tmp_path / "out"))
+    assert ".out.lock" in msg and "free some space" in msg

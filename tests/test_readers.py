@@ -291,3 +291,34 @@ def test_cli_format_choices_match_the_reader():
     from fastattrec.data.readers import FORMATS
 
     assert tuple(PREP_FORMATS) == FORMATS
+
+
+def test_ids_beyond_64_bits_stay_exact_as_text(tmp_path):
+    big = 10**21
+    src = write(tmp_path / "log.csv", "user,item,time\n" + "".join(
+        f"{big + u},{i},{u * 10 + i}\n" for u in (1, 2) for i in (1, 2, 3)))
+    frame, _ = read_ratings(src)
+    assert frame.schema["user"] == pl.String
+    assert sorted(set(frame.get_column("user"))) == [str(big + 1), str(big + 2)]
+
+
+def test_latin1_in_a_sequence_format_is_named(tmp_path):
+    src = tmp_path / "seq.txt"
+    src.write_bytes("ann a\nann b\njos\xe9 caf\xe9\n".encode("latin-1"))
+    msg = prep_fails(tmp_path, src, "--format", "sequence-pairs")
+    assert "line 3 is not UTF-8" in msg
+
+
+def test_empty_value_and_unbalanced_quote_are_named(tmp_path):
+    src = write(tmp_path / "log.csv", "user,item,rating,time\n1,2,5,1\n1,3,,2\n2,2,4,1\n")
+    msg = prep_fails(tmp_path, src, "--trans-score", "1")
+    assert "line 3: no value in the column 'rating'" in msg
+    src = write(tmp_path / "q.csv", 'user,item,time\n1,2,1\n"1,3,2\n2,2,1\n')
+    msg = prep_fails(tmp_path, src)
+    assert "line 3" in msg and "quote" in msg
+
+
+def test_huge_values_are_shortened_in_messages(tmp_path):
+    src = write(tmp_path / "r.dat", "1::10::5::100\n" + "9" * 100_000 + "x::10::5::1\n")
+    msg = prep_fails(tmp_path, src)
+    assert "line 2" in msg and len(msg) < 400

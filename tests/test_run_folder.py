@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +355,125 @@ def test_evaluate_during_another_command_on_the_run_does_not_write(finished):
     assert not (finished / "eval.json").exists()
     assert cli("evaluate", finished).exit_code == 0
     assert (finished / "eval.json").exists()
+
+
+# ---- the audit's second round ------------------------------------------------------------
+
+def copy_run(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_recommend_refuses_non_finite_scores(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    for k in ("user_emb", "item_emb", "item2_emb"):
+        ck["model"][k] = torch.full_like(ck["model"][k], 3e38)  # finite, but products overflow
+    torch.save(ck, run / "checkpoint.pt")
+    msg = error_line(cli("recommend", run, "--user", "1", "-k", "3"))
+    assert "not finite" in msg and "lower --lr" in msg
+
+
+def test_movies_file_with_a_repeated_id_or_the_wrong_shape(finished, tmp_path):
+    from helpers import write
+
+    dup = write(tmp_path / "movies.dat", "1::A (1995)::Drama\n2::B (1996)::Drama\n"
+                                         "1::A again::Drama\n")
+    msg = error_line(cli("recommend", finished, "--user", "1", "--movies", dup))
+    assert "line 3" in msg and "MovieID 1 already appeared on line 1" in msg
+    ratings = write(tmp_path / "ratings.dat", "1::10::5::100\n")
+    msg = error_line(cli("recommend", finished, "--user", "1", "--movies", ratings))
+    assert "line 1" in msg and "MovieID::Title::Genres" in msg
+
+
+def test_evaluate_with_data_of_another_fingerprint_is_refused(finished, tmp_path):
+    other = tmp_path / "other"
+    synthesize(tmp_path / "o.dat", 60, 200, 3000, seed=9, clusters=6)
+    prepare(tmp_path / "o.dat", other, PrepOptions(test_negatives=20))
+    msg = error_line(cli("evaluate", finished, "--data", other))
+    assert "is not the dataset" in msg
+    data = json.loads((finished / "config.json").read_text())["train"]["data_dir"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in Path(data).iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert cli("evaluate", finished, "--data", copy).exit_code == 0
+    ev = json.loads((finished / "eval.json").read_text())
+    assert ev["data"]["path"] == str(copy.resolve()) and len(ev["data"]["fingerprint"]) == 64
+
+
+@pytest.mark.parametrize("damage", ["padding negative", "negative below zero", "seen negative",
+                                    "repeated negative"])
+def test_damaged_negatives_are_refused(data_dir, tmp_path, damage):
+    import polars as pl
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for f in data_dir.iterdir():
+        (ds / f.name).write_bytes(f.read_bytes())
+    seq = pl.read_parquet(ds / "sequences.parquet")
+    test = pl.read_parquet(ds / "test_negatives.parquet")
+    first_user_items = seq.get_column("item")[:3].to_list()
+    if damage == "padding negative":
+        test = test.with_columns(pl.lit(0, pl.Int32).alias("neg"))
+    elif damage == "negative below zero":
+        seq = seq.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(-3)
+                               .otherwise(pl.col("neg")).cast(pl.Int32).alias("neg"))
+    elif damage == "seen negative":
+        test = test.with_columns(pl.when(pl.int_range(pl.len()) == 0)
+                                 .then(first_user_items[0]).otherwise(pl.col("neg"))
+                                 .cast(pl.Int32).alias("neg"))
+    else:
+        test = test.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(pl.col("neg").first())
+                                 .otherwise(pl.col("neg")).cast(pl.Int32).alias("neg"))
+    seq.write_parquet(ds / "sequences.parquet")
+    test.write_parquet(ds / "test_negatives.parquet")
+    msg = error_line(cli("train", ds, "-o", tmp_path / "run", *ARGS))
+    assert "do not agree" in msg
+
+
+def test_resuming_a_run_that_stopped_early_changes_nothing(data_dir, tmp_path):
+    run = tmp_path / "run"
+    res = train(data_dir, run, TrainConfig(epochs=40, lr=3e-2, early_stop=1, **SMALL),
+                log=print)
+    assert res.stopped_early
+    before = (run / "checkpoint.pt").read_bytes()
+    r = cli("train", "--resume", run, "--epochs", "40")
+    assert r.exit_code == 0 and "nothing to resume" in r.output
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_divergence_in_the_first_epoch_says_nothing_was_saved(data_dir, tmp_path):
+    msg = error_line(cli("train", data_dir, "-o", tmp_path / "r", "--epochs", "2", "--lr",
+                         "1e30", *ARGS))
+    assert "saved no epoch" in msg and "checkpoint.pt" not in msg
+
+
+def test_options_edited_in_config_json_are_refused(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["kernel"] = "evil"
+    (run / "config.json").write_text(json.dumps(cfg))
+    for args in (("evaluate", run), ("recommend", run, "--user", "1")):
+        msg = error_line(cli(*args))
+        assert "config.json" in msg and "--kernel" in msg
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("--early-stop", "-1"), "--early-stop must not be negative"),
+    (("-k", "0"), "-k must be at least 1"),
+    (("--seed", str(10**20)), "--seed must be between"),
+    (("--threads", "100000"), "--threads"),
+    (("--threads", "-1"), "--threads"),
+])
+def test_option_errors_name_the_option(data_dir, tmp_path, args, expect):
+    r = cli("train", data_dir, "-o", tmp_path / "run", *ARGS, *args)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert expect in r.output
+
+
+def test_data_dir_with_resume_is_refused(finished, data_dir):
+    msg = error_line(cli("train", data_dir, "--resume", finished))
+    assert "DATA_DIR" in msg and "drop it" in msg

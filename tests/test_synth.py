@@ -2,6 +2,7 @@
 
 import numpy as np
 import polars as pl
+import pytest
 
 from fastattrec.data.readers import read_ratings
 from fastattrec.data.synth import synthesize
@@ -56,3 +57,17 @@ def test_cli_refuses_to_overwrite(tmp_path):
     assert r.exit_code != 0 and "already exists" in r.output
     bad = cli("synth", "-o", tmp_path / "t.dat", "--users", 10, "--interactions", 5)
     assert bad.exit_code != 0 and "--interactions" in bad.output
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("--switch", "2"), "--switch is a probability"),
+    (("--switch", "nan"), "--switch is a probability"),
+    (("--clusters", "0"), "--clusters must be at least 1"),
+    (("--clusters", "-3"), "--clusters must be at least 1"),
+    (("--seed", "-1"), "--seed"),
+])
+def test_bad_parameters_are_refused_before_writing(tmp_path, args, expect):
+    r = cli("synth", "-o", tmp_path / "s.dat", "--users", "5", "--items", "20",
+            "--interactions", "40", *args)
+    assert r.exit_code != 0 and "Traceback" not in r.output and expect in r.output
+    assert not (tmp_path / "s.dat").exists() and not (tmp_path / "s.dat.synth.json").exists()

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from fastattrec.atomic import is_write_failure
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
 from fastattrec.outputs import write_error
 
 _MAGIC = (
@@ -71,6 +71,7 @@ def decompress_to(path: Path, folder: Path) -> Path:
         dest.unlink(missing_ok=True)
         if is_write_failure(e, (dest,)):
             raise write_error(folder, e) from None
-        raise UserError(f"{path} is not a complete {kind} file ({e}); download or compress "
-                        f"it again.") from None
+        why = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a complete {kind} file ({shown(why, 100)}); download "
+                        f"or compress it again.") from None
     return dest

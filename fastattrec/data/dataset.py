@@ -30,8 +30,8 @@ import numpy as np
 import polars as pl
 
 from fastattrec.data import FORMAT_VERSION
-from fastattrec.errors import UserError
-from fastattrec.outputs import read_json_dict
+from fastattrec.errors import UserError, quoted, shown
+from fastattrec.outputs import foreign_files, read_json_dict
 
 FILES = ("meta.json", "sequences.parquet", "users.parquet", "items.parquet",
          "test_negatives.parquet")
@@ -76,6 +76,19 @@ def is_prepared_dataset(path: Path) -> bool:
     return meta is not None and "format_version" in meta and "fastattrec_version" in meta
 
 
+def replaceable_dataset(path: Path) -> bool:
+    """For `prep --force`: True when `path` is a prepared dataset holding only the files
+    `prep` writes; a UserError naming them when it also holds files of the user's."""
+    if not is_prepared_dataset(path):
+        return False
+    extra = foreign_files(path, FILES)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UserError(f"{path} is a prepared dataset but also holds {shown}, which fastattrec "
+                        f"did not write; move them out before --force, or choose another -o.")
+    return True
+
+
 def fingerprint(meta: dict[str, Any]) -> str:
     """SHA-256 of meta.json's canonical JSON: the source file's hash, every parameter
     (seed included) and the counts, so two preparations that differ in anything that
@@ -95,9 +108,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(
             f"{path} is not a prepared dataset (missing {', '.join(missing)}); "
-            f"run `fastattrec prep INPUT -o {path}`."
+            f"run `fastattrec prep INPUT -o {quoted(path)}`."
         )
-    again = f"prepare it again with `fastattrec prep INPUT -o {path} --force`"
+    again = f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`"
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as e:
@@ -106,6 +119,10 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(f"{path / 'meta.json'} holds a JSON {type(meta).__name__}, not the "
                         f"object fastattrec writes; {again}.")
     version = meta.get("format_version")
+    if isinstance(version, str):
+        raise UserError(f"{path / 'meta.json'} gives format_version as the text {shown(version)}, "
+                        f"but fastattrec writes it as the number {FORMAT_VERSION}: the file "
+                        f"was edited or written by another tool; {again}.")
     if version != FORMAT_VERSION:
         raise UserError(
             f"{path / 'meta.json'} says dataset format {version!r}, this fastattrec reads format "
@@ -147,7 +164,7 @@ def load_prepared(path: Path) -> Prepared:
     except (OSError, pl.exceptions.PolarsError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} holds a damaged Parquet file ({first}); prepare it again "
-                        f"with `fastattrec prep INPUT -o {path} --force`.") from None
+                        f"with `fastattrec prep INPUT -o {quoted(path)} --force`.") from None
     n_test_users = int((users.get_column("length") >= 2).sum())
     n_neg = int(meta["params"]["test_negatives_per_user"])
     test_negs = test.get_column("neg").to_numpy().astype(np.int32)
@@ -161,14 +178,18 @@ def load_prepared(path: Path) -> Prepared:
         and np.array_equal(offsets, np.cumsum(lengths) - lengths)
         and users.height == meta["counts"]["users"]
         and seq.height == meta["counts"]["interactions"]
-        and (seq.height == 0 or (int(seq.get_column("item").min()) >= 0
-                                 and int(seq.get_column("item").max()) < rows
-                                 and int(seq.get_column("neg").max()) < rows))
-        and (test_negs.size == 0 or (test_negs.min() >= 0 and test_negs.max() < rows))
+        and _in_range(seq.get_column("item").to_numpy(), rows)
+        and _in_range(seq.get_column("neg").to_numpy(), rows)
+        and _in_range(test_negs, rows)
     )
+    if consistent and test_negs.size:
+        consistent = _test_negatives_valid(
+            test_negs.reshape(n_test_users, n_neg), seq.get_column("item").to_numpy(),
+            lengths, rows, bool(meta["params"].get("test_negatives_distinct", True)))
     if not consistent:
-        raise UserError(f"{path}: its files do not agree with each other or with meta.json; "
-                        f"prepare it again with `fastattrec prep INPUT -o {path} --force`.")
+        raise UserError(f"{path}: its files do not agree with each other or with meta.json "
+                        f"(ids out of range, or negatives that are a user's own items); "
+                        f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`.")
     return Prepared(
         path=path,
         meta=meta,
@@ -183,9 +204,29 @@ def load_prepared(path: Path) -> Prepared:
     )
 
 
+def _in_range(ids: np.ndarray, rows: int) -> bool:
+    """Real item ids: 1 .. rows-1 (0 is padding, never an item or a negative)."""
+    return ids.size == 0 or (int(ids.min()) >= 1 and int(ids.max()) < rows)
+
+
+def _test_negatives_valid(negs: np.ndarray, items: np.ndarray, lengths: np.ndarray,
+                          rows: int, distinct: bool) -> bool:
+    """Each test user's negatives are not among the user's own items (and, when the
+    dataset says so, distinct from each other). Vectorised: keys user * rows + item."""
+    tested = np.flatnonzero(lengths >= 2)  # row of each test user in users.parquet
+    if distinct:
+        srt = np.sort(negs, axis=1)
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            return False
+    owner = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), lengths)
+    seen = owner * rows + items.astype(np.int64)
+    asked = tested[:, None].astype(np.int64) * rows + negs.astype(np.int64)
+    return not np.isin(asked.ravel(), seen).any()
+
+
 def _check_columns(path: Path, frames: dict[str, tuple[pl.DataFrame, tuple[str, ...]]]) -> None:
     for name, (frame, cols) in frames.items():
         missing = [c for c in cols if c not in frame.columns]
         if missing:
             raise UserError(f"{path / name} lacks column(s) {', '.join(missing)}; prepare it "
-                            f"again with `fastattrec prep INPUT -o {path} --force`.")
+                            f"again with `fastattrec prep INPUT -o {quoted(path)} --force`.")

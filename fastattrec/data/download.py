@@ -52,13 +52,28 @@ def download(name: str, dest: Path, url: str | None = None, md5: str | None = No
             _fetch(url, archive, want, progress)
             with atomic_dir(folder, force=True) as tmp:
                 _unpack(archive, tmp, url, ratings)
-                atomic_write_json(tmp / MARKER, {"dataset": name, "url": url, "md5": want})
+                files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                atomic_write_json(tmp / MARKER, {"dataset": name, "url": url, "md5": want,
+                                                 "files": files})
     return sorted(folder.rglob(ratings))[0]
 
 
 def made_by_download(folder: Path) -> bool:
-    """True when `folder` was unpacked by `fastattrec download` (it holds MARKER)."""
-    return read_json_dict(Path(folder) / MARKER) is not None
+    """True when `folder` was unpacked by `fastattrec download` (it holds MARKER); a
+    UserError naming them when files were added to it since (--force would delete them)."""
+    folder = Path(folder)
+    marker = read_json_dict(folder / MARKER)
+    if marker is None:
+        return False
+    if not isinstance(marker.get("files"), list):
+        return True  # no list of its files to compare with
+    known = set(marker["files"]) | {MARKER}
+    extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and str(p.relative_to(folder)) not in known)
+    if extra:
+        raise UserError(f"{folder} was downloaded by fastattrec but now also holds "
+                        f"{', '.join(extra[:5])}; move them out before --force.")
+    return True
 
 
 def _fetch(url: str, path: Path, want: str, progress) -> None:

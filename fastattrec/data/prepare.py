@@ -22,7 +22,7 @@ from fastattrec import __version__
 from fastattrec.atomic import atomic_dir, atomic_write_json
 from fastattrec.data import DATASET_KIND, FORMAT_VERSION
 from fastattrec.data.compressed import decompress_to
-from fastattrec.data.dataset import is_prepared_dataset
+from fastattrec.data.dataset import replaceable_dataset
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
 from fastattrec.data.readers import ColumnNames, check_file, read_ratings, sink_ratings
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
@@ -84,7 +84,7 @@ def prepare(
         steps.append((name, now))
         log(f"[{now:6.2f}s] {name}")
 
-    with claim_output(out_dir, force=force, made_by_us=is_prepared_dataset,
+    with claim_output(out_dir, force=force, made_by_us=replaceable_dataset,
                       what="prepared dataset", inputs=[source], log=log) as out_dir, \
             atomic_dir(out_dir, force=True) as tmp:
         step("reading " + str(source))

@@ -18,14 +18,15 @@ named.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from fastattrec.atomic import is_write_failure
 from fastattrec.data.compressed import compression_of
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
+from fastattrec.outputs import write_error
 
 FORMATS = ("auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "parquet",
            "sequence-pairs", "sequence-lines")
@@ -69,6 +70,11 @@ class Scan:
     # How each canonical column is called in messages ("'timestamp' column", "time field").
     labels: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def sep_quotes(self) -> bool:
+        """Fields may be quoted (the generic CSV/TSV/RecBole readers)."""
+        return self.text_frame is not None
+
     def label(self, col: str) -> str:
         return self.labels.get(col, f"{col} field")
 
@@ -83,6 +89,9 @@ def check_file(path: Path) -> None:
         raise UserError(f"{path} does not exist; check the path.")
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the ratings file inside it.")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a pipe, FIFO or device); save the "
+                        f"log to a file first and give that file.")
     try:
         with open(path, "rb"):
             pass
@@ -126,9 +135,22 @@ def detect_format(path: Path) -> str:
         hint = (" (for `user item` lines in time order use --format sequence-pairs; for one "
                 "line per user, --format sequence-lines)")
     raise UserError(
-        f"{path}: cannot tell the format from its first line {line[:60]!r}; "
+        f"{path}: cannot tell the format from its first line {shown(line)}; "
         f"pass --format (one of {', '.join(FORMATS[1:])}){hint}."
     )
+
+
+def _refuse_binary(path: Path, fmt: str) -> None:
+    """A text format was asked for: refuse a Parquet or other binary file in one sentence
+    (Polars would otherwise fail deep inside with a schema error)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PAR1"):
+        raise UserError(f"{path} is a Parquet file, not {fmt} text; pass --format parquet "
+                        f"(or --format auto).")
+    if b"\x00" in head:
+        raise UserError(f"{path} is a binary file, not {fmt} text; check the path or "
+                        f"--format.")
 
 
 def _movielens_scan(path: Path, fmt: str) -> Scan:
@@ -167,14 +189,15 @@ def _lines(path: Path, skip: int = 0) -> pl.LazyFrame:
     return pl.scan_csv(
         path, separator=_TEXT_SEP, has_header=False, quote_char=None,
         schema={"text": pl.String}, row_index_name="_line", row_index_offset=1,
-        encoding="utf8-lossy",
+        encoding="utf8-lossy", truncate_ragged_lines=True,
     ).slice(skip)
 
 
 def _sequence_scan(path: Path, fmt: str) -> Scan:
     """`user item` lines, or `user item1 item2 ...` lines: time is the order in the file."""
     tokens = _lines(path).with_columns(
-        pl.col("text").fill_null("").str.extract_all(r"\S+").alias("tok"))
+        pl.col("text").fill_null("").str.extract_all(r"\S+").alias("tok"),
+        pl.col("text").fill_null("").str.contains("\ufffd", literal=True).alias("_enc"))
     if fmt == "sequence-pairs":
         lf = tokens.select(
             pl.col("tok").list.get(0, null_on_oob=True).alias("user"),
@@ -182,6 +205,7 @@ def _sequence_scan(path: Path, fmt: str) -> Scan:
             pl.col("_line").cast(pl.Int64).alias("time"),
             pl.col("_line"),
             pl.col("tok").list.len().alias("_n"),
+            pl.col("_enc"),
         )
         labels = {"user": "first field (user)", "item": "second field (item)"}
     else:
@@ -190,12 +214,13 @@ def _sequence_scan(path: Path, fmt: str) -> Scan:
             pl.col("tok").list.slice(1).alias("item"),
             pl.col("_line"),
             pl.col("tok").list.len().alias("_n"),
+            pl.col("_enc"),
         ).with_columns(
             # A line with a user but no item keeps one null item: explained as a blank.
             pl.when(pl.col("item").list.len() == 0).then(pl.lit([None], pl.List(pl.String)))
             .otherwise(pl.col("item")).alias("item")
         ).explode("item").with_row_index("time").with_columns(pl.col("time").cast(pl.Int64))
-        lf = lf.select("user", "item", "time", "_line", "_n")
+        lf = lf.select("user", "item", "time", "_line", "_n", "_enc")
         labels = {"user": "first field (user)", "item": "item fields"}
     return Scan(lf, fmt, False, "", 0, 0, ("user", "item"), None, labels)
 
@@ -281,11 +306,13 @@ def scan_ratings(path: Path, fmt: str = "auto", cols: ColumnNames | None = None)
     check_file(path)
     cols = cols or ColumnNames()
     if fmt not in FORMATS:
-        raise UserError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        raise UserError(f"unknown --format {shown(fmt)}; use one of {', '.join(FORMATS)}.")
     if fmt == "auto":
         fmt = detect_format(path)
     elif compression_of(path) is not None:
         detect_format(path)  # explains the compression
+    if fmt != "parquet":
+        _refuse_binary(path, fmt)
     fixed = MOVIELENS + SEQUENCES
     if fmt in fixed and any((cols.user, cols.item, cols.time, cols.rating)):
         raise UserError(
@@ -321,10 +348,10 @@ def tidy_rows(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = False
     needed = ["user", "item", "time"] + (["rating"] if scan.has_rating else [])
     stray = [c for c in _STRAY if c in cols]
     if scan.fmt in SEQUENCES:
-        blank = pl.col("_n") == 0
+        blank = (pl.col("_n") == 0) & ~pl.col("_enc")
         want = 2 if scan.fmt == "sequence-pairs" else None
         wrong = (pl.col("_n") != want) if want else (pl.col("_n") == 1)
-        bad_expr = blank | wrong
+        bad_expr = blank | wrong | pl.col("_enc")
     else:
         blank = pl.all_horizontal(*[pl.col(c).is_null() for c in needed],
                                   *[pl.col(c).is_null() for c in stray])
@@ -334,6 +361,9 @@ def tidy_rows(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = False
     if row is None:
         return lf
     line, word = row["_line"], scan.row_word
+    if row.get("_enc"):
+        raise UserError(f"{path}, line {line} is not UTF-8 text (Latin-1?); convert the file, "
+                        f"e.g. `iconv -f latin1 -t utf-8`.")
     if row["_blank"]:
         later = _first_bad(lf, (pl.col("_line") > line) & ~blank, streaming)
         if later is None:  # only blank lines from here on: the file just ends with them
@@ -352,9 +382,19 @@ def tidy_rows(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = False
             f"fix the line or pass the right --format."
         )
     col = next(c for c in needed if row[c] is None)
-    expected = f" (expected {scan.n_fields} fields a line)" if scan.n_fields else ""
-    raise UserError(f"{path}, {word} {line}: the {scan.label(col)} is missing{expected}; "
-                    f"fix or remove that {word}.")
+    if scan.fmt in MOVIELENS:
+        raise UserError(f"{path}, line {line}: the {scan.label(col)} is missing or empty "
+                        f"(expected {scan.n_fields} fields a line); fix or remove that line.")
+    raise UserError(f"{path}, {word} {line}: no value in the {scan.label(col)}; fill it in or "
+                    f"remove that {word}.")
+
+
+def _fits_int64(lf: pl.LazyFrame, col: str, dt: pl.DataType, streaming: bool) -> bool:
+    if dt in (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32):
+        return True
+    lo, hi = _collect(lf.select(pl.col(col).min().cast(pl.String).alias("lo"),
+                                pl.col(col).max().cast(pl.String).alias("hi")), streaming).row(0)
+    return lo is None or (int(lo) >= -(2**63) and int(hi) < 2**63)
 
 
 def _all_cast(lf: pl.LazyFrame, col: str, dtype: pl.DataType, streaming: bool) -> bool:
@@ -368,8 +408,8 @@ def _explain_value(lf: pl.LazyFrame, scan: Scan, path: Path, col: str, bad: pl.E
                    want: str, streaming: bool) -> UserError:
     row = _first_bad(lf, bad, streaming)
     where = f", {scan.row_word} {row['_line']}" if row else ""
-    shown = f": {row[col]!r} is not {want}" if row else f" must hold {want}"
-    return UserError(f"{path}{where}, {scan.label(col)}{shown}; fix the value or check "
+    what = f": {shown(row[col])} is not {want}" if row else f" must hold {want}"
+    return UserError(f"{path}{where}, {scan.label(col)}{what}; fix the value or check "
                      f"--format and the column options.")
 
 
@@ -383,7 +423,9 @@ def coerce_types(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = Fal
     out = []
     for col in ("user", "item"):
         dt = schema[col]
-        if dt.is_integer():
+        if dt.is_integer() and not _fits_int64(lf, col, dt, streaming):
+            out.append(pl.col(col).cast(pl.String))  # ids beyond 64 bits stay exact as text
+        elif dt.is_integer():
             out.append(pl.col(col).cast(pl.Int64))
         elif dt == pl.String:
             if _all_cast(lf, col, pl.Int64, streaming):
@@ -492,11 +534,17 @@ def diagnose(path: Path, scan: Scan, error: BaseException) -> UserError | None:
     bad = counted.filter((pl.col("n") != want) & (text != "")).head(1).collect()
     if bad.height:
         line, text, n = bad.row(0)
-        shown = sep.replace("\t", "\\t")
+        sep_shown = sep.replace("\t", "\\t")
         return UserError(
-            f"{path}, line {line}: expected {want} fields separated by '{shown}' but found "
-            f"{n} in {(text or '')[:80]!r}; fix the line or pass the right --format."
+            f"{path}, line {line}: expected {want} fields separated by '{sep_shown}' but "
+            f"found {n} in {shown(text or '', 80)}; fix the line or pass the right --format."
         )
+    if scan.sep_quotes:
+        odd = lines.filter(pl.col("text").fill_null("").str.count_matches('"', literal=True)
+                           % 2 == 1).head(1).collect()
+        if odd.height:
+            return UserError(f"{path}, line {odd.item(0, '_line')}: a quote (\") is opened and "
+                             f"never closed; fix the line.")
     if scan.text_frame is not None:
         return None  # typed by the whole column in a second pass
     parts = counted.with_columns(pl.col("text").str.split(sep).alias("f"))
@@ -512,7 +560,7 @@ def diagnose(path: Path, scan: Scan, error: BaseException) -> UserError | None:
             row = hit.row(0, named=True)
             kind = "a number" if name == "rating" else "an integer"
             return UserError(
-                f"{path}, line {row['_line']}, {name} field: {row['v']!r} is not {kind}; "
+                f"{path}, line {row['_line']}, {name} field: {shown(row['v'])} is not {kind}; "
                 f"fix the value or check --format."
             )
     return None
@@ -546,14 +594,10 @@ def read_ratings(
             ) from None
     lf = tidy_rows(frame.lazy(), scan, path)
     frame = coerce_types(lf, scan, path).drop(
-        [c for c in (*_STRAY, "_n") if c in frame.columns]).collect()
+        [c for c in (*_STRAY, "_n", "_enc") if c in frame.columns]).collect()
     if frame.height == 0:
         raise UserError(f"{path} holds no ratings (only a header or blank lines).")
     return frame, scan
-
-
-_WRITE_FAILURE = re.compile(r"No space left|Read-only file system|Permission denied|"
-                            r"Disk quota|os error (28|30|13|122)\b", re.IGNORECASE)
 
 
 def _sink(lf: pl.LazyFrame, dest: Path) -> None:
@@ -561,9 +605,8 @@ def _sink(lf: pl.LazyFrame, dest: Path) -> None:
     try:
         lf.sink_parquet(dest, engine="streaming")
     except (pl.exceptions.PolarsError, OSError) as e:
-        if _WRITE_FAILURE.search(str(e)):
-            raise UserError(f"cannot write {dest.parent} ({_first(e)}); free some space or "
-                            f"write elsewhere.") from None
+        if is_write_failure(e, (dest,)):
+            raise write_error(dest.parent, e) from None
         raise
 
 
@@ -586,7 +629,7 @@ def sink_ratings(
     lf = tidy_rows(pl.scan_parquet(dest), scan, path, streaming=True)
     names = lf.collect_schema().names()
     lf = coerce_types(lf, scan, path, streaming=True).drop(
-        [c for c in (*_STRAY, "_n") if c in names])
+        [c for c in (*_STRAY, "_n", "_enc") if c in names])
     if _collect(lf.select(pl.len()), True).item() == 0:
         raise UserError(f"{path} holds no ratings (only a header or blank lines).")
     return lf, scan

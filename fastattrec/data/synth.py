@@ -13,6 +13,7 @@ the same for the same arguments whatever the machine.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,17 @@ def synth_record(path: Path) -> Path:
     return path.with_name(path.name + ".synth.json")
 
 
+def _record(path: Path) -> dict | None:
+    rec = read_json_dict(synth_record(path))
+    return rec if rec is not None and rec.get("kind") == SYNTH_KIND else None
+
+
 def made_by_synth(path: Path) -> bool:
     """True when `path` is a log written by `synth` and unchanged since (its record's
     size and SHA-256 match)."""
     path = Path(path)
-    rec = read_json_dict(synth_record(path))
-    if rec is None or rec.get("kind") != SYNTH_KIND or not path.is_file():
+    rec = _record(path)
+    if rec is None or not path.is_file():
         return False
     return rec.get("size") == path.stat().st_size and rec.get("sha256") == file_sha256(path)
 
@@ -87,6 +93,12 @@ def synthesize(
             f"need --users >= 1, --items >= 2 and --interactions >= --users "
             f"(got {users}, {items}, {interactions})."
         )
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, got {seed}.")
+    if not (math.isfinite(switch) and 0.0 <= switch <= 1.0):
+        raise UserError(f"--switch is a probability: give a number from 0 to 1, got {switch}.")
+    if clusters is not None and clusters < 1:
+        raise UserError(f"--clusters must be at least 1, got {clusters}.")
     clusters = clusters or int(np.clip(items // 40, 2, 64))
     if clusters > items:
         raise UserError(f"--clusters {clusters} exceeds --items {items}.")
@@ -98,17 +110,23 @@ def synthesize(
     global_perm = base.permutation(items) + 1
     rating_cdf = np.cumsum([0.06, 0.11, 0.26, 0.35, 0.22])
 
-    with claim_output(path, force=force, made_by_us=made_by_synth,
-                      what="log written by `fastattrec synth`") as path, \
-            atomic_path(path) as tmp:
-        with open(tmp, "wb") as out:
-            _write_chunks(out, users, lengths, perm, shifted, global_cdf, global_perm,
-                          rating_cdf, clusters, switch, seed)
-        record = {"kind": SYNTH_KIND, "fastattrec_version": __version__,
-                  "size": tmp.stat().st_size, "sha256": file_sha256(tmp),
+    with claim_output(path, force=force, made_by_us=made_by_synth, kind="file",
+                      what="log written by `fastattrec synth`") as path:
+        record_path = synth_record(path)
+        if record_path.is_dir() or (record_path.exists() and _record(path) is None):
+            raise UserError(f"{record_path} exists and is not a record fastattrec wrote; "
+                            f"`synth` keeps its record there, so move it away or choose "
+                            f"another -o.")
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as out:
+                _write_chunks(out, users, lengths, perm, shifted, global_cdf, global_perm,
+                              rating_cdf, clusters, switch, seed)
+            size, sha = tmp.stat().st_size, file_sha256(tmp)
+        record = {"kind": SYNTH_KIND, "fastattrec_version": __version__, "size": size,
+                  "sha256": sha,
                   "params": {"users": users, "items": items, "interactions": interactions,
                              "seed": seed, "clusters": clusters, "switch": switch}}
-        atomic_write_json(synth_record(path), record)
+        atomic_write_json(record_path, record)  # after the log: it never names a missing file
     return {"users": users, "items": items, "interactions": interactions,
             "clusters": clusters}
 
