@@ -232,7 +232,11 @@ def _train_options(f):
                      show_default=True,
                      help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),
         click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 1024),
-                     help="CPU threads for torch (0: one per core)."),
+                     help="CPU threads for torch. 0: one per core that is not busy with "
+                          "other work when the run starts (beside a busy process, fewer "
+                          "threads are faster than waiting for a shared core). The number "
+                          "used is saved with the run and reused by --resume: results "
+                          "depend on it in the last bits."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -254,7 +258,7 @@ def _train_options(f):
               help="Progress bar per epoch [default: when writing to a terminal].")
 @_train_options
 @_user_errors
-def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> None:
+def train(data_dir, run_dir, resume_dir, force, progress, **opts) -> None:
     """Train AttRec on a prepared dataset (DATA_DIR from `fastattrec prep`).
 
     Each epoch prints one line (losses, validation NDCG, speed) and writes an atomic
@@ -263,9 +267,7 @@ def train(data_dir, run_dir, resume_dir, force, progress, threads, **opts) -> No
     Several GPUs or hosts: torchrun --nproc_per_node N -m fastattrec train ...
     """
     from fastattrec.distributed import from_environment, shutdown
-    from fastattrec.training import set_threads
 
-    set_threads(threads)
     try:
         dist = from_environment(opts["device"])
         _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts)

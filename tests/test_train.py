@@ -153,3 +153,30 @@ def test_compiled_cpu_step_resumes_bit_identically(data_dir, tmp_path):
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    import io
+
+    import fastattrec.training as training
+
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for line, want in (("0.50 0.40 0.30 1/80 123", 4), ("1.0 1.0 1.0 2/80 123", 3),
+                       ("9.0 9.0 9.0 12/80 123", 1)):
+        monkeypatch.setattr(training, "open", lambda *a, line=line, **k: io.StringIO(line),
+                            raising=False)
+        assert training.free_cores() == want
+    monkeypatch.setattr(training, "open", lambda *a, **k: io.StringIO("0.5 0.4 0.3 1/80 1"),
+                        raising=False)
+    assert training.set_threads(0) == 4 and torch.get_num_threads() == 4
+    assert training.set_threads(2) == 2 and torch.get_num_threads() == 2
+
+
+def test_the_thread_count_used_is_saved_and_reused(data_dir, tmp_path):
+    train(data_dir, tmp_path / "run", TrainConfig(epochs=1, threads=1, **SMALL), log=print)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["threads"] == 1
+    train(data_dir, tmp_path / "auto", TrainConfig(epochs=1, **SMALL), log=print)
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["threads"] >= 1
+    r = cli("train", "--resume", tmp_path / "run", "--threads", "2")
+    assert r.exit_code != 0 and "only --epochs and --device" in r.output
