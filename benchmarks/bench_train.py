@@ -154,7 +154,7 @@ def profile_epoch(data_dir: Path, device: str, threads: int) -> None:
     print(f"aten operations per step: {ops / steps:.1f}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--size", default="ml-100k", choices=list(SIZES))
@@ -166,21 +166,17 @@ def main() -> int:
                     help="epochs for the baseline (default: --epochs)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--prep-repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     ap.add_argument("--contention", type=int, default=0,
                     help="also time the default configuration beside N busy processes")
     ap.add_argument("--out", type=Path, default=Path("results/bench_train.csv"))
-    args = ap.parse_args()
-    if args.threads:
-        from fastattrec.training import set_threads
+    return ap.parse_args()
 
-        set_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA GPU here; nothing measured")
-        return 0
-    meta = machine()
-    work = Path(tempfile.mkdtemp(prefix="fastattrec-bench-"))
+
+def prepared_data(args: argparse.Namespace, work: Path, meta: dict) -> Path:
+    """Synthesise (or take --input), prepare it --prep-repeats times; the dataset folder."""
     if args.input:
         source = args.input
         meta["data"] = str(args.input)
@@ -199,40 +195,26 @@ def main() -> int:
     meta["prep_s_median"] = statistics.median(preps)
     print(f"{meta['data']}: prep {meta['prep_s_median']:.2f} s "
           f"(median of {args.prep_repeats})")
-    data_dir = work / "data"
-    # Data on the device once, to report its size.
-    from fastattrec.data.dataset import load_prepared
+    return work / "data"
 
-    DeviceData.from_prepared(load_prepared(data_dir), args.device)
+
+def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
+    """(label, TrainConfig overrides, epochs) of every configuration to time, in order."""
+    base = args.baseline_epochs or args.epochs
     configs = [("fastattrec", dict(kernel="auto", compile=True), args.epochs)]
-    if args.device == "cuda" and not args.no_baseline:
-        configs.append(("triton eager step", dict(kernel="triton", compile=False),
-                        args.baseline_epochs or args.epochs))
-    if not args.no_baseline:
-        configs.append(("baseline torch no-compile", dict(kernel="torch", compile=False),
-                        args.baseline_epochs or args.epochs))
-    if args.profile:
-        profile_epoch(data_dir, args.device, args.threads)
     if args.contention:
-        configs.insert(1, (f"fastattrec beside {args.contention} busy", dict(kernel="auto",
-                           compile=True), args.epochs))
-    rows = []
-    for label, over, epochs in configs:
-        for rep in range(args.repeats):
-            cfg = TrainConfig(device=args.device, epochs=epochs,
-                              eval_every=min(args.eval_every, epochs), **over)
-            if "busy" in label:
-                row = with_contention(args.contention, lambda cfg=cfg, label=label, rep=rep:
-                                      run_config(data_dir, work, f"{label} {rep}", cfg,
-                                                 args.device))
-            else:
-                row = run_config(data_dir, work, f"{label} {rep}", cfg, args.device)
-            row["config"] = label
-            rows.append(row)
-            print_table([row], ["config", "kernel", "epochs", "epoch_s_median",
-                                "samples_per_s", "eval_sampled_s", "eval_full_s",
-                                "train_call_s"])
-    # Medians per configuration.
+        configs.append((f"fastattrec beside {args.contention} busy",
+                        dict(kernel="auto", compile=True), args.epochs))
+    if args.device == "cuda" and not args.no_baseline:
+        configs.append(("triton eager step", dict(kernel="triton", compile=False), base))
+    if not args.no_baseline:
+        configs.append(("baseline torch no-compile", dict(kernel="torch", compile=False), base))
+    return configs
+
+
+def summarise(rows: list[dict], configs: list, args: argparse.Namespace) -> list[dict]:
+    """Medians per configuration, the speed-up against the baseline and, with
+    --contention, the slowdown against idle."""
     summary = []
     for label, _, _ in configs:
         mine = [r for r in rows if r["config"] == label]
@@ -244,10 +226,43 @@ def main() -> int:
             row["epoch_speedup_vs_baseline"] = (summary[-1]["epoch_s_median"]
                                                 / row["epoch_s_median"])
     if args.contention:
-        idle = summary[0]["epoch_s_median"]
         busy = next(r for r in summary if "busy" in r["config"])
-        busy["slowdown_vs_idle"] = busy["epoch_s_median"] / idle
+        busy["slowdown_vs_idle"] = busy["epoch_s_median"] / summary[0]["epoch_s_median"]
+    return summary
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here; nothing measured")
+        return 0
+    meta = machine()
+    work = Path(tempfile.mkdtemp(prefix="fastattrec-bench-"))
+    data_dir = prepared_data(args, work, meta)
+    from fastattrec.data.dataset import load_prepared
+
+    DeviceData.from_prepared(load_prepared(data_dir), args.device)  # fails early if too big
+    if args.profile:
+        profile_epoch(data_dir, args.device, args.threads)
+    configs = configurations(args)
+    rows = []
+    for label, over, epochs in configs:
+        for rep in range(args.repeats):
+            cfg = TrainConfig(device=args.device, epochs=epochs, threads=args.threads,
+                              eval_every=min(args.eval_every, epochs), **over)
+
+            def one(cfg=cfg, label=label, rep=rep) -> dict:
+                return run_config(data_dir, work, f"{label} {rep}", cfg, args.device)
+
+            row = with_contention(args.contention, one) if "busy" in label else one()
+            row["config"] = label
+            rows.append(row)
+            print_table([row], ["config", "kernel", "epochs", "epoch_s_median",
+                                "samples_per_s", "eval_sampled_s", "eval_full_s",
+                                "train_call_s"])
+    summary = summarise(rows, configs, args)
     meta["args"] = {k: str(v) for k, v in vars(args).items()}
+    meta["torch_threads"] = torch.get_num_threads()
     write_csv(args.out, summary, meta)
     print(f"\n{meta['device']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
           f"{meta['torch_threads']} threads), {meta['data']}, prep {meta['prep_s_median']:.2f} s")

@@ -702,16 +702,12 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
         write_logs(run_dir, state.history)  # drop log lines of an epoch never committed
     if ckpt is not None:
         log(f"resuming {run_dir} after epoch {state.epoch} of {cfg.epochs}")
-    kernel_note = {"triton": f"triton fused kernel, {cfg.precision} dots",
-                   "structured": "structured (torch ops, hand-written backward)",
-                   "torch": "torch reference"}[backend]
-    log(f"device {device}; short-term attention: {kernel_note}; "
-        f"step: {'CUDA graph, compiled loss' if use_graph else 'eager'}; "
-        f"{data.train_rows.shape[0]:,} train samples, batch {cfg.batch_size}"
-        + (f", {world} processes" if world > 1 else ""))
-
     forward = distributed.wrap(model) if distributed else None
     runner = EpochRunner(model, opt, data, cfg, forward=forward, shard=(rank, world))
+    log(f"device {device}; short-term attention: {_kernel_note(backend, cfg)}; step: "
+        f"{_step_note(runner, use_graph)}; {data.train_rows.shape[0]:,} train samples, "
+        f"batch {cfg.batch_size}" + (f", {world} processes" if world > 1 else "")
+        + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
     if use_graph:
         runner.capture()
     stopped_early = cfg.early_stop > 0 and state.stale >= cfg.early_stop
@@ -721,25 +717,8 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     writer = CheckpointWriter(run_dir)
     try:
         for epoch in range(state.epoch + 1, 0 if stopped_early else cfg.epochs + 1):
-            train_loss, fit_time = _fit_epoch(runner, cfg, data, epoch, gens,
-                                              progress and main_proc, distributed)
-            _check_finite(model, cfg, epoch, train_loss=train_loss)
-            t2 = time.perf_counter()
-            evals, reg = _evaluate_epoch(model, data, cfg, epoch, distributed)
-            _check_finite(model, cfg, epoch, validation_loss=evals["val_loss"])
-            row: dict[str, Any] = {
-                "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
-                "train_loss_total": train_loss + reg, "fit_time": fit_time,
-                "samples_per_s": runner.n_train / fit_time, "k": cfg.k, "kernel": backend,
-                **evals, "eval_time": time.perf_counter() - t2,
-            }
-            state.history.append(row)
-            improved = row["val_metric"] > state.best["metric"]
-            if improved:
-                state.best, state.stale = {"metric": row["val_metric"], "epoch": epoch}, 0
-            else:
-                state.stale += 1
-            state.epoch = epoch
+            row, improved = _run_epoch(runner, model, data, cfg, epoch, gens, state, backend,
+                                       progress and main_proc, distributed)
             if main_proc:
                 _commit(writer, run_dir, state, improved, model, opt, gens, cfg, mcfg, fp)
             log(_epoch_line(row, cfg, runner.n_train))
@@ -753,6 +732,47 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     if main_proc and state.history:
         plot_curves(run_dir, state.history)
     return TrainResult(run_dir, state.history, backend, str(device), stopped_early)
+
+
+def _run_epoch(runner: EpochRunner, model: AttRec, data: DeviceData, cfg: TrainConfig,
+               epoch: int, gens: dict[str, torch.Generator], state: RunState, backend: str,
+               show: bool, distributed: Any) -> tuple[dict[str, Any], bool]:
+    """Fit one epoch, stop if it diverged, evaluate, and record it in `state`: the log row
+    and whether the validation metric improved."""
+    train_loss, fit_time = _fit_epoch(runner, cfg, data, epoch, gens, show, distributed)
+    _check_finite(model, cfg, epoch, train_loss=train_loss)
+    t2 = time.perf_counter()
+    evals, reg = _evaluate_epoch(model, data, cfg, epoch, distributed)
+    _check_finite(model, cfg, epoch, validation_loss=evals["val_loss"])
+    row: dict[str, Any] = {
+        "epoch": epoch, "train_loss": train_loss, "reg_loss": reg,
+        "train_loss_total": train_loss + reg, "fit_time": fit_time,
+        "samples_per_s": runner.n_train / fit_time, "k": cfg.k, "kernel": backend,
+        **evals, "eval_time": time.perf_counter() - t2,
+    }
+    state.history.append(row)
+    improved = row["val_metric"] > state.best["metric"]
+    if improved:
+        state.best, state.stale = {"metric": row["val_metric"], "epoch": epoch}, 0
+    else:
+        state.stale += 1
+    state.epoch = epoch
+    return row, improved
+
+
+def _kernel_note(backend: str, cfg: TrainConfig) -> str:
+    return {"triton": f"triton fused kernel, {cfg.precision} dots",
+            "structured": "structured (torch ops, hand-written backward)",
+            "torch": "torch reference"}[backend]
+
+
+def _step_note(runner: EpochRunner, use_graph: bool) -> str:
+    if use_graph:
+        return "CUDA graph, compiled loss"
+    if runner.manual is not None:
+        return ("hand-written, compiled by torch.compile" if runner.cfg.compile
+                else "hand-written")
+    return "autograd"
 
 
 def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:
