@@ -534,15 +534,23 @@ def resource_specs(length: int, dim: int, precision: str,
 
 def block_resource_specs(length: int, dim: int, precision: str) -> list[KernelSpec]:
     """The block layout's kernels, one per candidate configuration."""
+    return paired_specs(block_candidates(length, dim), length, dim, precision,
+                        ("fwd", _attn_fwd), ("bwd", _attn_bwd))
+
+
+def paired_specs(candidates, length: int, dim: int, precision: str, fwd: tuple,
+                 bwd: tuple) -> list[KernelSpec]:
+    """A forward and a backward KernelSpec per candidate of a block-metadata layout (the
+    block and split layouts); `fwd`/`bwd` are (kind, kernel)."""
     specs = []
-    for cfg in block_candidates(length, dim):
+    for cfg in candidates:
         meta = _block_meta(cfg, length, precision)
         warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
         meta["INTERP"] = False
-        specs.append(KernelSpec("fwd", cfg, _attn_fwd, {"L": length, "D": dim, **meta},
+        specs.append(KernelSpec(fwd[0], cfg, fwd[1], {"L": length, "D": dim, **meta},
                                 warps, stages))
         meta.pop("WB")
-        specs.append(KernelSpec("bwd", cfg, _attn_bwd, {"L": length, "D": dim, **meta},
+        specs.append(KernelSpec(bwd[0], cfg, bwd[1], {"L": length, "D": dim, **meta},
                                 warps, stages))
     return specs
 

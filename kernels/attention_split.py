@@ -37,6 +37,7 @@ from .attention import (
     _store_short,
     cublas_tf32,
     layout_for,
+    paired_specs,
     short_term_attention_triton,
     weight_grad,
 )
@@ -166,17 +167,8 @@ def split_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, w: t
 
 def split_resource_specs(length: int, dim: int, precision: str) -> list[KernelSpec]:
     """The split layout's Triton kernels, one per candidate, for the resource report."""
-    specs = []
-    for cfg in split_candidates(length, dim):
-        meta = _block_meta(cfg, length, precision)
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        meta["INTERP"] = False
-        specs.append(KernelSpec("split_fwd", cfg, _split_fwd,
-                                {"L": length, "D": dim, **meta}, warps, stages))
-        meta.pop("WB")
-        specs.append(KernelSpec("split_bwd", cfg, _split_bwd,
-                                {"L": length, "D": dim, **meta}, warps, stages))
-    return specs
+    return paired_specs(split_candidates(length, dim), length, dim, precision,
+                        ("split_fwd", _split_fwd), ("split_bwd", _split_bwd))
 
 
 class _SplitAttention(torch.autograd.Function):
