@@ -20,13 +20,32 @@ from typing import Any
 
 import polars as pl
 
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
 
 Log = Callable[[str], None]
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _path(name: str, value: Any) -> Path:
+    if not isinstance(value, str | Path) or (isinstance(value, str) and not value):
+        raise UserError(f"{name} must be a path (text or pathlib.Path), got {shown(value)}.")
+    return Path(value)
+
+
+def _int(name: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
+    if type(value) is not int or not low <= value <= high:  # noqa: E721 - no bool, no float
+        raise UserError(f"{name} must be a whole number from {low} to {high}, got "
+                        f"{shown(value)}.")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{name} must be a number, got {shown(value)}.")
+    return float(value)
 
 
 @dataclass
@@ -58,7 +77,7 @@ def load_dataset(path: str | Path) -> Dataset:
     """Open a folder written by `prepare` / `fastattrec prep`."""
     from fastattrec.data.dataset import read_meta
 
-    path = Path(path)
+    path = _path("path", path)
     return Dataset(path, read_meta(path))
 
 
@@ -73,6 +92,12 @@ def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
     from fastattrec.data.prepare import prepare as run_prep
     from fastattrec.data.readers import ColumnNames
 
+    source, out = _path("source", source), _path("out", out)
+    if test_negatives is not None:
+        _int("test_negatives", test_negatives, 1)
+    if trans_score is not None:
+        trans_score = _number("trans_score", trans_score)
+    _int("seed", seed, 0)
     opts = PrepOptions(fmt=format, columns=ColumnNames(user_col, item_col, time_col,
                                                        rating_col),
                        trans_score=trans_score, test_negatives=test_negatives, compat=compat,
@@ -87,7 +112,14 @@ def synthesize(out: str | Path, *, users: int = 6040, items: int = 3706,
     """Write a synthetic MovieLens-format log with sequential structure; returns its path."""
     from fastattrec.data.synth import synthesize as synth
 
-    synth(Path(out), users, items, interactions, seed, clusters, switch, force=force)
+    out = _path("out", out)
+    for name, v, low in (("users", users, 1), ("items", items, 2),
+                         ("interactions", interactions, 1), ("seed", seed, 0)):
+        _int(name, v, low)
+    if clusters is not None:
+        _int("clusters", clusters, 1)
+    synth(out, users, items, interactions, seed, clusters, _number("switch", switch),
+          force=force)
     return Path(out)
 
 
@@ -130,10 +162,15 @@ class Run:
         from fastattrec.runs import load_run as open_run
 
         if protocol not in PROTOCOLS:
-            raise UserError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}.")
-        ks = sorted(set(int(k) for k in ks))
-        if not ks or ks[0] < 1:
-            raise UserError(f"-k must be at least 1, got {ks[0] if ks else 'none'}.")
+            raise UserError(f"protocol must be one of {', '.join(PROTOCOLS)}, got "
+                            f"{shown(protocol)}.")
+        if ndcg_log not in (None, "2", "e"):
+            raise UserError(f"ndcg_log must be '2' or 'e', got {shown(ndcg_log)}.")
+        if isinstance(ks, str | bytes) or not isinstance(ks, Iterable):
+            raise UserError(f"ks must be a list of cut-offs such as [5, 10], got {shown(ks)}.")
+        ks = sorted(set(_int("-k", k, 1, 10**9) for k in ks))
+        if not ks:
+            raise UserError("ks is empty; give at least one cut-off, such as [10].")
         loaded = open_run(self.path, checkpoint, device, data)
         ndcg_log = ndcg_log or loaded.cfg.ndcg_log
         t = time.perf_counter()
@@ -156,7 +193,8 @@ class Run:
 
     def recommend(self, users: Iterable[Any] | None = None, k: int = 10,
                   checkpoint: str = "auto", device: str = "auto",
-                  titles: str | Path | pl.DataFrame | None = None) -> pl.DataFrame:
+                  titles: str | Path | pl.DataFrame | None = None,
+                  data: str | Path | None = None) -> pl.DataFrame:
         """Top-k unseen items per user (raw ids; None: every user) from their latest
         window: columns raw_user, rank, raw_item, score (and title with `titles`, a
         MovieLens movies.dat or a frame of raw_item, title). A user with fewer than k
@@ -166,11 +204,14 @@ class Run:
         from fastattrec.recommend import dense_users, read_titles, recommend_frame
         from fastattrec.runs import load_run as open_run
 
-        if k < 1:
-            raise UserError(f"-k must be at least 1, got {k}.")
+        _int("-k", k, 1, 10**9)
+        if users is not None and (isinstance(users, str | bytes | int)
+                                  or not isinstance(users, Iterable)):
+            raise UserError(f"users must be a list of raw user ids (or None for every user), "
+                            f"got {shown(users)}.")
         if titles is not None and not isinstance(titles, pl.DataFrame):
             titles = read_titles(Path(titles))
-        loaded = open_run(self.path, checkpoint, device)
+        loaded = open_run(self.path, checkpoint, device, data)
         dev = loaded.data.device
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
@@ -220,7 +261,7 @@ def load_run(path: str | Path) -> Run:
     """Open a run folder written by `train` / `fastattrec train` (finished or not)."""
     from fastattrec.run_folder import read_run_config
 
-    path = Path(path)
+    path = _path("path", path)
     cfg = read_run_config(path)
     return Run(path, dict(cfg["train"]), _read_history(path))
 
@@ -258,8 +299,10 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
 
 
 def resume(path: str | Path, *, epochs: int | None = None, device: str | None = None,
-           progress: bool = False, log: Log = _quiet, distributed: Any = None) -> Run:
-    """Continue an interrupted run (same data and options; `epochs` may be raised)."""
+           data: Dataset | str | Path | None = None, progress: bool = False,
+           log: Log = _quiet, distributed: Any = None) -> Run:
+    """Continue an interrupted run (same data and options; `epochs` may be raised; `data`
+    if the dataset moved, which must have the run's fingerprint)."""
     from fastattrec.run_folder import read_run_config
     from fastattrec.training import TrainConfig
     from fastattrec.training import train as run_training
@@ -270,8 +313,10 @@ def resume(path: str | Path, *, epochs: int | None = None, device: str | None = 
         saved.update({k: v for k, v in (("epochs", epochs), ("device", device))
                       if v is not None})
         base = TrainConfig.from_dict(saved)
-    res = run_training(None, Path(path), base, resume=True, log=log, progress=progress,
-                       distributed=distributed)
+    if isinstance(data, Dataset):
+        data = data.path
+    res = run_training(None if data is None else Path(data), Path(path), base, resume=True,
+                       log=log, progress=progress, distributed=distributed)
     run = load_run(res.run_dir)
     run._history = res.history
     return run

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastattrec.errors import UserError
-from fastattrec.outputs import OLD_TAG, TMP_TAG, write_error
+from fastattrec.outputs import OLD_TAG, TMP_TAG, record_temporary, write_error
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 WRITE_FAILURE_TEXT = re.compile(r"No space left|Read-only file system|Disk quota|"
@@ -71,6 +71,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
 
 def _move_aside(target: Path) -> Path:
     old = target.parent / f".{target.name}{OLD_TAG}{os.getpid()}"
+    record_temporary(old)
     os.replace(target, old)
     return old
 
@@ -97,6 +98,7 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}", dir=target.parent))
+        record_temporary(tmp)
     except OSError as e:
         raise write_error(target.parent, e) from None
     _publish_mode(tmp, 0o777)
@@ -132,6 +134,7 @@ def scratch_file(beside: Path) -> Iterator[Path]:
     try:
         beside.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{beside.name}{TMP_TAG}", dir=beside.parent)
+        record_temporary(Path(tmp))
     except OSError as e:
         raise write_error(beside.parent, e) from None
     os.close(fd)

@@ -250,7 +250,8 @@ def _train_options(f):
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
               help="Continue the interrupted run in this folder (same data and options; "
                    "--epochs may be raised). A run stopped before its first checkpoint starts "
-                   "over; the data must be the dataset the run started on.")
+                   "over. DATA_DIR may be given if the dataset moved: it must be the same "
+                   "dataset (same fingerprint).")
 @click.option("--force", is_flag=True,
               help="Replace the run in RUN_DIR (a folder `fastattrec train` made): its "
                    "checkpoints, logs and eval.json are removed first; other files stay.")
@@ -285,9 +286,7 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     if resume_dir is not None:
         if run_dir is not None and Path(run_dir) != Path(resume_dir):
             raise UserError("give either -o RUN_DIR for a new run or --resume RUN_DIR, not both.")
-        if data_dir is not None:
-            raise UserError(f"--resume continues on the dataset the run started on, so "
-                            f"DATA_DIR ({data_dir}) is not used; drop it.")
+
         ctx = click.get_current_context()
         changed = {
             k: v for k, v in opts.items()
@@ -298,7 +297,7 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
             raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
                             f"change (got {names}).")
         run = api.resume(resume_dir, epochs=changed.get("epochs"), device=changed.get("device"),
-                         progress=progress, log=log, distributed=dist)
+                         data=data_dir, progress=progress, log=log, distributed=dist)
     else:
         if data_dir is None or run_dir is None:
             raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
@@ -385,9 +384,13 @@ def _eval_title(run_dir, ev: dict) -> str:
               help="Replace OUTPUT if an earlier `recommend` wrote it.")
 @click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
               show_default=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Prepared data [default: the run's DATA_DIR]; a moved or copied folder "
+                   "of the same dataset (same fingerprint).")
 @click.option("--device", default="auto", show_default=True)
 @_user_errors
-def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint, device) -> None:
+def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint, data_dir,
+              device) -> None:
     """Top-K items for a user from their latest window, excluding items they have seen.
 
     A user who has seen all but N items gets only those N."""
@@ -412,12 +415,12 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint
             if out.is_dir():
                 raise UserError(f"-o {output} is a folder; give a file name such as "
                                 f"{Path(output) / 'recommendations.parquet'}.")
-            frame = run.recommend(None, k, checkpoint, device, movies)
+            frame = run.recommend(None, k, checkpoint, device, movies, data_dir)
             write_recommendations(frame, out)
         n_users = frame.get_column("raw_user").n_unique()
         click.echo(f"wrote {frame.height:,} recommendations for {n_users:,} users to {output}")
         return
-    frame = run.recommend([raw_user], k, checkpoint, device, movies)
+    frame = run.recommend([raw_user], k, checkpoint, device, movies, data_dir)
     click.echo(f"top {frame.height} for user {raw_user}:"
                + (f" (only {frame.height} items are unseen)" if frame.height < k else ""))
     for row in frame.iter_rows(named=True):
@@ -453,7 +456,10 @@ def download(name, dest, url, md5, force) -> None:
 
     path = fetch(name, dest, url, md5, progress, force)
     bar.close()
-    click.echo(f"{name} ready: {path}\nnext: fastattrec prep {path} -o {dest}/{name}-prep")
+    from fastattrec.errors import quoted
+
+    click.echo(f"{name} ready: {path}\nnext: fastattrec prep {quoted(path)} -o "
+               f"{quoted(Path(dest) / (name + '-prep'))}")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fastattrec`

@@ -16,7 +16,9 @@ def shown(value: object, limit: int = 60) -> str:
     text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
     text = text.encode("ascii", "backslashreplace").decode()
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+    text = text if len(text) <= limit else text[:limit] + "..."
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return text if numeric else repr(text)
 
 
 def quoted(path: object) -> str:

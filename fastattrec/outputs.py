@@ -9,8 +9,9 @@ downloaded archive) goes through `claim_output`:
 2. it takes an exclusive lock, `.NAME.lock` beside the output (`fcntl.flock`, released by
    the kernel if the process dies), so a second command on the same output stops with one
    sentence instead of mixing two runs;
-3. under the lock, it removes the temporaries a killed command left beside the output
-   (`.NAME.tmp-*`, `.NAME.old-*`);
+3. under the lock, it removes the temporaries a killed command left (each temporary a
+   command creates is recorded in its lock file first, so only those are ever removed or
+   restored: a file of the user's that merely looks like one is left alone);
 4. with `force`, it checks that what is there is something fastattrec made (the caller's
    `made_by_us` test) before anything is replaced.
 """
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -68,15 +70,22 @@ def refuse_inputs(target: Path, inputs: Iterable[Path], option: str = "-o") -> N
                             f"destroy it, choose another {option}.")
 
 
+_held: dict[Path, int] = {}  # target -> fd of its lock file, while this process holds it
+_held_guard = threading.Lock()
+
+
 @contextlib.contextmanager
-def exclusive_lock(target: Path) -> Iterator[None]:
+def exclusive_lock(target: Path) -> Iterator[list[Path]]:
     """Hold `.NAME.lock` beside `target` for the duration; refuse if another process does.
 
-    The lock file is removed on release. A process that obtains the lock checks that the
-    file it locked is still the one at the path (a releasing process may just have removed
-    it), so two processes never both believe they hold it."""
+    First deals with the temporaries that a killed earlier holder recorded in the lock
+    file (`record_temporary`, `remove_stale`) and yields what it removed or restored. The
+    lock file is removed on release. A process that obtains the
+    lock checks that the file it locked is still the one at the path (a releasing process
+    may just have removed it), so two processes never both believe they hold it."""
     import fcntl
 
+    target = absolute(target)
     path = lock_path(target)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,16 +114,47 @@ def exclusive_lock(target: Path) -> Iterator[None]:
             break
         os.close(fd)  # locked a file that its previous holder had just removed: retry
     try:
+        left = remove_stale(target, _recorded(fd))
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as e:
             raise write_error(path, e) from None
-        yield
+        with _held_guard:
+            _held[target] = fd
+        yield left
     finally:
+        with _held_guard:
+            _held.pop(target, None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+def record_temporary(tmp: Path) -> None:
+    """Note `tmp` in the lock file of the output it belongs to (held by this process), so
+    that if the process is killed, the next command on that output removes it, and only
+    it. A temporary beside an output NAME is `.NAME.tmp-*` (or `.NAME.old-*`); one inside
+    an output folder (a run's checkpoint) belongs to that folder."""
+    tmp = absolute(tmp)
+    with _held_guard:
+        owner = next((fd for target, fd in _held.items()
+                      if target in tmp.parents or (tmp.parent == target.parent and
+                                                   tmp.name.startswith(f".{target.name}."))),
+                     None)
+        if owner is not None:
+            os.write(owner, f"{tmp}\n".encode())
+
+
+def _recorded(fd: int) -> list[Path]:
+    """The temporaries listed in a lock file (after its first line, the holder's pid)."""
+    try:
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, size, 0).decode(errors="replace") if size else ""
+    except OSError:
+        return []
+    return [Path(line) for line in text.splitlines()[1:] if line.strip()]
 
 
 def _read_holder(fd: int) -> str:
@@ -124,22 +164,21 @@ def _read_holder(fd: int) -> str:
         return ""
 
 
-def remove_stale(target: Path) -> list[Path]:
-    """Delete the temporaries of earlier, killed commands on `target` (call under its lock):
-    `.NAME.tmp-*` always; `.NAME.old-*` only while NAME itself exists (otherwise the old
-    copy is the only one, from a kill between the two renames of a replacement, and it is
-    put back instead). Returns what was removed or restored."""
+def remove_stale(target: Path, recorded: Iterable[Path]) -> list[Path]:
+    """Deal with the temporaries a killed command recorded (call under the lock): a
+    replaced output moved aside (`.NAME.old-*`) is put back if NAME itself is missing (a
+    kill between the two renames of a replacement: it is the only complete copy); every
+    other recorded temporary is deleted. Returns what was removed or restored."""
     target = absolute(target)
-    parent = target.parent
-    if not parent.is_dir():
-        return []
     done: list[Path] = []
-    olds = sorted(parent.glob(f".{target.name}{OLD_TAG}*"))
+    recorded = [Path(p) for p in recorded if Path(p).exists() or Path(p).is_symlink()]
+    olds = [p for p in recorded if p.parent == target.parent
+            and p.name.startswith(f".{target.name}{OLD_TAG}")]
     if olds and not target.exists() and not target.is_symlink():
-        os.replace(olds[-1], target)  # restore the only complete copy
+        os.replace(olds[-1], target)
         done.append(target)
-        olds = olds[:-1]
-    for p in [*parent.glob(f".{target.name}{TMP_TAG}*"), *olds]:
+        recorded.remove(olds[-1])
+    for p in recorded:
         _remove(p)
         done.append(p)
     return done
@@ -170,12 +209,15 @@ def claim_output(target: Path, *, force: bool, made_by_us: Callable[[Path], bool
     target = resolve_output(target, option)
     refuse_inputs(target, inputs, option)
     _refuse_under_file(target, option)
-    with exclusive_lock(target):
-        for p in remove_stale(target):
+    with exclusive_lock(target) as cleaned:
+        for p in cleaned:
             log(f"cleaned up {p} left by an interrupted command")
         if target.exists():
             if kind == "file" and target.is_dir():
                 raise UserError(f"{option} {target} is a folder; give a file name.")
+            if not (target.is_dir() or target.is_file()):
+                raise UserError(f"{option} {target} is not a regular file or folder (a pipe, "
+                                f"device or socket); give a path on disk.")
             if not (force or allow_existing):
                 raise UserError(f"{target} already exists; pass --force to replace it or "
                                 f"choose another {option}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import polars as pl
 import torch
 
 from fastattrec.atomic import atomic_path
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
 from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
 
@@ -61,34 +62,32 @@ def made_by_recommend(path: Path) -> bool:
 
 
 def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
-    """Dense ids of raw user ids (as given on the command line or in Python), in order."""
+    """Dense ids of raw user ids (as given on the command line or in Python), in order.
+    Integer ids are matched by their exact decimal text ('10', never '1_0' or ' 10')."""
     raw = run.prepared.raw_users
-    values: list = list(raw_ids)
     if raw.dtype.is_integer():
-        try:
-            values = [int(v) for v in values]
-        except (TypeError, ValueError):
-            bad = next(v for v in values if not _is_int(v))
-            raise UserError(f"user ids in this dataset are integers; {bad!r} is not one."
-                            ) from None
+        values: list = []
+        for v in raw_ids:
+            text = str(v) if not isinstance(v, bool) else ""
+            if not _DECIMAL.fullmatch(text):
+                raise UserError(f"user ids in this dataset are integers; {shown(v)} is not "
+                                f"one.")
+            n = int(text)
+            values.append(n if -(2**63) <= n < 2**63 else None)  # None: cannot be present
+        query = pl.Series(values, dtype=pl.Int64)
     else:
-        values = [str(v) for v in values]
-    table = pl.DataFrame({"raw": raw, "dense": np.arange(1, raw.len() + 1)})
-    found = pl.DataFrame({"raw": pl.Series(values, dtype=raw.dtype)}).join(
-        table, on="raw", how="left", maintain_order="left")
-    missing = found.filter(pl.col("dense").is_null())
-    if missing.height:
-        raise UserError(f"user {missing.item(0, 'raw')} is not in the prepared data "
+        query = pl.Series([str(v) for v in raw_ids], dtype=pl.String)
+    table = pl.DataFrame({"raw": raw.cast(query.dtype), "dense": np.arange(1, raw.len() + 1)})
+    found = pl.DataFrame({"raw": query}).join(table, on="raw", how="left",
+                                               maintain_order="left", nulls_equal=False)
+    missing = [v for v, d in zip(raw_ids, found.get_column("dense"), strict=True) if d is None]
+    if missing:
+        raise UserError(f"user {shown(missing[0])} is not in the prepared data "
                         f"({run.prepared.path}); users with one interaction are dropped.")
     return found.get_column("dense").to_numpy().astype(np.int64)
 
 
-def _is_int(v: object) -> bool:
-    try:
-        int(v)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return False
-    return True
+_DECIMAL = re.compile(r"-?[0-9]+")
 
 
 def item_lookup(run: LoadedRun) -> pl.DataFrame:
@@ -102,8 +101,10 @@ def read_titles(movies: Path) -> pl.DataFrame:
     hint = "give MovieLens' movies.dat (MovieID::Title::Genres) with --movies"
     if not movies.exists():
         raise UserError(f"{movies} does not exist; {hint}.")
-    if not movies.is_file():
+    if movies.is_dir():
         raise UserError(f"{movies} is a folder; {hint}.")
+    if not movies.is_file():
+        raise UserError(f"{movies} is not a regular file (a pipe or device); {hint}.")
     try:
         text = movies.read_bytes().decode("latin-1")
     except OSError as e:

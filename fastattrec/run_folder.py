@@ -11,14 +11,13 @@ only, so a crafted file cannot run code.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastattrec.errors import UserError, quoted
-from fastattrec.outputs import TMP_TAG, read_json_dict
+from fastattrec.errors import UserError, quoted, shown
+from fastattrec.outputs import read_json_dict
 
 RUN_KIND = "fastattrec-run"
 RUN_FORMAT_VERSION = 1
@@ -56,9 +55,18 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
                         f"cannot be read — start it again with `fastattrec train DATA_DIR -o "
                         f"{quoted(run_dir)} --force`.")
     version = cfg.get("run_format_version", RUN_FORMAT_VERSION)
+    if type(version) is not int:  # noqa: E721 - bool and str are not versions
+        raise UserError(f"{path} gives run_format_version as {shown(version)}, but fastattrec "
+                        f"writes the number {RUN_FORMAT_VERSION}: the file was edited; start "
+                        f"the run again with --force.")
     if version != RUN_FORMAT_VERSION:
-        raise UserError(f"{run_dir} has run format {version!r}, this fastattrec reads format "
+        raise UserError(f"{run_dir} has run format {version}, this fastattrec reads format "
                         f"{RUN_FORMAT_VERSION}; use the fastattrec version that made it.")
+    data = cfg.get("data", {})
+    if not isinstance(data, dict) or not isinstance(data.get("path", ""), str) or \
+            not isinstance(cfg["train"].get("data_dir", ""), str):
+        raise UserError(f"{path} is damaged (its data path is not text); start the run again "
+                        f"with --force.")
     return cfg
 
 
@@ -80,33 +88,49 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise UserError(f"{path} is not a fastattrec checkpoint (keys missing); use one that "
                         f"fastattrec wrote, or start the run again with --force.")
-    bad = [k for k, v in state["model"].items() if torch.is_tensor(v)
-           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    problem = _malformed(state)
+    if problem:
+        raise UserError(f"{path} is not a checkpoint fastattrec wrote ({problem}); use one "
+                        f"that fastattrec wrote, or start the run again with --force.")
+    bad = [k for k, v in state["model"].items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"{path} holds non-finite weights ({', '.join(bad)}); the run "
                         f"diverged — start it again with a lower --lr.")
     return state
 
 
+def _malformed(state: dict[str, Any]) -> str:
+    """What is wrong with a loaded checkpoint's structure ('' when nothing is)."""
+    epoch = state["epoch"]
+    if type(epoch) is not int or not 0 <= epoch < 10**9:  # noqa: E721
+        return f"epoch is {shown(epoch)}"
+    model = state["model"]
+    if not isinstance(model, dict) or not all(
+            torch.is_tensor(v) and v.layout == torch.strided and v.dtype == torch.float32
+            for v in model.values()):
+        return "the weights are not dense float32 tensors"
+    for key, kind in (("config", dict), ("model_config", dict), ("history", list),
+                      ("best", dict), ("optimizer", dict), ("rng", dict)):
+        if key in state and not isinstance(state[key], kind):
+            return f"{key} is a {type(state[key]).__name__}"
+    if "history" in state and not all(isinstance(h, dict) for h in state["history"]):
+        return "history holds something other than epoch records"
+    if "best" in state and not (isinstance(state["best"].get("epoch"), int)
+                                and isinstance(state["best"].get("metric"), int | float)):
+        return "best is not an epoch and a metric"
+    if "stale" in state and type(state["stale"]) is not int:  # noqa: E721
+        return f"stale is {shown(state['stale'])}"
+    return ""
+
+
 def clear_run(run_dir: Path) -> list[Path]:
     """Remove what an earlier run wrote in `run_dir` (for `train --force`): the files of
-    RUN_FILES and stale temporaries. Anything else in the folder is left alone."""
+    RUN_FILES (temporaries a killed run left were removed when the folder was locked).
+    Anything else in the folder is left alone."""
     removed = []
     for name in RUN_FILES:
         p = Path(run_dir) / name
         if p.is_file() or p.is_symlink():
             p.unlink()
-            removed.append(p)
-    removed += remove_run_temporaries(run_dir)
-    return removed
-
-
-def remove_run_temporaries(run_dir: Path) -> list[Path]:
-    """Delete `.NAME.tmp-*` files a killed run left inside `run_dir` (under its lock)."""
-    removed = []
-    for name in RUN_FILES:
-        for p in Path(run_dir).glob(f".{name}{TMP_TAG}*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
             removed.append(p)
     return removed

@@ -81,13 +81,15 @@ def load_run(run_dir: Path, checkpoint: str = "auto", device: str = "auto",
     mcfg.kernel = resolve_backend(kernel or cfg.kernel, dev)
     if (mcfg.n_items, mcfg.n_users) != (prepared.n_item_rows, prepared.n_user_rows):
         raise UserError(f"the data in {prepared.path} does not match the run in {run_dir} "
-                        f"(different item or user counts); pass the DATA_DIR it was trained on.")
+                        f"(different item or user counts); give --data the folder it was "
+                        f"trained on.")
     model = AttRec(mcfg).to(dev)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{file} does not fit its own model configuration "
-                        f"({str(e).splitlines()[0][:120]}); it is damaged.") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:160]
+        raise UserError(f"{file} does not fit its own model configuration ({detail or e}); "
+                        f"it is damaged.") from None
     model.eval()
     data = DeviceData.from_prepared(prepared, dev)
     return LoadedRun(run_dir, cfg, model, data, prepared, int(state["epoch"]), checkpoint,

@@ -34,7 +34,7 @@ from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.batches import DeviceData
 from fastattrec.cpu_step import ManualStep
 from fastattrec.data.dataset import fingerprint, load_prepared, read_meta
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
 from fastattrec.evaluate import (
     DEFAULT_KS,
     ModelRanker,
@@ -56,7 +56,6 @@ from fastattrec.run_folder import (
     is_run_folder,
     load_checkpoint,
     read_run_config,
-    remove_run_temporaries,
 )
 
 NEGATIVE_MODES = ("fixed", "resample")
@@ -146,7 +145,7 @@ def pick_device(name: str) -> torch.device:
         raise UserError("--device cuda was asked for but torch sees no CUDA GPU here "
                         "(is this a CPU-only torch build?); use --device cpu.")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UserError(f"--device must be cpu, cuda or auto, got {name!r}.")
+        raise UserError(f"--device must be cpu, cuda or auto, got {shown(name)}.")
     return torch.device(name)
 
 
@@ -448,7 +447,9 @@ def _open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, res
     else:
         log(f"{run_dir} has no checkpoint yet (interrupted before its first epoch ended); "
             f"starting it over with its saved options")
-    base = ckpt["config"] if ckpt is not None else saved["train"]
+    base = dict(ckpt["config"] if ckpt is not None else saved["train"])
+    if data_dir is not None:  # the dataset moved: _check_same_data checks it is the same
+        base["data_dir"] = str(Path(data_dir).resolve())
     try:
         resumed = TrainConfig.from_dict(base)
         resumed.check()
@@ -663,8 +664,6 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
         cfg, ckpt, saved = _open_run(data_dir, run_dir, cfg, resume, log)
         cfg.check()
         cfg.threads = set_threads(cfg.threads)  # saved in config.json: --resume reuses it
-        if main_proc and resume:
-            remove_run_temporaries(run_dir)
         return _train_in(run_dir, Path(cfg.data_dir), cfg, ckpt, saved, log, progress,
                          distributed, replace=main_proc and force and not resume)
 

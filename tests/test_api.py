@@ -73,7 +73,7 @@ def test_mistakes_raise_user_error(run, tmp_path):
         fa.train(run.data, tmp_path / "r2", epoch=3)
     with pytest.raises(UserError, match="does not exist"):
         fa.load_run(tmp_path / "nowhere")
-    with pytest.raises(UserError, match="-k must be at least 1"):
+    with pytest.raises(UserError, match="-k must be a whole number from 1"):
         run.evaluate(ks=[0])
     with pytest.raises(UserError, match="not in the prepared data"):
         run.recommend(users=[99999])
@@ -89,3 +89,26 @@ def test_api_argument_mistakes(run):
         run.evaluate(protocol="xx")
     with pytest.raises(UserError, match="users is empty"):
         run.recommend(users=[], k=5)
+
+
+@pytest.mark.parametrize("call", [
+    lambda run: run.recommend(users=1),
+    lambda run: run.recommend(users=[1], k=True),
+    lambda run: run.evaluate(ndcg_log="10"),
+    lambda run: run.evaluate(ks="10"),
+    lambda run: run.evaluate(ks=[10.5]),
+    lambda run: run.evaluate(ks=[]),
+    lambda run: fa.load_run(None),
+    lambda run: fa.load_dataset(5),
+    lambda run: fa.synthesize("x.dat", users=True),
+    lambda run: fa.synthesize(None),
+    lambda run: fa.prepare(123, "out"),
+    lambda run: fa.prepare("r.dat", "out", test_negatives=1.5),
+    lambda run: fa.prepare("r.dat", "out", seed=-1),
+    lambda run: fa.prepare("r.dat", "out", trans_score="3"),
+])
+def test_odd_api_arguments_are_user_errors(run, call, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError):
+        call(run)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.dat").exists()

@@ -104,3 +104,13 @@ def test_force_refuses_a_download_folder_holding_files_of_the_users(tmp_path, se
     r = cli(*args, "--force")
     assert r.exit_code != 0 and "my-notes.txt" in r.output
     assert (dest / "ml-100k" / "my-notes.txt").read_text() == "keep"
+
+
+def test_md5_must_look_like_one_and_hints_are_quoted(tmp_path, server):
+    url, md5 = server
+    r = cli("download", "ml-100k", "--dir", tmp_path / "d", "--url", f"{url}/ml-100k.zip",
+            "--md5", "zz")
+    assert r.exit_code != 0 and "not an MD5 checksum" in r.output
+    odd = tmp_path / "odd dir"
+    r = cli("download", "ml-100k", "--dir", odd, "--url", f"{url}/ml-100k.zip", "--md5", md5)
+    assert r.exit_code == 0 and f"'{odd}/ml-100k/u.data'" in r.output

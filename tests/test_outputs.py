@@ -258,15 +258,27 @@ def test_stale_temporaries_of_a_killed_prep_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.dat"]
 
 
-def test_remove_stale_keeps_the_only_copy(tmp_path):
+def test_recorded_temporaries_are_cleaned_and_the_only_copy_kept(tmp_path):
     target = tmp_path / "t"
     aside = tmp_path / ".t.old-123"
     write(aside / "meta.json", "{}")
-    write(tmp_path / ".t.tmp-abc" / "x", "partial")
-    done = remove_stale(target)
-    assert (target / "meta.json").exists() and not aside.exists()
-    assert not (tmp_path / ".t.tmp-abc").exists()
-    assert target in done
+    partial = write(tmp_path / ".t.tmp-abc" / "x", "partial").parent
+    # What a killed holder leaves: its pid, then each temporary it created.
+    lock_path(target).write_text(f"999\n{partial}\n{aside}\n")
+    with exclusive_lock(target) as done:
+        pass
+    assert (target / "meta.json").exists() and not aside.exists() and not partial.exists()
+    assert target in done and partial in done
+
+
+def test_files_that_only_look_like_temporaries_are_left_alone(tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    mine = [write(tmp_path / ".out.tmp-precious", "precious"),
+            write(tmp_path / ".out.tmp-dir" / "f", "x"),
+            write(tmp_path / ".out.old-1234", "precious")]
+    assert prep(src, tmp_path / "out").exit_code == 0
+    assert all(p.read_text() in ("precious", "x") for p in mine)
+    assert remove_stale(tmp_path / "out", []) == []
 
 
 def test_lock_file_of_a_killed_command_does_not_block(tmp_path):
@@ -335,3 +347,29 @@ def test_full_disk_names_the_file_in_every_place(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.os, "write", full)
     msg = one_line_error(prep(src, tmp_path / "out"))
     assert ".out.lock" in msg and "free some space" in msg
+
+
+def test_a_log_changed_while_prep_reads_it_is_refused(tmp_path, monkeypatch):
+    import fastattrec.data.prepare as prep_mod
+
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    real = prep_mod._read_log
+
+    def read_then_change(source, tmp, opts):
+        out = real(source, tmp, opts)
+        source.write_text(TINY_ML1M + "9::10::5::1\n9::20::5::2\n")  # replaced meanwhile
+        return out
+
+    monkeypatch.setattr(prep_mod, "_read_log", read_then_change)
+    msg = one_line_error(prep(src, tmp_path / "out"))
+    assert "changed while prep was reading it" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_output_is_refused_not_waited_on(tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    fifo = tmp_path / "of"
+    os.mkfifo(fifo)
+    for args in (("synth", "-o", fifo, "--force"), ("prep", src, "-o", fifo, "--force")):
+        msg = one_line_error(cli(*args))
+        assert "not a regular file or folder" in msg

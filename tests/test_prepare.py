@@ -269,7 +269,8 @@ def test_same_bytes_at_a_size_where_polars_splits_the_work(tmp_path):
 
 
 @pytest.mark.parametrize("meta,expect", [
-    ("[]", "JSON list"), ("{}", "format None"), ('{"format_version": "1"}', "as the text '1'"),
+    ("[]", "JSON list"), ("{}", "format None"),
+    ('{"format_version": "1"}', "format_version as '1'"),
     ('{"format_version": 1}', "lacks or garbles"), ("{oops", "unreadable"),
 ])
 def test_damaged_meta_json_is_one_sentence(tmp_path, meta, expect):

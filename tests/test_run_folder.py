@@ -261,7 +261,7 @@ def test_estimated_memory_refuses_impossible_sizes(data_dir, tmp_path):
 def test_evaluate_refuses_k_below_one_and_keeps_eval_json(finished, k):
     (finished / "eval.json").write_text('{"kept": true}')
     msg = error_line(cli("evaluate", finished, "-k", k))
-    assert "-k must be at least 1" in msg
+    assert "-k must be a whole number from 1" in msg
     assert json.loads((finished / "eval.json").read_text()) == {"kept": True}
 
 
@@ -474,6 +474,85 @@ def test_option_errors_name_the_option(data_dir, tmp_path, args, expect):
     assert expect in r.output
 
 
-def test_data_dir_with_resume_is_refused(finished, data_dir):
-    msg = error_line(cli("train", data_dir, "--resume", finished))
-    assert "DATA_DIR" in msg and "drop it" in msg
+def test_a_moved_dataset_is_accepted_by_fingerprint(data_dir, tmp_path):
+    """--resume with DATA_DIR, and recommend/evaluate with --data, take a moved copy of the
+    dataset the run started on, and nothing else."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for f in data_dir.iterdir():
+        (ds / f.name).write_bytes(f.read_bytes())
+    run = tmp_path / "run"
+    train(ds, run, TrainConfig(epochs=1, **SMALL), log=print)
+    moved = tmp_path / "moved"
+    ds.rename(moved)
+    assert "does not exist" in error_line(cli("train", "--resume", run, "--epochs", "2"))
+    assert "does not exist" in error_line(cli("recommend", run, "--user", "1"))
+    assert cli("recommend", run, "--user", "1", "--data", moved).exit_code == 0
+    r = cli("train", moved, "--resume", run, "--epochs", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["train"]["data_dir"] == str(moved)
+    msg = error_line(cli("train", data_dir.parent / "nope", "--resume", run, "--epochs", "3"))
+    assert "does not exist" in msg
+    other = tmp_path / "other"
+    prepare(data_dir.parent / "r.dat", other, PrepOptions(test_negatives=20, seed=5))
+    assert "is not the dataset" in error_line(cli("train", other, "--resume", run, "--epochs",
+                                                  "3"))
+
+
+def test_user_ids_are_matched_exactly(finished, tmp_path):
+    for raw in ("1_0", " 1", "+1", "\u0661", "99999999999999999999"):
+        r = cli("recommend", finished, "--user", raw)
+        assert r.exit_code != 0 and "Traceback" not in r.output, raw
+    fifo = tmp_path / "mf"
+    os.mkfifo(fifo)
+    assert "not a regular file" in error_line(cli("recommend", finished, "--user", "1",
+                                                  "--movies", fifo))
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("epoch", "x", "epoch is"), ("history", "x", "history is"), ("best", None, "best is"),
+    ("config", [], "config is"), ("stale", "x", "stale is"),
+])
+def test_tampered_checkpoint_fields_are_one_sentence(finished, tmp_path, field, value, expect):
+    run = copy_run(finished, tmp_path / "run")
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck[field] = value
+    torch.save(ck, run / "checkpoint.pt")
+    for args in (("evaluate", run, "--checkpoint", "last"), ("train", "--resume", run)):
+        msg = error_line(cli(*args))
+        assert "not a checkpoint fastattrec wrote" in msg and expect in msg
+
+
+def test_sparse_or_float64_weights_are_refused(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck["model"]["user_emb"] = ck["model"]["user_emb"].double()
+    torch.save(ck, run / "checkpoint.pt")
+    assert "dense float32" in error_line(cli("evaluate", run, "--checkpoint", "last"))
+
+
+@pytest.mark.parametrize("version", ['"1"', "true"])
+def test_run_format_version_of_the_wrong_type(finished, tmp_path, version):
+    run = copy_run(finished, tmp_path / "run")
+    text = (run / "config.json").read_text().replace('"run_format_version": 1',
+                                                      f'"run_format_version": {version}')
+    (run / "config.json").write_text(text)
+    msg = error_line(cli("evaluate", run))
+    assert "run_format_version" in msg and "edited" in msg
+
+
+def test_train_negative_that_is_the_users_own_item_is_refused(data_dir, tmp_path):
+    import polars as pl
+
+    ds = copy_run(data_dir, tmp_path / "ds")
+    seq = pl.read_parquet(ds / "sequences.parquet")
+    own = seq.get_column("item")[0]
+    seq = seq.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(own)
+                           .otherwise(pl.col("neg")).cast(pl.Int32).alias("neg"))
+    seq.write_parquet(ds / "sequences.parquet")
+    assert "do not agree" in error_line(cli("train", ds, "-o", tmp_path / "run", *ARGS))
+    ds2 = copy_run(data_dir, tmp_path / "ds2")
+    users = pl.read_parquet(ds2 / "users.parquet")
+    users.with_columns(pl.lit(users.get_column("raw_user")[0]).alias("raw_user")).write_parquet(
+        ds2 / "users.parquet")
+    assert "do not agree" in error_line(cli("train", ds2, "-o", tmp_path / "run2", *ARGS))

@@ -62,8 +62,8 @@ def test_cli_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize("args,expect", [
     (("--switch", "2"), "--switch is a probability"),
     (("--switch", "nan"), "--switch is a probability"),
-    (("--clusters", "0"), "--clusters must be at least 1"),
-    (("--clusters", "-3"), "--clusters must be at least 1"),
+    (("--clusters", "0"), "clusters must be a whole number from 1"),
+    (("--clusters", "-3"), "clusters must be a whole number from 1"),
     (("--seed", "-1"), "--seed"),
 ])
 def test_bad_parameters_are_refused_before_writing(tmp_path, args, expect):

@@ -101,14 +101,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     """Read and check `meta.json`, or explain why `path` is not a prepared dataset."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; run `fastattrec prep` to create it.")
+        raise UserError(f"{path} does not exist; run `fastattrec prep INPUT -o "
+                        f"{quoted(path)}` to create it.")
     if not path.is_dir():
         raise UserError(f"{path} is a file; give the folder that `fastattrec prep` wrote.")
     missing = [f for f in FILES if not (path / f).exists()]
     if missing:
         raise UserError(
-            f"{path} is not a prepared dataset (missing {', '.join(missing)}); "
-            f"run `fastattrec prep INPUT -o {quoted(path)}`."
+            f"{path} is not a prepared dataset (missing {', '.join(missing)}); give the "
+            f"folder that `fastattrec prep` wrote."
         )
     again = f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`"
     try:
@@ -119,10 +120,10 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(f"{path / 'meta.json'} holds a JSON {type(meta).__name__}, not the "
                         f"object fastattrec writes; {again}.")
     version = meta.get("format_version")
-    if isinstance(version, str):
-        raise UserError(f"{path / 'meta.json'} gives format_version as the text {shown(version)}, "
-                        f"but fastattrec writes it as the number {FORMAT_VERSION}: the file "
-                        f"was edited or written by another tool; {again}.")
+    if isinstance(version, str | bool):
+        raise UserError(f"{path / 'meta.json'} gives format_version as {shown(version)}, but "
+                        f"fastattrec writes the number {FORMAT_VERSION}: the file was edited "
+                        f"or written by another tool; {again}.")
     if version != FORMAT_VERSION:
         raise UserError(
             f"{path / 'meta.json'} says dataset format {version!r}, this fastattrec reads format "
@@ -182,10 +183,12 @@ def load_prepared(path: Path) -> Prepared:
         and _in_range(seq.get_column("neg").to_numpy(), rows)
         and _in_range(test_negs, rows)
     )
-    if consistent and test_negs.size:
-        consistent = _test_negatives_valid(
+    consistent = consistent and _ids_valid(users, items, rows)
+    if consistent:
+        consistent = _negatives_valid(
             test_negs.reshape(n_test_users, n_neg), seq.get_column("item").to_numpy(),
-            lengths, rows, bool(meta["params"].get("test_negatives_distinct", True)))
+            seq.get_column("neg").to_numpy(), lengths, rows,
+            bool(meta["params"].get("test_negatives_distinct", True)))
     if not consistent:
         raise UserError(f"{path}: its files do not agree with each other or with meta.json "
                         f"(ids out of range, or negatives that are a user's own items); "
@@ -209,19 +212,35 @@ def _in_range(ids: np.ndarray, rows: int) -> bool:
     return ids.size == 0 or (int(ids.min()) >= 1 and int(ids.max()) < rows)
 
 
-def _test_negatives_valid(negs: np.ndarray, items: np.ndarray, lengths: np.ndarray,
-                          rows: int, distinct: bool) -> bool:
-    """Each test user's negatives are not among the user's own items (and, when the
-    dataset says so, distinct from each other). Vectorised: keys user * rows + item."""
-    tested = np.flatnonzero(lengths >= 2)  # row of each test user in users.parquet
-    if distinct:
-        srt = np.sort(negs, axis=1)
+def _ids_valid(users: pl.DataFrame, items: pl.DataFrame, rows: int) -> bool:
+    """Users are numbered 1..U in order, items are distinct table rows, raw ids distinct."""
+    u = users.get_column("user").to_numpy()
+    it = items.get_column("item").to_numpy()
+    return (np.array_equal(u, np.arange(1, u.shape[0] + 1))
+            and users.get_column("raw_user").n_unique() == users.height
+            and items.get_column("raw_item").n_unique() == items.height
+            and np.unique(it).shape[0] == it.shape[0] and _in_range(it, rows))
+
+
+def _negatives_valid(test_negs: np.ndarray, items: np.ndarray, negs: np.ndarray,
+                     lengths: np.ndarray, rows: int, distinct: bool) -> bool:
+    """No negative is one of its user's own items: the test negatives (distinct from each
+    other when the dataset says so) and the train and validation negatives (rows 1..n-2 of
+    each user; rows 0 and n-1 carry unused draws). Vectorised: keys user * rows + item."""
+    if distinct and test_negs.size:
+        srt = np.sort(test_negs, axis=1)
         if (srt[:, 1:] == srt[:, :-1]).any():
             return False
     owner = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), lengths)
-    seen = owner * rows + items.astype(np.int64)
-    asked = tested[:, None].astype(np.int64) * rows + negs.astype(np.int64)
-    return not np.isin(asked.ravel(), seen).any()
+    seen = np.unique(owner * rows + items.astype(np.int64))
+    tested = np.flatnonzero(lengths >= 2)  # row of each test user in users.parquet
+    asked = (tested[:, None].astype(np.int64) * rows + test_negs.astype(np.int64)).ravel()
+    pos = np.arange(owner.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    used = (pos >= 1) & (pos <= np.repeat(lengths, lengths) - 2)
+    asked = np.concatenate([asked, owner[used] * rows + negs[used].astype(np.int64)])
+    hit = np.searchsorted(seen, asked)
+    hit = np.minimum(hit, seen.shape[0] - 1)
+    return seen.size == 0 or not (seen[hit] == asked).any()
 
 
 def _check_columns(path: Path, frames: dict[str, tuple[pl.DataFrame, tuple[str, ...]]]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastattrec.atomic import atomic_dir, atomic_write_json, is_write_failure, scratch_file
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, shown
 from fastattrec.outputs import claim_output, read_json_dict, write_error
 
 MARKER = ".fastattrec-download.json"  # written into every folder that download unpacks
@@ -36,20 +37,26 @@ def download(name: str, dest: Path, url: str | None = None, md5: str | None = No
     archive_name, known_md5, ratings = DATASETS[name]
     url = url or BASE + archive_name
     want = (md5 or known_md5).lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", want):
+        raise UserError(f"--md5 {shown(md5)} is not an MD5 checksum (32 hexadecimal digits).")
     folder = Path(dest) / name
     with claim_output(folder, force=force, made_by_us=made_by_download, option="--dir",
                       what="MovieLens folder that `fastattrec download` made",
                       allow_existing=True) as folder:
         if folder.exists() and not force:
             found = sorted(folder.rglob(ratings)) if folder.is_dir() else []
-            if found:
+            if found and made_by_download(folder):
                 return found[0]
+            if found:
+                raise UserError(f"{folder} already holds {found[0].name} but was not "
+                                f"downloaded by fastattrec, so its contents are unchecked; "
+                                f"prepare that file directly, or choose another --dir.")
             raise UserError(f"{folder} exists but holds no {ratings}; move it away, or pass "
                             f"--force if `fastattrec download` made it.")
         # The archive is a scratch file beside the folder (kept under the folder's name, so
         # the next command on it cleans up after a kill); the folder is replaced last.
         with scratch_file(folder) as archive:
-            _fetch(url, archive, want, progress)
+            _fetch(url, archive, want, progress, folder)
             with atomic_dir(folder, force=True) as tmp:
                 _unpack(archive, tmp, url, ratings)
                 files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -76,8 +83,8 @@ def made_by_download(folder: Path) -> bool:
     return True
 
 
-def _fetch(url: str, path: Path, want: str, progress) -> None:
-    """Stream `url` into `path`, checking its MD5 against `want`."""
+def _fetch(url: str, path: Path, want: str, progress, folder: Path) -> None:
+    """Stream `url` into `path` (a scratch file beside `folder`), checking its MD5."""
     h = hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as out:
@@ -91,11 +98,11 @@ def _fetch(url: str, path: Path, want: str, progress) -> None:
                     progress(done, total)
     except (urllib.error.URLError, OSError, ValueError) as e:
         if is_write_failure(e, (path,)):
-            raise write_error(path, e) from None
-        raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); check the "
+            raise write_error(folder.parent, e) from None
+        raise UserError(f"cannot download {shown(url, 100)} ({getattr(e, 'reason', e)}); check the "
                         f"network or pass --url.") from None
     if h.hexdigest() != want:
-        raise UserError(f"{url}: checksum mismatch (MD5 {h.hexdigest()}, expected "
+        raise UserError(f"{shown(url, 100)}: checksum mismatch (MD5 {h.hexdigest()}, expected "
                         f"{want}); the download is damaged or changed, try again.")
 
 

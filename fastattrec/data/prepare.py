@@ -88,7 +88,11 @@ def prepare(
                       what="prepared dataset", inputs=[source], log=log) as out_dir, \
             atomic_dir(out_dir, force=True) as tmp:
         step("reading " + str(source))
+        before = _identity(source)
+        sha256 = file_sha256(source)
         raw, scan, rows_read = _read_log(source, tmp, opts)
+        if not opts.streaming:
+            _same_source(source, before)  # the frame in memory is what was hashed
         step("splitting users")
         ids = _split_users(raw, source, opts)
         step("ordering sequences")
@@ -112,8 +116,10 @@ def prepare(
             "dropped_users": ids.short_users.height,
             "dropped_interactions": int(ids.short_users.get_column("n").sum()),
         }
+        _same_source(source, before)  # (streaming reads the source until here)
         atomic_write_json(tmp / "meta.json", _meta(source, scan.fmt, opts, n_test_neg,
-                                                   ids.universe, counts))
+                                                   ids.universe, counts, sha256,
+                                                   before[0]))
     seconds = time.perf_counter() - t0
     steps.append(("done", seconds))
     return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
@@ -307,8 +313,26 @@ def _write_tables(tmp: Path, out_dir: Path, seq: pl.DataFrame, train_negs: pl.Da
     (tmp / "_canonical.parquet").unlink(missing_ok=True)
 
 
+def _identity(source: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, inode): changes whenever the file is rewritten or replaced."""
+    st = source.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _same_source(source: Path, before: tuple[int, int, int]) -> None:
+    """Refuse to record a file that changed while it was read: the hash in meta.json (the
+    dataset's fingerprint) must describe the bytes that were parsed."""
+    try:
+        now = _identity(source)
+    except OSError:
+        now = None
+    if now != before:
+        raise UserError(f"{source} changed while prep was reading it; run prep again once "
+                        f"nothing writes to it.")
+
+
 def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: int,
-          counts: dict[str, int]) -> dict[str, Any]:
+          counts: dict[str, int], sha256: str, size: int) -> dict[str, Any]:
     """meta.json: versions, the source's identity, every parameter, the counts."""
     return {
         "kind": DATASET_KIND,
@@ -316,8 +340,8 @@ def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: 
         "fastattrec_version": __version__,
         "source": {
             "path": str(source.resolve()),
-            "size": source.stat().st_size,
-            "sha256": file_sha256(source),
+            "size": size,
+            "sha256": sha256,
             "format": fmt,
         },
         "params": {
