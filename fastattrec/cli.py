@@ -56,7 +56,21 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """click's group, whose own usage errors ("Invalid value for '--dim': ...") quote the
+    value given at most 60 characters long, like fastattrec's messages."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: ANN001, ANN201
+        return super().make_context(info_name, [_clip_arg(a) for a in args], parent, **extra)
+
+
+def _clip_arg(arg: str) -> str:
+    """An argument longer than any real value (a path, an id, a number) is cut, so that
+    click's message about it stays one readable line; such a value is refused anyway."""
+    return arg if len(arg) <= 4096 else arg[:60] + "..."
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastattrec")
 def main() -> None:
     """AttRec, the self-attentive sequential recommender: prepare a ratings log, train,

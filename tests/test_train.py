@@ -180,3 +180,12 @@ def test_the_thread_count_used_is_saved_and_reused(data_dir, tmp_path):
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["threads"] >= 1
     r = cli("train", "--resume", tmp_path / "run", "--threads", "2")
     assert r.exit_code != 0 and "only --epochs and --device" in r.output
+
+
+def test_huge_option_values_are_not_echoed_whole(tmp_path):
+    huge = "9" * 5000
+    for args in (("train", tmp_path, "-o", tmp_path / "r", "--dim", huge),
+                 ("synth", "-o", tmp_path / "s.dat", "--users", huge),
+                 ("train", tmp_path, "-o", tmp_path / "r", "--device", huge)):
+        r = cli(*args)
+        assert r.exit_code != 0 and len(r.output.strip().splitlines()[-1]) < 300
