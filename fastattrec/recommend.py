@@ -116,7 +116,7 @@ def read_titles(movies: Path) -> pl.DataFrame:
         parts = line.split("::")
         if len(parts) != 3 or not parts[0].strip().lstrip("-").isdigit():
             raise UserError(f"{movies}, line {n}: expected 'MovieID::Title::Genres' but found "
-                            f"{_short(line)}; {hint}.")
+                            f"{shown(line)}; {hint}.")
         movie = int(parts[0])
         if movie in first:
             raise UserError(f"{movies}, line {n}: MovieID {movie} already appeared on line "
@@ -127,12 +127,6 @@ def read_titles(movies: Path) -> pl.DataFrame:
     if not ids:
         raise UserError(f"{movies} holds no titles; {hint}.")
     return pl.DataFrame({"raw_item": ids, "title": titles})
-
-
-def _short(text: str, limit: int = 60) -> str:
-    """A value for a message: printable, at most `limit` characters."""
-    shown = text.encode("ascii", "backslashreplace").decode()
-    return repr(shown if len(shown) <= limit else shown[:limit] + "...")
 
 
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
