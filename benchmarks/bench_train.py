@@ -133,13 +133,15 @@ def profile_epoch(data_dir: Path, device: str, threads: int) -> None:
     steps = runner.n_steps if dev.type == "cpu" else min(30, runner.n_steps)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        runner.step.zero_()
-        for _ in range(steps):
-            if runner.graph is not None:
-                runner.graph.replay()
-            else:
-                runner._step()
-        if dev.type == "cuda":
+        if dev.type == "cpu":  # one whole epoch, as training runs it
+            runner.run()
+        else:
+            runner.step.zero_()
+            for _ in range(steps):
+                if runner.graph is not None:
+                    runner.graph.replay()
+                else:
+                    runner._step()
             torch.cuda.synchronize()
     events = prof.key_averages()
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"

@@ -6,22 +6,36 @@ bookkeeping and the dense embedding backward (a zero-filled (rows, d) gradient p
 then the sums of those) cost about twice the matrix products (docs/RESULTS.md). Here the
 forward keeps only what the backward needs, the backward is the chain rule written out,
 and each table's gradient is accumulated with `index_add_` into one buffer that lives as
-long as the model and that the optimiser reads: the step is ~40 operations, no graph.
+long as the model and that the optimiser reads: ~40 operations a step, no graph.
+
+Two rearrangements cut the arithmetic, both exact in real numbers (float rounding aside):
+
+- Projection through the table. The window rows are rows of the item table E (V, d), so
+  (X + P) W = (E W)[windows] + P W. When the table has fewer rows than the batch has
+  window slots (V < B·L: MovieLens-100K has 1,683 rows against 5,120 slots), the three
+  products run over E's V rows instead of B·L gathered ones: the forward E W, and in the
+  backward, with S (V, d) the window slots' dH summed per item (one `index_add_`),
+  dE += S W^T and dW = E^T S + P^T sum_b dH_b. Bigger catalogues use the gathered rows.
+- Inside torch.compile, the batched (L, L) products are written as broadcast sums, which
+  Inductor fuses into its loops; eagerly they stay `bmm` (the broadcast would allocate
+  (B, L, L, d)).
 
 The maths is the model's (docs/spec.md §2.4-2.5), differentiated by hand; the short-term
-attention is the structured algorithm of `fastattrec.kernels.structured`, forward and
-backward. tests/test_cpu_step.py checks the loss and every gradient against autograd of
-the plain reference model, in both modes, with padding, repeated items and masked samples.
+attention is the structured algorithm of `fastattrec.kernels.structured`. tests/
+test_cpu_step.py checks the loss and every gradient against autograd of the plain
+reference model, in both modes and both projection layouts, with padding, repeated items
+and masked samples.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from fastattrec.kernels.structured import structured_backward, structured_forward
+from fastattrec.kernels.reference import MASKED_LOGIT
 from fastattrec.model import AttRec
 
 
@@ -38,18 +52,36 @@ def _clip_backward(vc: torch.Tensor, n: torch.Tensor, g: torch.Tensor) -> torch.
     return (g - vc * radial) / n
 
 
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, I, K) x (B, J, K) -> (B, I, J), sum over K: fused when compiling, else bmm."""
+    if torch.compiler.is_compiling():
+        return (a[:, :, None, :] * b[:, None, :, :]).sum(-1)
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+def _mix(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) x (B, L, d) -> (B, L, d), the batched product m q."""
+    if torch.compiler.is_compiling():
+        return (m[:, :, :, None] * q[:, None, :, :]).sum(2)
+    return torch.bmm(m, q)
+
+
 class ManualStep:
     """Loss and gradients of one batch of AttRec, by hand, into persistent `.grad`s.
 
-    With `compile`, the arithmetic (`grads`, everything but the scatter into the tables'
-    gradients) is compiled by torch.compile (Inductor generates C++ for the CPU), which
-    fuses its ~40 operations into a few loops: measured about 1.8x faster per epoch. The
-    scatter stays `index_add_` (Inductor would make it atomic adds, slower). If
-    compilation fails (no C++ compiler, say), the step says so once and runs eagerly:
-    the same arithmetic, unfused."""
+    `table` chooses the projection layout (module docstring); None picks it per batch:
+    through the table when it has fewer rows than the batch has window slots.
 
-    def __init__(self, model: AttRec, compile: bool = False) -> None:
+    With `compile`, the arithmetic (`grads`: everything but the scatters into the tables'
+    gradients and the products over whole tables) is compiled by torch.compile (Inductor
+    generates C++ for the CPU), which fuses its operations into a few loops. The scatters
+    stay `index_add_` (Inductor would make them atomic adds: slower, and their order, so
+    the rounding, would change from run to run). If compilation fails (no C++ compiler,
+    say), the step says so once and runs eagerly: the same arithmetic, unfused."""
+
+    def __init__(self, model: AttRec, compile: bool = False, table: bool | None = None) -> None:
         self.model = model
+        self.table = table
         self._buffers()
         self._eager_grads = self.grads
         if compile:
@@ -60,19 +92,34 @@ class ManualStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
+    def uses_table(self, batch: int) -> bool:
+        """Whether a batch of `batch` samples projects through the item table."""
+        if self.table is not None:
+            return self.table
+        return self.model.item_emb.shape[0] < batch * self.model.cfg.maxlen
+
     @torch.no_grad()
     def __call__(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
                  neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """The batch loss (as AttRec.forward: mean over valid samples for inner, sum for
         dist); the parameters' `.grad` hold its gradient afterwards (L2 excluded: the
         optimiser's weight decay adds it)."""
+        return self.gathered(torch.arange(users.shape[0]), users, windows, pos, neg, valid,
+                             count)
+
+    @torch.no_grad()
+    def gathered(self, idx: torch.Tensor, users: torch.Tensor, windows: torch.Tensor,
+                 pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
+        """As calling the step with rows `idx` (B,) of the per-sample arrays users (T,),
+        windows (T, L), pos (T,) and neg (T,): the gathers run inside the compiled code."""
         self._buffers()
         m = self.model
-        items = torch.stack([pos, neg], dim=1)  # (B, 2)
-        args = (m.user_emb, m.item_emb, m.item2_emb, m.proj, m.pos_enc, users, windows, items,
-                valid, count)
+        table = self.uses_table(idx.shape[0])
+        args = (m.user_emb, m.item_emb, m.item2_emb, m.proj, m.pos_enc, idx, users, windows,
+                pos, neg, valid, count, table)
         try:
-            loss, du, dx, de, de2, dw = self.grads(*args)
+            out = self.grads(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, exactly
             if self.grads is self._eager_grads:
                 raise
@@ -80,28 +127,37 @@ class ManualStep:
                           f"({str(e).strip().splitlines()[0][:200]}); running it uncompiled",
                           stacklevel=2)
             self.grads = self._eager_grads
-            loss, du, dx, de, de2, dw = self.grads(*args)
+            out = self.grads(*args)
+        loss, u_rows, win_rows, item_rows, du, dwin, de, de2, dw = out
         d = m.cfg.dim
         # index_add_ with int64 indices: measured 2.3x faster than with int32 ones.
-        users, windows, items = users.long(), windows.long().reshape(-1), items.long().reshape(-1)
-        m.user_emb.grad.zero_().index_add_(0, users, du)
-        eg = m.item_emb.grad.zero_()
-        eg.index_add_(0, windows, dx.reshape(-1, d))
-        eg.index_add_(0, items, de.reshape(-1, d))
-        m.item2_emb.grad.zero_().index_add_(0, items, de2.reshape(-1, d))
-        m.proj.grad.copy_(dw)
+        m.user_emb.grad.zero_().index_add_(0, u_rows, du)
+        eg = m.item_emb.grad
+        if table:  # dwin = [dH | direct term] per window slot, summed per item first
+            s = torch.zeros(eg.shape[0], 2 * d, dtype=eg.dtype).index_add_(0, win_rows, dwin)
+            torch.addmm(s[:, d:], s[:, :d], m.proj.T, out=eg)  # dE = S2 + S1 W^T
+            torch.addmm(dw, m.item_emb.T, s[:, :d], out=m.proj.grad)  # dW = P^T.. + E^T S1
+        else:
+            eg.zero_().index_add_(0, win_rows, dwin)
+            m.proj.grad.copy_(dw)
+        eg.index_add_(0, item_rows, de)
+        m.item2_emb.grad.zero_().index_add_(0, item_rows, de2)
         return loss
 
     def grads(self, user_emb: torch.Tensor, item_emb: torch.Tensor, item2_emb: torch.Tensor,
-              proj: torch.Tensor, pos_enc: torch.Tensor, users: torch.Tensor,
-              windows: torch.Tensor, items: torch.Tensor, valid: torch.Tensor,
-              count: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Loss and the gradients of the rows looked up: du (B, d), dx (B, L, d),
-        de and de2 (B, 2, d), and dW (d, d). A pure function of its tensors."""
+              proj: torch.Tensor, pos_enc: torch.Tensor, idx: torch.Tensor,
+              users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
+              neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+              table: bool) -> tuple[torch.Tensor, ...]:
+        """Loss, the int64 rows looked up (users (B,), window slots (B·L,), candidates
+        (2B,)) and the gradients of those rows: du (B, d), dwin (B·L, 2d) through the table
+        or (B·L, d) dX, de and de2 (2B, d), and dw (d, d): P^T sum_b dH_b through the
+        table, else dW. A pure function of its tensors."""
         cfg = self.model.cfg
         w = cfg.w
-        x = F.embedding(windows, item_emb)  # (B, L, d)
-        short, saved = structured_forward(x, windows != 0, proj, pos_enc)  # (B, d)
+        users, windows = users[idx].long(), windows[idx].long()  # (B,), (B, L)
+        items = torch.stack([pos[idx], neg[idx]], dim=1).long()  # (B, 2)
+        short, saved = self._attention(item_emb, proj, pos_enc, windows, table)  # (B, d)
         u = F.embedding(users, user_emb)  # (B, d)
         e = F.embedding(items, item_emb)  # (B, 2, d)
         e2 = F.embedding(items, item2_emb)  # (B, 2, d)
@@ -132,5 +188,50 @@ class ManualStep:
             de2 = _clip_backward(e2c, ne2, -dlong)
             dshort = dsh.sum(1)
             de = _clip_backward(ec, ne, -dsh)
-        dx, dw = structured_backward(saved, dshort)
-        return loss, du, dx, de, de2, dw
+        dwin, dw = self._attention_backward(saved, dshort, proj, pos_enc, table)
+        d = proj.shape[0]
+        return (loss, users, windows.reshape(-1), items.reshape(-1), du, dwin,
+                de.reshape(-1, d), de2.reshape(-1, d), dw)
+
+    @staticmethod
+    def _attention(item_emb: torch.Tensor, proj: torch.Tensor, pos_enc: torch.Tensor,
+                   windows: torch.Tensor, table: bool) -> tuple[torch.Tensor, tuple]:
+        """(B, L) windows -> (B, d) short-term interest, and what the backward needs
+        (the structured forward of kernels/structured.py, projected as `table` says)."""
+        b, l = windows.shape
+        d = proj.shape[0]
+        mask = windows != 0  # (B, L)
+        x = F.embedding(windows, item_emb)  # (B, L, d)
+        if table:
+            h = F.embedding(windows, item_emb @ proj) + pos_enc @ proj  # (B, L, d)
+            z = None
+        else:
+            z = (x + pos_enc).reshape(b * l, d)  # (B·L, d)
+            h = (z @ proj).reshape(b, l, d)
+        q = torch.relu(h)
+        s = _pairwise(q, q) * (1.0 / math.sqrt(d))  # (B, L, L), keys = queries
+        s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
+        a = torch.softmax(s, dim=-1)
+        p_bar = a.mean(dim=1)  # (B, L) column means
+        out = (p_bar[:, :, None] * x).sum(1)  # (B, d) = p_bar^T X
+        return out, (x, mask, z, h, q, a, p_bar)
+
+    @staticmethod
+    def _attention_backward(saved: tuple, c: torch.Tensor, proj: torch.Tensor,
+                            pos_enc: torch.Tensor, table: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From c = dL/dshort (B, d): the window slots' gradient rows and dw (see grads);
+        the chain rule of kernels/structured.py's module docstring."""
+        x, mask, z, h, q, a, p_bar = saved
+        b, l, d = x.shape
+        da = (x * c[:, None, :]).sum(-1) / l  # (B, L): dA_ij, the same for every i
+        rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
+        ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
+        m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
+        dh = _mix(m, q) * (h > 0)  # (B, L, d)
+        direct = p_bar[:, :, None] * c[:, None, :]  # (B, L, d): d out / d X
+        if table:
+            dwin = torch.cat([dh, direct], dim=-1).reshape(b * l, 2 * d)
+            return dwin, pos_enc.T @ dh.sum(0)  # P^T sum_b dH_b (d, d)
+        dh_flat = dh.reshape(b * l, d)
+        return dh_flat @ proj.T + direct.reshape(b * l, d), z.T @ dh_flat

@@ -43,6 +43,7 @@ class KerasAdam(torch.optim.Adam):
                          foreach=False if not capturable else None)
         self.keras_eps = eps
         self._t: int | None = None  # steps taken so far (eager path), read once from state
+        self._moments: list | None = None  # per group: params, exp_avgs, exp_avg_sqs, steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -51,6 +52,7 @@ class KerasAdam(torch.optim.Adam):
             for key in ("capturable", "fused", "foreach"):
                 g[key] = self.defaults[key]
         self._t = None
+        self._moments = None
 
     def _steps_taken(self) -> int:
         if self._t is None:  # once per run or resume: one read of the stored step count
@@ -70,9 +72,38 @@ class KerasAdam(torch.optim.Adam):
         t = self._steps_taken() + 1
         for g in self.param_groups:
             g["eps"] = self.keras_eps / math.sqrt(1.0 - g["betas"][1] ** t)
-        super().step()
+        if not self._fused_step():
+            super().step()
         self._t = t
         return loss
+
+    def _fused_step(self) -> bool:
+        """What torch.optim.Adam's fused step does (step counters + 1, then one
+        `_fused_adam_` per group), without its per-step regrouping of the tensors: on the
+        CPU that Python costs as much as the update. False, and nothing done, unless every
+        parameter has a gradient and its state (the first step goes through Adam)."""
+        if not self.defaults["fused"]:
+            return False
+        if self._moments is None:
+            moments = []
+            for g in self.param_groups:
+                states = [self.state.get(p) for p in g["params"]]
+                if not all(states):
+                    return False
+                moments.append(([st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states],
+                                [st["step"] for st in states]))
+            self._moments = moments
+        grads = [[p.grad for p in g["params"]] for g in self.param_groups]
+        if any(gr is None for gs in grads for gr in gs):
+            return False
+        for g, gs, (m, v, steps) in zip(self.param_groups, grads, self._moments, strict=True):
+            b1, b2 = g["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(g["params"], gs, m, v, [], steps, amsgrad=False, lr=g["lr"],
+                               beta1=b1, beta2=b2, weight_decay=g["weight_decay"],
+                               eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
+        return True
 
     def _device_step(self) -> None:
         """The Keras update from device tensors only (safe to capture in a CUDA graph):

@@ -201,6 +201,29 @@ class EpochRunner:
         manual = (dev.type == "cpu" and self.world == 1 and forward is None
                   and model.cfg.kernel == "structured")
         self.manual = ManualStep(model, compile=cfg.compile) if manual else None
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, count)
+
+    def _manual_step(self, i: int) -> None:
+        """Step `i` of the epoch on the hand-written CPU path: the batch's bounds in
+        Python integers, its rows gathered inside the compiled step (same batches, same
+        padding of the last one as `_step`)."""
+        lo = i * self.global_bs
+        hi = min(lo + self.global_bs, self.n_train)
+        if hi - lo == self.global_bs:
+            idx = self.perm[lo:hi]
+            if self._full is None:
+                self._full = (torch.ones(hi - lo), torch.tensor(float(hi - lo)))
+            vf, count = self._full
+        else:  # the last, partial batch keeps the fixed shape, its padding masked
+            pos = lo + self.slot
+            idx = self.perm[pos.clamp(max=self.n_train - 1)]
+            vf, count = (pos < hi).to(torch.float32), torch.tensor(float(hi - lo))
+        loss = self.manual.gathered(idx, self.users, self.windows, self.targets,
+                                    self.train_negs, vf, count)
+        self.opt.step()
+        local_sum = loss * (count if self.cfg.mode == "inner" else 1.0)
+        self.loss_sum += local_sum.to(torch.float64)
+        self.step += 1
 
     def _step(self) -> None:
         cfg = self.cfg
@@ -213,7 +236,7 @@ class EpochRunner:
         count = (hi - lo).to(torch.float32)  # samples in the whole global batch
         args = (self.users[idx], self.windows[idx], self.targets[idx], self.train_negs[idx],
                 vf, count)
-        if self.manual is not None:
+        if self.manual is not None:  # (the epoch loop calls _manual_step instead)
             loss = self.manual(*args)
         else:
             loss = self.forward(*args)
@@ -269,9 +292,10 @@ class EpochRunner:
         for i in range(self.n_steps):
             if self.graph is not None:
                 self.graph.replay()
+            elif self.manual is not None:
+                self._manual_step(i)
             else:
-                if self.manual is None:
-                    self.opt.zero_grad(set_to_none=True)
+                self.opt.zero_grad(set_to_none=True)
                 self._step()
             if progress is not None:
                 progress(i)

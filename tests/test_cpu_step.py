@@ -41,14 +41,15 @@ def batch(seed: int):
 @pytest.mark.parametrize("mode", ["inner", "dist"])
 @pytest.mark.parametrize("scale", [0.05, 2.0])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_manual_step_equals_autograd_of_the_reference(mode, scale, index_dtype):
+@pytest.mark.parametrize("table", [True, False])
+def test_manual_step_equals_autograd_of_the_reference(mode, scale, index_dtype, table):
     ref = make(mode, 1, scale)
     mine = make(mode, 1, scale)
     mine.cfg.kernel = "structured"
     users, windows, pos, neg, valid, count = batch(3)
     loss_ref = ref(users, windows, pos, neg, valid, count)
     loss_ref.backward()
-    step = ManualStep(mine)
+    step = ManualStep(mine, table=table)
     with torch.no_grad():  # stale gradients must not leak into the next step
         for p in mine.parameters():
             p.grad.fill_(123.0)

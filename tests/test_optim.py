@@ -73,6 +73,25 @@ def test_matches_keras_rule(capturable, triton_kernel, monkeypatch):
     np.testing.assert_allclose(q, keras_adam_numpy(q0, gq, 0.0), rtol=2e-6, atol=1e-9)
 
 
+def test_eager_step_is_pytorch_fused_adam_with_scaled_eps():
+    """The eager path's own call of the fused kernel does bit for bit what
+    torch.optim.Adam(fused=True) does with eps / sqrt(1 - b2^t) (optim.py's docstring)."""
+    p0, q0, gp, gq = problem(seed=3)
+    mine = run_torch(p0, q0, gp, gq, capturable=False)
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
+    ref = torch.optim.Adam([{"params": [p], "weight_decay": 2e-6},
+                            {"params": [q], "weight_decay": 0.0}],
+                           lr=LR, betas=(B1, B2), eps=EPS, fused=True)
+    for t, (a, b) in enumerate(zip(gp, gq, strict=True), start=1):
+        for g in ref.param_groups:
+            g["eps"] = EPS / np.sqrt(1.0 - B2 ** t)
+        p.grad, q.grad = torch.from_numpy(a), torch.from_numpy(b)
+        ref.step()
+    np.testing.assert_array_equal(mine[0], p.detach().numpy())
+    np.testing.assert_array_equal(mine[1], q.detach().numpy())
+
+
 def test_differs_from_pytorch_placement():
     """The rows with tiny gradients move differently under PyTorch's eps placement, so the
     comparison above can fail."""
