@@ -133,9 +133,9 @@ def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
           ("baseline", "first measurement", "baseline\n(torch ref.)"),
           ("fastattrec", "first measurement", "fastattrec"),
           ("fastattrec", "re-measured with the Keras-eps Adam", "fastattrec\nre-measured")]),
-        ("2-core CPU with AVX-512 (third session)", "CPU-512",
-         [("notebook", "third session side by side", "notebook\n(TensorFlow)"),
-          ("fastattrec", "third session side by side", "fastattrec\n(compiled step)")]),
+        ("2-core CPU with AVX-512 (fourth session)", "CPU-512",
+         [("notebook", "fourth session side by side", "notebook\n(TensorFlow)"),
+          ("fastattrec", "fourth session side by side", "fastattrec\n(compiled step)")]),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [4, 2.4]})
     for ax, (title, machine, order) in zip(axes, panels, strict=True):
