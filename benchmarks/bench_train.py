@@ -168,6 +168,9 @@ def parse_args() -> argparse.Namespace:
                     help="epochs for the baseline (default: --epochs)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--prep-repeats", type=int, default=3)
+    ap.add_argument("--graph-steps", type=int, nargs="*", default=[],
+                    help="CUDA: also time the default path with these training steps per "
+                         "CUDA-graph replay (the default is 1)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -204,6 +207,10 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
     """(label, TrainConfig overrides, epochs) of every configuration to time, in order."""
     base = args.baseline_epochs or args.epochs
     configs = [("fastattrec", dict(kernel="auto", compile=True), args.epochs)]
+    if args.device == "cuda":
+        configs += [(f"fastattrec {k} steps a graph", dict(kernel="auto", compile=True,
+                                                           graph_steps=k), args.epochs)
+                    for k in args.graph_steps]
     if args.contention:
         configs.append((f"fastattrec beside {args.contention} busy",
                         dict(kernel="auto", compile=True), args.epochs))

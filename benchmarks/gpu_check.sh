@@ -7,8 +7,9 @@
 # tuner can pick, each precision; autotuning off, not every candidate of every shape);
 # each precision mode's error against float64; the kernel timings (CUDA-graph and
 # autograd timers, B = 1,024 .. 1,048,576, against eager and torch.compile and the
-# floors); a torch.profiler kernel table of 30 training steps; Nsight Compute over the
-# attention kernels if time is left. A summary table is printed last.
+# floors); a torch.profiler kernel table of 30 training steps; the
+# whole-training timing at ML-1M size with 1 and 16 steps per CUDA-graph replay; Nsight
+# Compute over the attention kernels if time is left. A summary table is printed last.
 #
 # Output, all in $OUT (default results/gpu): log.txt (everything), summary.txt (the
 # table), results.tgz (every CSV/JSON/profile), ncu.txt when Nsight Compute ran: four
@@ -210,6 +211,25 @@ if [ -s "$WORK/profile.txt" ]; then
   head -n 16 "$WORK/profile.txt" | sed 's/^/  /' >> "$SUMMARY"
 else
   note "profiler: no result"
+fi
+
+step "whole training: ML-1M size, 1 and 16 steps per CUDA-graph replay (issue 10)"
+if [ "$MODE" = dry-run ]; then
+  TRAIN_ARGS=(--device cpu --size ml-100k --epochs 1 --eval-every 1)
+else
+  TRAIN_ARGS=(--device cuda --size ml-1m --epochs 3 --eval-every 3 --graph-steps 16)
+fi
+run 100 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
+  --prep-repeats 1 --out "$WORK/bench_train.csv" 2>&1 | tail -8
+if [ -s "$WORK/bench_train.csv" ]; then
+  note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s"
+  $PY -P -c "
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(f\"  {r['config']:<28} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f}\")
+" "$WORK/bench_train.csv" >> "$SUMMARY"
+else
+  note "whole training: no result"
 fi
 
 step "Nsight Compute over the attention kernels (if time is left)"

@@ -242,6 +242,12 @@ def _train_options(f):
                           "arithmetic becomes generated C++ (a few seconds to compile, "
                           "cached; then about 1.8x faster per epoch); without a working "
                           "compiler it runs uncompiled, with a warning."),
+        click.option("--graph-steps", default=1, show_default=True,
+                     type=click.IntRange(1, 4096),
+                     help="CUDA with --compile: training steps recorded in one CUDA graph "
+                          "and replayed together, so the host launches once per N steps "
+                          "(the epoch's remaining steps are one more graph; same results). "
+                          "Not yet timed on a GPU, hence 1 by default."),
         click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
                      show_default=True,
                      help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),

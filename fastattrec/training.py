@@ -86,6 +86,7 @@ class TrainConfig:
     compile: bool = True
     ndcg_log: str = "2"
     threads: int = 0  # 0: chosen at the start (free cores) and saved as the number used
+    graph_steps: int = 1  # CUDA with --compile: training steps recorded in one CUDA graph
     data_dir: str = ""
 
     def check(self) -> None:
@@ -97,6 +98,7 @@ class TrainConfig:
 
         numeric = {"maxlen": int, "dim": int, "batch_size": int, "epochs": int,
                    "eval_every": int, "k": int, "seed": int, "early_stop": int, "threads": int,
+                   "graph_steps": int,
                    "lr": float,
                    "embed_reg": float, "w": float, "gamma": float}
         for name, kind in numeric.items():
@@ -105,7 +107,7 @@ class TrainConfig:
             if not ok or isinstance(v, bool):
                 want = "an integer" if kind is int else "a number"
                 raise UserError(f"{name_of(name)} must be {want}, got {v!r}.")
-        for name in ("maxlen", "dim", "batch_size", "epochs", "eval_every", "k"):
+        for name in ("maxlen", "dim", "batch_size", "epochs", "eval_every", "k", "graph_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name_of(name)} must be at least 1, got {getattr(self, name)}.")
         choices = {"mode": MODES, "negatives": NEGATIVE_MODES, "kernel": BACKENDS,
@@ -126,6 +128,8 @@ class TrainConfig:
             raise UserError(f"--embed-reg must not be negative, got {self.embed_reg}.")
         if self.early_stop < 0:
             raise UserError(f"--early-stop must not be negative, got {self.early_stop}.")
+        if self.graph_steps > 4096:
+            raise UserError(f"--graph-steps must be at most 4096, got {self.graph_steps}.")
         if not 0 <= self.threads <= 1024:
             raise UserError(f"--threads must be between 0 and 1024, got {self.threads}.")
         if not 0 <= self.seed < 2**63 - 2:
@@ -162,8 +166,17 @@ def make_optimizer(model: AttRec, cfg: TrainConfig, device: torch.device,
                      capturable=capturable and device.type == "cuda", fused=True)
 
 
+def replay_sizes(n_steps: int, per_graph: int) -> list[int]:
+    """The steps of each CUDA-graph replay in an epoch of `n_steps`: replays of
+    `per_graph` steps, then one replay of the rest (two graphs at most)."""
+    k = max(1, min(per_graph, n_steps))
+    full, rest = divmod(n_steps, k)
+    return [k] * full + ([rest] if rest else [])
+
+
 class EpochRunner:
-    """Runs the training steps of one epoch; on CUDA, as replays of one CUDA graph.
+    """Runs the training steps of one epoch; on CUDA, as replays of CUDA graphs of
+    `cfg.graph_steps` steps each (`replay_sizes`).
 
     The step reads only device tensors: `step` (which batch), `perm` (this epoch's order
     of the train samples) and `negs` (the negatives of every row). It adds the batch's
@@ -195,7 +208,9 @@ class EpochRunner:
         # global batch's sum (inner: divided by the global count), scaled by `world`, so the
         # average is exactly the single-process gradient.
         self.loss_scale = float(self.world)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # the graph of the first replay size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps -> graph of that many
+        self.replays = replay_sizes(self.n_steps, cfg.graph_steps)
         # On the CPU, one process, the structured attention: the hand-written step
         # (cpu_step.py), which writes the gradients itself instead of autograd.
         manual = (dev.type == "cpu" and self.world == 1 and forward is None
@@ -251,7 +266,9 @@ class EpochRunner:
         self.train_negs.copy_(negs[self.data.train_rows])
 
     def capture(self) -> None:
-        """Record one step as a CUDA graph, leaving weights and optimiser untouched."""
+        """Record the steps of each replay size as a CUDA graph (the gradients set to
+        None before each step, as in an eager epoch), leaving weights and optimiser
+        untouched."""
         params = [p.detach().clone() for p in self.model.parameters()]
         saved = {p: {k: v.clone() for k, v in st.items()} for p, st in self.opt.state.items()}
         side = torch.cuda.Stream()
@@ -279,20 +296,31 @@ class EpochRunner:
                         v.copy_(saved[p][k])
                     else:
                         v.zero_()
-        self.opt.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        for size in sorted(set(self.replays), reverse=True):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(size):
+                    self.opt.zero_grad(set_to_none=True)
+                    self._step()
+            self.graphs[size] = graph
+        self.graph = self.graphs[self.replays[0]]
         torch.cuda.synchronize()
 
     def run(self, progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """All steps of one epoch; returns the device tensor of summed sample losses."""
         self.step.zero_()
         self.loss_sum.zero_()
+        if self.graphs:
+            done = 0
+            for size in self.replays:
+                self.graphs[size].replay()
+                if progress is not None:
+                    for i in range(done, done + size):
+                        progress(i)
+                done += size
+            return self.loss_sum
         for i in range(self.n_steps):
-            if self.graph is not None:
-                self.graph.replay()
-            elif self.manual is not None:
+            if self.manual is not None:
                 self._manual_step(i)
             else:
                 self.opt.zero_grad(set_to_none=True)

@@ -467,6 +467,7 @@ def test_options_edited_in_config_json_are_refused(finished, tmp_path):
     (("--seed", str(10**20)), "--seed must be between"),
     (("--threads", "100000"), "--threads"),
     (("--threads", "-1"), "--threads"),
+    (("--graph-steps", "0"), "--graph-steps"),
 ])
 def test_option_errors_name_the_option(data_dir, tmp_path, args, expect):
     r = cli("train", data_dir, "-o", tmp_path / "run", *ARGS, *args)

@@ -11,7 +11,7 @@ import torch
 
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.training import TrainConfig, train
+from fastattrec.training import TrainConfig, replay_sizes, train
 
 from helpers import cli
 
@@ -189,3 +189,24 @@ def test_huge_option_values_are_not_echoed_whole(tmp_path):
                  ("train", tmp_path, "-o", tmp_path / "r", "--device", huge)):
         r = cli(*args)
         assert r.exit_code != 0 and len(r.output.strip().splitlines()[-1]) < 300
+
+
+@pytest.mark.parametrize("n_steps,per_graph,want", [
+    (10, 4, [4, 4, 2]),  # two graphs: 4 steps, and the 2 left
+    (8, 4, [4, 4]),
+    (3, 16, [3]),  # never more steps than the epoch has
+    (95, 1, [1] * 95),
+    (1, 1, [1]),
+])
+def test_replay_sizes_cover_the_epoch_in_order(n_steps, per_graph, want):
+    """The CUDA graph replays of an epoch (hand-worked): every step once, at most two
+    graph sizes."""
+    assert replay_sizes(n_steps, per_graph) == want
+
+
+def test_graph_steps_must_be_a_positive_integer():
+    from fastattrec.errors import UserError
+
+    for bad in (0, -3, 5000, 2.5, True):
+        with pytest.raises(UserError, match="--graph-steps"):
+            TrainConfig(graph_steps=bad).check()
