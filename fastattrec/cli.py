@@ -240,7 +240,7 @@ def _train_options(f):
                      help="Fuse the training step with torch.compile. On CUDA the step is "
                           "also captured as a CUDA graph and replayed. On CPU the step's "
                           "arithmetic becomes generated C++ (a few seconds to compile, "
-                          "cached; then about 1.8x faster per epoch); without a working "
+                          "cached; then 1.5-1.8x faster per epoch on ML-100K); without a working "
                           "compiler it runs uncompiled, with a warning."),
         click.option("--graph-steps", default=1, show_default=True,
                      type=click.IntRange(1, 4096),
