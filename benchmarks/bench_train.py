@@ -121,7 +121,7 @@ def profile_epoch(data_dir: Path, device: str, threads: int) -> None:
     from fastattrec.training import EpochRunner, _build
 
     dev = torch.device(device)
-    cfg = TrainConfig(device=device)
+    cfg = TrainConfig(device=device, graph_steps=1)  # one step a replay: per-step counts
     data = DeviceData.from_prepared(load_prepared(data_dir), dev)
     use_graph = cfg.compile and dev.type == "cuda"
     model, _, opt, gens = _build(cfg, data, dev, resolve_backend(cfg.kernel, dev), use_graph)

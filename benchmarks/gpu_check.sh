@@ -170,7 +170,7 @@ synthesize(root / "r.dat", 300 if dry else 6040, 800 if dry else 3706,
 prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
 data = DeviceData.from_prepared(load_prepared(root / "data"), device)
 kernel = "structured" if dry else "triton"
-cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024)
+cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024, graph_steps=1)
 mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, kernel=kernel)
 model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).to(device)
 if not dry:

@@ -247,7 +247,8 @@ def _train_options(f):
                      help="CUDA with --compile: training steps recorded in one CUDA graph "
                           "and replayed together, so the host launches once per N steps "
                           "(the epoch's remaining steps are one more graph; same results). "
-                          "Not yet timed on a GPU, hence 1 by default."),
+                          "Ignored on CPU, with --no-compile and under torchrun. Not yet "
+                          "timed on a GPU, hence 1 by default."),
         click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
                      show_default=True,
                      help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),

@@ -73,8 +73,9 @@ class ManualStep:
     through the table when it has fewer rows than the batch has window slots.
 
     With `compile`, the arithmetic (`grads`: everything but the scatters into the tables'
-    gradients and the products over whole tables) is compiled by torch.compile (Inductor
-    generates C++ for the CPU), which fuses its operations into a few loops. The scatters
+    gradients and the backward's two products over the whole item table) is compiled by
+    torch.compile (Inductor generates C++ for the CPU), which fuses its operations into a
+    few loops. The scatters
     stay `index_add_` (Inductor would make them atomic adds: slower, and their order, so
     the rounding, would change from run to run). If compilation fails (no C++ compiler,
     say), the step says so once and runs eagerly: the same arithmetic, unfused."""
@@ -84,6 +85,7 @@ class ManualStep:
         self.table = table
         self._buffers()
         self._eager_grads = self.grads
+        self.compiled = compile  # until a compiler failure turns it off
         if compile:
             self.grads = torch.compile(self.grads, dynamic=False)
 
@@ -104,8 +106,8 @@ class ManualStep:
         """The batch loss (as AttRec.forward: mean over valid samples for inner, sum for
         dist); the parameters' `.grad` hold its gradient afterwards (L2 excluded: the
         optimiser's weight decay adds it)."""
-        return self.gathered(torch.arange(users.shape[0]), users, windows, pos, neg, valid,
-                             count)
+        return self.gathered(torch.arange(users.shape[0], device=users.device), users,
+                             windows, pos, neg, valid, count)
 
     @torch.no_grad()
     def gathered(self, idx: torch.Tensor, users: torch.Tensor, windows: torch.Tensor,
@@ -121,12 +123,12 @@ class ManualStep:
         try:
             out = self.grads(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, exactly
-            if self.grads is self._eager_grads:
+            if not self.compiled:  # an eager error is the caller's (a bad index, say)
                 raise
             warnings.warn(f"torch.compile of the CPU training step failed "
                           f"({str(e).strip().splitlines()[0][:200]}); running it uncompiled",
                           stacklevel=2)
-            self.grads = self._eager_grads
+            self.grads, self.compiled = self._eager_grads, False
             out = self.grads(*args)
         loss, u_rows, win_rows, item_rows, du, dwin, de, de2, dw = out
         d = m.cfg.dim
@@ -134,7 +136,8 @@ class ManualStep:
         m.user_emb.grad.zero_().index_add_(0, u_rows, du)
         eg = m.item_emb.grad
         if table:  # dwin = [dH | direct term] per window slot, summed per item first
-            s = torch.zeros(eg.shape[0], 2 * d, dtype=eg.dtype).index_add_(0, win_rows, dwin)
+            s = torch.zeros(eg.shape[0], 2 * d, dtype=eg.dtype, device=eg.device)
+            s.index_add_(0, win_rows, dwin)
             torch.addmm(s[:, d:], s[:, :d], m.proj.T, out=eg)  # dE = S2 + S1 W^T
             torch.addmm(dw, m.item_emb.T, s[:, :d], out=m.proj.grad)  # dW = P^T.. + E^T S1
         else:

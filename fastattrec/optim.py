@@ -43,7 +43,7 @@ class KerasAdam(torch.optim.Adam):
                          foreach=False if not capturable else None)
         self.keras_eps = eps
         self._t: int | None = None  # steps taken so far (eager path), read once from state
-        self._moments: list | None = None  # per group: params, exp_avgs, exp_avg_sqs, steps
+        self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -51,6 +51,21 @@ class KerasAdam(torch.optim.Adam):
             g["eps"] = self.keras_eps
             for key in ("capturable", "fused", "foreach"):
                 g[key] = self.defaults[key]
+        self._t = None
+        self._moments = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._moments = None  # (the constructor calls this before _moments exists)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle
+        return {**super().__getstate__(), "keras_eps": self.keras_eps}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        eps = state.pop("keras_eps", None)
+        super().__setstate__(state)
+        self.keras_eps = self.defaults["eps"] if eps is None else eps
         self._t = None
         self._moments = None
 
@@ -77,27 +92,42 @@ class KerasAdam(torch.optim.Adam):
         self._t = t
         return loss
 
+    def _moments_current(self) -> bool:
+        """The cached lists still name every group's parameters' current state."""
+        if self._moments is None or len(self._moments) != len(self.param_groups):
+            return False
+        for g, (states, *_) in zip(self.param_groups, self._moments, strict=True):
+            params = g["params"]
+            if len(params) != len(states) or any(
+                    self.state.get(p) is not st for p, st in zip(params, states, strict=True)):
+                return False
+        return True
+
     def _fused_step(self) -> bool:
         """What torch.optim.Adam's fused step does (step counters + 1, then one
         `_fused_adam_` per group), without its per-step regrouping of the tensors: on the
         CPU that Python costs as much as the update. False, and nothing done, unless every
-        parameter has a gradient and its state (the first step goes through Adam)."""
-        if not self.defaults["fused"]:
+        parameter has a gradient and its state (the first step goes through Adam), and
+        no group asks for an Adam option this call does not pass (amsgrad, maximize...)."""
+        if not self.defaults["fused"] or any(
+                g.get(k) for g in self.param_groups
+                for k in ("amsgrad", "maximize", "differentiable", "decoupled_weight_decay")):
             return False
-        if self._moments is None:
+        if not self._moments_current():
             moments = []
             for g in self.param_groups:
                 states = [self.state.get(p) for p in g["params"]]
                 if not all(states):
                     return False
-                moments.append(([st["exp_avg"] for st in states],
+                moments.append((states, [st["exp_avg"] for st in states],
                                 [st["exp_avg_sq"] for st in states],
                                 [st["step"] for st in states]))
             self._moments = moments
         grads = [[p.grad for p in g["params"]] for g in self.param_groups]
         if any(gr is None for gs in grads for gr in gs):
             return False
-        for g, gs, (m, v, steps) in zip(self.param_groups, grads, self._moments, strict=True):
+        for g, gs, (_, m, v, steps) in zip(self.param_groups, grads, self._moments,
+                                           strict=True):
             b1, b2 = g["betas"]
             torch._foreach_add_(steps, 1)
             torch._fused_adam_(g["params"], gs, m, v, [], steps, amsgrad=False, lr=g["lr"],

@@ -208,7 +208,8 @@ class EpochRunner:
         # global batch's sum (inner: divided by the global count), scaled by `world`, so the
         # average is exactly the single-process gradient.
         self.loss_scale = float(self.world)
-        self.graph: torch.cuda.CUDAGraph | None = None  # the graph of the first replay size
+        # The graph of the first replay size (one step when graph_steps is 1, the default).
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps -> graph of that many
         self.replays = replay_sizes(self.n_steps, cfg.graph_steps)
         # On the CPU, one process, the structured attention: the hand-written step
@@ -296,6 +297,8 @@ class EpochRunner:
                         v.copy_(saved[p][k])
                     else:
                         v.zero_()
+        if not self.replays:  # no train samples: nothing to record
+            return
         for size in sorted(set(self.replays), reverse=True):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -84,7 +84,8 @@ def test_manual_step_trains_like_autograd_in_float32():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_step_matches_the_uncompiled_one():
+@pytest.mark.parametrize("table", [True, False])
+def test_compiled_step_matches_the_uncompiled_one(table):
     """--compile on CPU fuses the step's arithmetic (Inductor C++): the same loss and
     gradients to float32 rounding, and a warning plus the uncompiled step if the compiler
     cannot run."""
@@ -92,8 +93,9 @@ def test_compiled_step_matches_the_uncompiled_one():
     a.cfg.kernel = b.cfg.kernel = "structured"
     users, windows, pos, neg, valid, count = batch(7)
     valid, count = valid.float(), count.float()
-    eager = ManualStep(a)(users, windows, pos, neg, valid, count)
-    compiled = ManualStep(b, compile=True)(users, windows, pos, neg, valid, count)
+    eager = ManualStep(a, table=table)(users, windows, pos, neg, valid, count)
+    compiled = ManualStep(b, compile=True, table=table)(users, windows, pos, neg, valid,
+                                                        count)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-7)
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7)
@@ -102,14 +104,47 @@ def test_compiled_step_matches_the_uncompiled_one():
 def test_a_failing_compiler_falls_back_with_a_warning():
     m = make("dist", 4, 0.05).float()
     m.cfg.kernel = "structured"
-    step = ManualStep(m)
-    eager_grads = step.grads
+    step = ManualStep(m, compile=True)
 
     def broken(*a):
         raise RuntimeError("no C++ compiler here")
 
-    step.grads = broken
+    step.grads = broken  # the compiled function, failing as a missing compiler would
     users, windows, pos, neg, valid, count = batch(8)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         loss = step(users, windows, pos, neg, valid.float(), count.float())
-    assert step.grads == eager_grads and torch.isfinite(loss)
+    assert step.grads == step._eager_grads and not step.compiled and torch.isfinite(loss)
+
+
+def test_an_eager_error_is_raised_not_taken_for_a_compiler_failure():
+    """Without compilation a bad index is the caller's mistake: it is raised as is, with
+    no warning about a compiler."""
+    import warnings
+
+    m = make("inner", 4, 0.05).float()
+    m.cfg.kernel = "structured"
+    users, windows, pos, neg, valid, count = batch(8)
+    users[0] = 99  # the user table has 9 rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(IndexError):
+            ManualStep(m)(users, windows, pos, neg, valid.float(), count.float())
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_gathered_rows_equal_the_batch_given_whole(table):
+    """`gathered(idx, arrays)` (the gathers inside the step) gives what calling the step
+    with the rows already cut gives, compiled, for both projection layouts."""
+    users, windows, pos, neg, valid, count = batch(10)
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randperm(users.shape[0], generator=g)[:7]  # rows in any order
+    a, b = make("inner", 7, 0.05).float(), make("inner", 7, 0.05).float()
+    a.cfg.kernel = b.cfg.kernel = "structured"
+    whole = ManualStep(a, compile=True, table=table)(
+        users[idx], windows[idx], pos[idx], neg[idx], valid[:7].float(), count.float())
+    cut = ManualStep(b, compile=True, table=table).gathered(
+        idx, users.to(torch.int32), windows.to(torch.int32), pos.to(torch.int32),
+        neg.to(torch.int32), valid[:7].float(), count.float())
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-7)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)

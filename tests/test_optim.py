@@ -92,6 +92,59 @@ def test_eager_step_is_pytorch_fused_adam_with_scaled_eps():
     np.testing.assert_array_equal(mine[1], q.detach().numpy())
 
 
+def test_the_eager_step_takes_its_own_fused_call():
+    """After the first step (which creates the state) the direct fused call runs, so the
+    test above compares it, not torch.optim.Adam.step, with PyTorch."""
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = KerasAdam([p], lr=LR, betas=(B1, B2), eps=EPS, fused=True)
+    for _ in range(2):
+        p.grad = torch.ones(3, 2)
+        opt.step()
+    assert opt._moments is not None
+
+
+def _eager(params, wd=2e-6):
+    return KerasAdam([{"params": params, "weight_decay": wd}], lr=LR, betas=(B1, B2),
+                     eps=EPS, fused=True)
+
+
+def test_optimiser_changes_mid_run_are_seen():
+    """State replaced by hand, a group added, a deep copy: the cached lists of the direct
+    call never update stale tensors, and a copy continues exactly like the original."""
+    import copy
+
+    p0, q0, gp, gq = problem(seed=4)
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = _eager([p])
+    for a in gp[:3]:
+        p.grad = torch.from_numpy(a)
+        opt.step()
+    # A copy continues like the original, bit for bit.
+    p2 = copy.deepcopy(p)
+    twin = _eager([p2])
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    clone = copy.deepcopy(opt)
+    p3 = clone.param_groups[0]["params"][0]
+    for a in gp[3:6]:
+        for par, o in ((p, opt), (p2, twin), (p3, clone)):
+            par.grad = torch.from_numpy(a)
+            o.step()
+    assert torch.equal(p, p2) and torch.equal(p, p3)
+    # State replaced by hand: the new tensors are the ones updated.
+    fresh = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.state[p] = fresh
+    p.grad = torch.from_numpy(gp[6])
+    opt.step()
+    assert float(fresh["step"]) == 7.0 and opt.state[p] is fresh
+    # A group added mid-run trains too.
+    q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
+    opt.add_param_group({"params": [q], "weight_decay": 0.0})
+    for a, b in zip(gp[7:9], gq[7:9], strict=True):
+        p.grad, q.grad = torch.from_numpy(a), torch.from_numpy(b)
+        opt.step()
+    assert not torch.equal(q, torch.from_numpy(q0)) and float(opt.state[p]["step"]) == 9.0
+
+
 def test_differs_from_pytorch_placement():
     """The rows with tiny gradients move differently under PyTorch's eps placement, so the
     comparison above can fail."""

@@ -210,3 +210,38 @@ def test_graph_steps_must_be_a_positive_integer():
     for bad in (0, -3, 5000, 2.5, True):
         with pytest.raises(UserError, match="--graph-steps"):
             TrainConfig(graph_steps=bad).check()
+
+
+@pytest.mark.parametrize("mode", ["inner", "dist"])
+def test_cpu_epoch_takes_the_same_batches_as_the_device_step(data_dir, mode):
+    """The CPU epoch loop cuts batches with Python integers (`_manual_step`); the device
+    loop (`_step`) with tensor arithmetic. From one state, a whole epoch each, with a
+    padded last batch (batch 97 does not divide the train samples): the same loss sum and
+    the same weights, bit for bit."""
+    from fastattrec.batches import DeviceData
+    from fastattrec.data.dataset import load_prepared
+    from fastattrec.training import EpochRunner, _build
+
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    cfg = TrainConfig(device="cpu", kernel="structured", batch_size=97, compile=False,
+                      mode=mode, dim=16)
+    outs = []
+    for loop in ("run", "_step"):
+        model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "structured", False)
+        runner = EpochRunner(model, opt, data, cfg)
+        assert runner.manual is not None and runner.n_train % 97
+        runner.perm.copy_(torch.randperm(runner.n_train,
+                                         generator=torch.Generator().manual_seed(5)))
+        if loop == "run":
+            total = runner.run()
+        else:
+            runner.step.zero_()
+            runner.loss_sum.zero_()
+            for _ in range(runner.n_steps):
+                runner._step()
+            total = runner.loss_sum
+        assert int(runner.step) == runner.n_steps
+        outs.append((float(total), [p.detach().clone() for p in model.parameters()]))
+    (la, pa), (lb, pb) = outs
+    assert la == lb
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
