@@ -24,25 +24,31 @@ def data_dir(tmp_path_factory):
     return root / "data"
 
 
+def same_start(data_dir, cfg: TrainConfig):
+    """A model (seed 0, compiled loss), its capturable optimiser and an epoch runner with
+    a fixed permutation: the same starting state on every call."""
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cuda")
+    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, mode=cfg.mode,
+                        kernel="triton")
+    model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).cuda()
+    model.compile_loss()
+    opt = make_optimizer(model, cfg, torch.device("cuda"), capturable=True)
+    runner = EpochRunner(model, opt, data, cfg)
+    runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
+                                     generator=torch.Generator("cuda").manual_seed(1)))
+    return model, opt, runner
+
+
 @pytest.mark.parametrize("mode,graph_steps", [("inner", 1), ("dist", 1), ("inner", 3)])
 def test_graph_replay_equals_eager_steps(data_dir, mode, graph_steps):
     """From the same state, three steps as replays of the captured graph (three of one
     step, or one of three) and three eager steps give the same weights (same kernels,
     same order: only launch mechanics differ)."""
-    data = DeviceData.from_prepared(load_prepared(data_dir), "cuda")
     cfg = TrainConfig(device="cuda", mode=mode, kernel="triton", batch_size=256,
                       graph_steps=graph_steps)
-    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, mode=mode,
-                        kernel="triton")
-    base = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).cuda()
     runs = []
     for graphed in (True, False):
-        model = copy.deepcopy(base)
-        model.compile_loss()
-        opt = make_optimizer(model, cfg, torch.device("cuda"), capturable=True)
-        runner = EpochRunner(model, opt, data, cfg)
-        runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
-                                         generator=torch.Generator("cuda").manual_seed(1)))
+        model, opt, runner = same_start(data_dir, cfg)
         if graphed:
             runner.capture()  # its warm-up steps are undone, but they advanced the counters
         runner.step.zero_()
@@ -89,19 +95,11 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
     """One epoch as replays of 7 steps and of the remainder equals the same epoch run
     step by step eagerly from the same state: the same loss sum, weights to float
     rounding, and every step taken once."""
-    data = DeviceData.from_prepared(load_prepared(data_dir), "cuda")
     cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, graph_steps=7)
-    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, kernel="triton")
-    base = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).cuda()
     runs = []
     for graphed in (True, False):
-        model = copy.deepcopy(base)
-        model.compile_loss()
-        opt = make_optimizer(model, cfg, torch.device("cuda"), capturable=True)
-        runner = EpochRunner(model, opt, data, cfg)
+        model, opt, runner = same_start(data_dir, cfg)
         assert runner.n_steps % 7, "the epoch should end with a shorter replay"
-        runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
-                                         generator=torch.Generator("cuda").manual_seed(1)))
         if graphed:
             runner.capture()
             assert sorted(runner.graphs) == sorted({7, runner.n_steps % 7})
