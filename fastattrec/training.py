@@ -822,11 +822,14 @@ def _kernel_note(backend: str, cfg: TrainConfig) -> str:
 
 def _step_note(runner: EpochRunner, use_graph: bool) -> str:
     if use_graph:
-        return "CUDA graph, compiled loss"
+        k = runner.replays[0] if runner.replays else 1
+        return f"CUDA graph{f' of {k} steps' if k > 1 else ''}, compiled loss"
+    ignored = (f" (--graph-steps {runner.cfg.graph_steps} ignored: it applies to CUDA with "
+               f"--compile, one process)" if runner.cfg.graph_steps > 1 else "")
     if runner.manual is not None:
         return ("hand-written, compiled by torch.compile" if runner.cfg.compile
-                else "hand-written")
-    return "autograd"
+                else "hand-written") + ignored
+    return "autograd" + ignored
 
 
 def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:

@@ -204,6 +204,13 @@ def test_replay_sizes_cover_the_epoch_in_order(n_steps, per_graph, want):
     assert replay_sizes(n_steps, per_graph) == want
 
 
+def test_graph_steps_say_when_they_do_not_apply(data_dir, tmp_path):
+    lines = []
+    train(data_dir, tmp_path / "run", TrainConfig(epochs=1, graph_steps=8, **SMALL),
+          log=lines.append)
+    assert any("--graph-steps 8 ignored" in line for line in lines)
+
+
 def test_graph_steps_must_be_a_positive_integer():
     from fastattrec.errors import UserError
 
