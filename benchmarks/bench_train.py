@@ -171,6 +171,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--graph-steps", type=int, nargs="*", default=[],
                     help="CUDA: also time the default path with these training steps per "
                          "CUDA-graph replay (the default is 1)")
+    ap.add_argument("--one-scatter", action="store_true",
+                    help="CUDA: also time the step whose table gradients come from one "
+                         "deterministic scatter kernel (TrainConfig.one_scatter)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -211,6 +214,9 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
         configs += [(f"fastattrec {k} steps a graph", dict(kernel="auto", compile=True,
                                                            graph_steps=k), args.epochs)
                     for k in args.graph_steps]
+        if args.one_scatter:
+            configs.append(("fastattrec one scatter", dict(kernel="auto", compile=True,
+                                                           one_scatter=True), args.epochs))
     if args.contention:
         configs.append((f"fastattrec beside {args.contention} busy",
                         dict(kernel="auto", compile=True), args.epochs))

@@ -7,8 +7,9 @@
 # tuner can pick, each precision; autotuning off, not every candidate of every shape);
 # each precision mode's error against float64; the kernel timings (CUDA-graph and
 # autograd timers, B = 1,024 .. 1,048,576, against eager and torch.compile and the
-# floors); a torch.profiler kernel table of 30 training steps; the
-# whole-training timing at ML-1M size with 1 and 16 steps per CUDA-graph replay; Nsight
+# floors); torch.profiler kernel tables of 30 training steps (today's step, and with all
+# table gradients by one scatter); the whole-training timing at ML-1M size (1 and 16
+# steps a CUDA graph, one scatter); Nsight
 # Compute over the attention kernels if time is left. A summary table is printed last.
 #
 # Output, all in $OUT (default results/gpu): log.txt (everything), summary.txt (the
@@ -24,6 +25,7 @@ MODE=${1:-full}
 BUDGET=${BUDGET:-360}
 OUT=${OUT:-results/gpu}
 WORK=results/gpu_run
+rm -rf "$WORK"  # results of an earlier run must not pass for this one's
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/log.txt"
 SUMMARY="$OUT/summary.txt"
@@ -150,7 +152,7 @@ print("  chosen configs: " + "; ".join(f"{k} -> {v}" for k, v in meta["chosen_co
 EOF
 
 step "torch.profiler: 30 training steps (CUDA-graph step, Triton kernel)"
-run 60 $PY -P - "$MODE" "$WORK/profile.txt" <<'EOF' 2>&1 | tail -30
+run 90 $PY -P - "$MODE" "$WORK/profile.txt" <<'EOF' 2>&1 | tail -30
 import sys, tempfile
 from pathlib import Path
 import torch
@@ -169,57 +171,67 @@ synthesize(root / "r.dat", 300 if dry else 6040, 800 if dry else 3706,
            20_000 if dry else 1_000_209, seed=0)
 prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
 data = DeviceData.from_prepared(load_prepared(root / "data"), device)
-kernel = "structured" if dry else "triton"
-cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024, graph_steps=1)
-mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, kernel=kernel)
-model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).to(device)
-if not dry:
-    model.compile_loss()
-opt = make_optimizer(model, cfg, torch.device(device), capturable=not dry)
-runner = EpochRunner(model, opt, data, cfg)
-if not dry:
-    runner.capture()
-def one():
-    if dry:
-        opt.zero_grad(set_to_none=True)
-        runner._step()
-    else:
-        runner.graph.replay()
-for _ in range(5):
-    one()
-acts = [ProfilerActivity.CPU] + ([] if dry else [ProfilerActivity.CUDA])
-with profile(activities=acts) as prof:
-    for _ in range(30):
-        one()
+tables = []
+for one_scatter in (False, True):  # today's step, then all table gradients by one scatter
+    # (the dry run's CPU step is the hand-written one; kernel torch takes the rows path)
+    kernel = ("torch" if one_scatter else "structured") if dry else "triton"
+    cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024, graph_steps=1,
+                      one_scatter=one_scatter)
+    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, kernel=kernel)
+    model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).to(device)
     if not dry:
-        torch.cuda.synchronize()
-key = "self_cpu_time_total" if dry else "self_device_time_total"
-events = prof.key_averages()
-table = events.table(sort_by=key, row_limit=25)
-if dry:
-    count = sum(e.count for e in events if e.key.startswith("aten::")) / 30
-    table = f"aten operations per step: {count:.1f}\n" + table
-else:
-    cuda = torch.autograd.DeviceType.CUDA
-    count = sum(e.count for e in events if e.device_type == cuda) / 30
-    table = f"CUDA kernels per training step: {count:.1f}\n" + table
+        model.compile_loss()
+    opt = make_optimizer(model, cfg, torch.device(device), capturable=not dry)
+    runner = EpochRunner(model, opt, data, cfg)
+    if not dry:
+        runner.capture()
+    def one():
+        if dry:
+            opt.zero_grad(set_to_none=True)
+            runner._step()
+        else:
+            runner.graph.replay()
+    steps = 3 if dry else 30  # the dry run rehearses the code, it measures nothing
+    for _ in range(2 if dry else 5):
+        one()
+    acts = [ProfilerActivity.CPU] + ([] if dry else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            one()
+        if not dry:
+            torch.cuda.synchronize()
+    key = "self_cpu_time_total" if dry else "self_device_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=key, row_limit=25)
+    name = "one scatter" if one_scatter else "default step"
+    if dry:
+        count = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+        table = f"{name}: aten operations per step: {count:.1f}\n" + table
+    else:
+        cuda = torch.autograd.DeviceType.CUDA
+        count = sum(e.count for e in events if e.device_type == cuda) / steps
+        table = f"{name}: CUDA kernels per training step: {count:.1f}\n" + table
+    tables.append(table)
+table = "\n".join(tables)
 Path(sys.argv[2]).write_text(table)
 print(table)
 EOF
 if [ -s "$WORK/profile.txt" ]; then
   note "profiler, 30 training steps (top kernels by self time; full table in results.tgz):"
   head -n 16 "$WORK/profile.txt" | sed 's/^/  /' >> "$SUMMARY"
+  grep "per step" "$WORK/profile.txt" | sed 's/^/  /' >> "$SUMMARY"
 else
   note "profiler: no result"
 fi
 
-step "whole training: ML-1M size, 1 and 16 steps per CUDA-graph replay (issue 10)"
+step "whole training: ML-1M size, 1 and 16 steps a CUDA graph, one scatter (issue 10)"
 if [ "$MODE" = dry-run ]; then
   TRAIN_ARGS=(--device cpu --size ml-100k --epochs 1 --eval-every 1)
 else
-  TRAIN_ARGS=(--device cuda --size ml-1m --epochs 3 --eval-every 3 --graph-steps 16)
+  TRAIN_ARGS=(--device cuda --size ml-1m --epochs 3 --eval-every 3 --graph-steps 16
+              --one-scatter)
 fi
-run 100 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
+run 150 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
   --prep-repeats 1 --out "$WORK/bench_train.csv" 2>&1 | tail -8
 if [ -s "$WORK/bench_train.csv" ]; then
   note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s"

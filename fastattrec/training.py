@@ -42,7 +42,7 @@ from fastattrec.evaluate import (
     full_ranks_of,
     metrics_from_ranks,
 )
-from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
+from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend, short_term_attention
 from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 from fastattrec.optim import KerasAdam
 from fastattrec.outputs import absolute, claim_output
@@ -87,6 +87,9 @@ class TrainConfig:
     ndcg_log: str = "2"
     threads: int = 0  # 0: chosen at the start (free cores) and saved as the number used
     graph_steps: int = 1  # CUDA with --compile: training steps recorded in one CUDA graph
+    # The autograd step (CUDA): every table gradient by one deterministic scatter kernel;
+    # not yet timed on a GPU, so off. On CPU it runs the scatter's slow torch form.
+    one_scatter: bool = False
     data_dir: str = ""
 
     def check(self) -> None:
@@ -110,6 +113,10 @@ class TrainConfig:
         for name in ("maxlen", "dim", "batch_size", "epochs", "eval_every", "k", "graph_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name_of(name)} must be at least 1, got {getattr(self, name)}.")
+        for name in ("compile", "one_scatter"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name_of(name)} must be true or false, got "
+                                f"{getattr(self, name)!r}.")
         choices = {"mode": MODES, "negatives": NEGATIVE_MODES, "kernel": BACKENDS,
                    "precision": PRECISIONS, "ndcg_log": ("2", "e")}
         for name, allowed in choices.items():
@@ -217,6 +224,14 @@ class EpochRunner:
         manual = (dev.type == "cpu" and self.world == 1 and forward is None
                   and model.cfg.kernel == "structured")
         self.manual = ManualStep(model, compile=cfg.compile) if manual else None
+        # One scatter for every table gradient (`_rows_step`): one buffer whose row blocks
+        # are the tables' .grad, set again after each zero_grad.
+        self.flat_grad: torch.Tensor | None = None
+        if cfg.one_scatter and not manual and self.world == 1:
+            tables = model.tables()
+            self.flat_grad = torch.zeros(sum(t.shape[0] for t in tables), cfg.dim,
+                                         device=dev, dtype=tables[0].dtype)
+            self.grad_views = list(self.flat_grad.split([t.shape[0] for t in tables]))
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, count)
 
     def _manual_step(self, i: int) -> None:
@@ -241,6 +256,42 @@ class EpochRunner:
         self.loss_sum += local_sum.to(torch.float64)
         self.step += 1
 
+    def _rows_step(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
+                   neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
+                   ) -> torch.Tensor:
+        """The batch loss with every table row it looks up gathered into one leaf
+        (users, window items, candidates in the item and item2 tables: N rows); autograd
+        stops at that leaf, and one deterministic scatter (kernels/embedding_scatter.py:
+        a sort of the N destination rows, then one Triton launch on CUDA) adds its
+        gradient into the tables' gradient buffer. Nothing is read back to the host, so
+        the step can be captured in a CUDA graph. Same maths as the autograd step."""
+        from fastattrec.kernels.embedding_scatter import plan_segments, scatter_rows_
+
+        m, cfg = self.model, self.model.cfg
+        b, l, d = windows.shape[0], windows.shape[1], cfg.dim
+        n_users, n_items = m.user_emb.shape[0], m.item_emb.shape[0]
+        users, windows = users.long(), windows.long()
+        wins = windows.reshape(-1)  # (B·L,)
+        items = torch.stack([pos, neg], dim=1).long().reshape(-1)  # (2B,)
+        rows = torch.cat([m.user_emb.detach()[users], m.item_emb.detach()[wins],
+                          m.item_emb.detach()[items], m.item2_emb.detach()[items]])
+        rows.requires_grad_(True)  # (N, d), N = B + B·L + 4B
+        u, x, e, e2 = rows.split([b, b * l, 2 * b, 2 * b])
+        short = short_term_attention(x.view(b, l, d), windows != 0, m.proj, m.pos_enc,
+                                     backend=cfg.kernel, precision=cfg.precision)
+        loss = m._batch_loss(u, e.view(b, 2, d), e2.view(b, 2, d), short, valid, count,
+                             cfg.mode, cfg.w, cfg.gamma)
+        loss.backward()  # into rows.grad and proj.grad
+        index = torch.cat([users, n_users + wins, n_users + items,
+                           n_users + n_items + items])  # rows of flat_grad
+        plan = plan_segments(index[None], self.flat_grad.shape[0], check=False).step(0)
+        self.flat_grad.zero_()
+        scatter_rows_(self.flat_grad, rows.grad, plan,
+                      backend="auto" if self.flat_grad.is_cuda else "torch")
+        for t, view in zip(m.tables(), self.grad_views, strict=True):
+            t.grad = view
+        return loss
+
     def _step(self) -> None:
         cfg = self.cfg
         lo = self.step * self.global_bs
@@ -254,6 +305,8 @@ class EpochRunner:
                 vf, count)
         if self.manual is not None:  # (the epoch loop calls _manual_step instead)
             loss = self.manual(*args)
+        elif self.flat_grad is not None:
+            loss = self._rows_step(*args)
         else:
             loss = self.forward(*args)
             (loss * self.loss_scale).backward()

@@ -100,19 +100,21 @@ def table_offsets(table_rows: Sequence[int]) -> list[int]:
     return out
 
 
-def plan_segments(index: torch.Tensor, n_rows: int) -> SegmentPlan:
+def plan_segments(index: torch.Tensor, n_rows: int, check: bool = True) -> SegmentPlan:
     """The segments of `index` (N,) or (T, N): integer destination rows in [0, n_rows).
 
     A (T, N) index is planned per row (step) with one segmented sort and comes back
     padded to N segments per step, so every step's plan has the same shapes; a 1-D index
     gives an exact plan. Stable sorting keeps positions in increasing order within each
-    segment, which fixes the order of the additions."""
+    segment, which fixes the order of the additions. `check=False` skips the range check
+    (which reads the index back); with a (T, N) index nothing is then read back, so the
+    planning can be captured in a CUDA graph."""
     if index.dim() not in (1, 2):
         raise ValueError(f"index must be (N,) or (T, N), got shape {tuple(index.shape)}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
         raise ValueError(f"index must hold integers, got {index.dtype}")
     idx = index.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
+    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
         raise ValueError(f"index values must lie in [0, {n_rows}), got "
                          f"[{int(idx.min())}, {int(idx.max())}]")
     idx2 = idx if idx.dim() == 2 else idx[None]  # (T, N)

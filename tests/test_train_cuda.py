@@ -118,3 +118,21 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
     assert la == pytest.approx(lb, rel=1e-4)
     for k in wa:  # one Adam step moves a weight by about lr = 1e-3: far beyond these
         assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_one_scatter_graph_epoch_equals_the_default_step(data_dir):
+    """An epoch of CUDA-graph replays whose table gradients come from one scatter kernel
+    (TrainConfig.one_scatter) against the default graph step, from the same state."""
+    runs = []
+    for one in (True, False):
+        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, one_scatter=one)
+        model, _, runner = same_start(data_dir, cfg)
+        assert (runner.flat_grad is not None) == one
+        runner.capture()
+        total = runner.run()
+        torch.cuda.synchronize()
+        runs.append((copy.deepcopy(model.state_dict()), float(total)))
+    (wa, la), (wb, lb) = runs
+    assert la == pytest.approx(lb, rel=1e-4)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
