@@ -19,8 +19,11 @@ Triton's wheel ships reads its resource usage and its SASS. Printed per kernel:
 - HGMMA / HMMA / FFMA: Hopper warpgroup tensor-core instructions, older warp-level
   tensor-core instructions, and float32 fused multiply-adds.
 
-`--check` exits 1 when a configuration spills (stack > 0 or any LDL/STL) or when a kernel
-in a tensor-core precision (tf32, tf32x3, bf16x3) has no HGMMA or HMMA. This is how kernel
+`--check` exits 1 when a configuration spills (stack > 0 or any LDL/STL), when a kernel
+in a tensor-core precision (tf32, tf32x3, bf16x3) has no HGMMA or HMMA, or when the
+embedding scatter (which must be deterministic) has atomics (RED*, ATOM*). The
+training step's other Triton kernels (the embedding scatter, the Keras Adam) are
+compiled for every d as well. This is how kernel
 changes are judged before any GPU time; the GPU only measures. Run it with
 TRITON_INTERPRET unset (the interpreter replaces the kernels by Python functions).
 """
@@ -118,6 +121,7 @@ def compile_spec(spec, arch: int = ARCH) -> dict:
            "ctas_per_sm": occupancy(regs, smem, threads), "compile_s": round(seconds, 1),
            "triton": triton.__version__}
     row.update({op: ops.get(op, 0) for op in OPS})
+    row["atomics"] = sum(n for op, n in ops.items() if op.startswith(("RED", "ATOM")))
     row["spills"] = bool(stack or row["local"] or row["LDL"] or row["STL"])
     return row
 
@@ -141,14 +145,35 @@ def _job(args: tuple[int, int, str, int, str]) -> list[dict]:
     return rows
 
 
+def _step_job(args: tuple[int, int]) -> list[dict]:
+    """The training step's other kernels at row width d: the embedding scatter and the
+    Keras Adam (float32 FMA kernels; L does not apply)."""
+    from fastattrec.kernels import embedding_scatter, keras_adam
+
+    dim, arch = args
+    rows = []
+    for spec in embedding_scatter.resource_specs(dim) + keras_adam.resource_specs():
+        row = {"L": "-", "d": dim, "precision": "ieee"}
+        try:
+            row.update(compile_spec(spec, arch))
+        except Exception as e:  # noqa: BLE001 - reported as a finding
+            row.update({"kind": spec.kind, "config": list(spec.config),
+                        "error": f"{type(e).__name__}: {' '.join(str(e).split())[-300:]}"})
+        rows.append(row)
+    return rows
+
+
 def report(lengths: list[int], dims: list[int], precisions: list[str], arch: int = ARCH,
            workers: int = 2, layout: str = "auto") -> list[dict]:
-    """Rows for every (L, d, precision, kernel, candidate)."""
+    """Rows for every (L, d, precision, kernel, candidate), then the step's other kernels
+    (scatter, Adam) per d."""
     jobs = [(ln, d, p, arch, layout) for ln in lengths for d in dims for p in precisions]
     if workers <= 1:
-        return [r for j in jobs for r in _job(j)]
+        rows = [r for j in jobs for r in _job(j)]
+        return rows + [r for d in dims for r in _step_job((d, arch))]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return [r for rows in pool.map(_job, jobs) for r in rows]
+        rows = [r for rows in pool.map(_job, jobs) for r in rows]
+        return rows + [r for rs in pool.map(_step_job, [(d, arch) for d in dims]) for r in rs]
 
 
 def problems(rows: list[dict]) -> list[str]:
@@ -165,6 +190,8 @@ def problems(rows: list[dict]) -> list[str]:
         if r["spills"]:
             out.append(f"{name}: spills (stack {r['stack']} B, {r['LDL']} LDL, "
                        f"{r['STL']} STL)")
+        if r["kind"] == "scatter_rows" and r["atomics"]:
+            out.append(f"{name}: atomic adds in the scatter meant to be deterministic")
         if r["precision"] in TENSOR_CORE and not (r["HGMMA"] or r["HMMA"]):
             out.append(f"{name}: no tensor-core instruction (HGMMA/HMMA) in a tensor-core "
                        "precision")
@@ -173,7 +200,7 @@ def problems(rows: list[dict]) -> list[str]:
 
 def print_rows(rows: list[dict]) -> None:
     cols = ["L", "d", "precision", "kind", "config", "regs", "stack", "smem_KB", "CTAs/SM",
-            "HGMMA", "HMMA", "FFMA", "LDL", "STL", "compile_s"]
+            *OPS, "atomics", "compile_s"]
     cells = []
     for r in rows:
         if "error" in r:
@@ -183,7 +210,8 @@ def print_rows(rows: list[dict]) -> None:
         cells.append([str(r["L"]), str(r["d"]), r["precision"], r["kind"],
                       str(tuple(r["config"])), str(r["regs"]), str(r["stack"]),
                       f"{r['smem'] / 1024:.1f}", str(r["ctas_per_sm"]),
-                      *(str(r[o]) for o in OPS), f"{r['compile_s']:.1f}"])
+                      *(str(r[o]) for o in OPS), str(r["atomics"]),
+                      f"{r['compile_s']:.1f}"])
     widths = [max([len(c)] + [len(x[i]) for x in cells if i < len(x)])
               for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))

@@ -172,6 +172,19 @@ if triton is not None:
             tl.store(dst, acc, mask=cmask)
 
 
+def resource_specs(dim: int = 100) -> list:
+    """The kernel as `scatter_rows_triton_` launches it for rows of `dim` floats (for the
+    offline report, benchmarks/kernel_resources.py)."""
+    from .launch import KernelSpec
+
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
+    return [KernelSpec("scatter_rows", (block_d,), _scatter_rows,
+                       {"ACCUMULATE": True, "UNROLL": UNROLL, "BLOCK_D": block_d},
+                       num_warps=max(1, block_d // 128),
+                       types={f"{n}_ptr": "*i64" for n in ("order", "rows", "starts",
+                                                           "count")})]
+
+
 def _check(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan) -> None:
     """ValueError with one sentence for arguments the scatter cannot take."""
     if plan.steps is not None:

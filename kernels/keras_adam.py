@@ -79,3 +79,12 @@ def keras_adam_(params: list[torch.Tensor], grads: list[torch.Tensor],
         n = p.numel()
         _keras_adam[(triton.cdiv(n, BLOCK),)](p, g, m, v, st, consts, n,
                                               ZERO_GRAD=zero_grad, BLOCK=BLOCK)
+
+
+def resource_specs() -> list:
+    """The kernel as `keras_adam_` launches it (for benchmarks/kernel_resources.py)."""
+    from .launch import KernelSpec
+
+    return [KernelSpec("keras_adam", (BLOCK,), _keras_adam, {"ZERO_GRAD": False,
+                                                              "BLOCK": BLOCK},
+                       num_warps=4, types={"c_ptr": "*fp64"})]

@@ -145,13 +145,17 @@ class KernelSpec:
     constexprs: dict = field(default_factory=dict)  # compile-time arguments
     num_warps: int = 4
     num_stages: int = 1
+    types: dict = field(default_factory=dict)  # argument -> Triton type, where not the rule
 
     def signature(self) -> dict[str, str]:
-        """Triton's type string per argument: pointers named *_ptr (the mask as bytes),
-        `scale` a float32, other run-time arguments int32, the rest compile-time."""
+        """Triton's type string per argument: `types` first, then pointers named *_ptr
+        (the mask as bytes), `scale` a float32, other run-time arguments int32, the rest
+        compile-time."""
         sig = {}
         for name in self.fn.arg_names:
-            if name in self.constexprs:
+            if name in self.types:
+                sig[name] = self.types[name]
+            elif name in self.constexprs:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr"):
                 sig[name] = "*u8" if name == "mask_ptr" else "*fp32"

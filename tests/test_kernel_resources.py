@@ -91,3 +91,13 @@ def test_occupancy_and_sass_parsing():
             "        /*0430*/                   LDL.64 R2, [R1+0x8] ;\n")
     ops = mod.sass_counts(sass)
     assert (ops["HGMMA"], ops["FFMA"], ops["LDL"], ops["STL"]) == (1, 1, 1, 0)
+
+
+def test_the_step_kernels_compile_and_the_scatter_has_no_atomics(rows):
+    """The embedding scatter and the Keras Adam compile too; the scatter, deterministic
+    by design, has no atomic instruction (RED*/ATOM*, counted from the SASS)."""
+    data, res = rows
+    step = {r["kind"]: r for r in data if r["L"] == "-"}
+    assert set(step) == {"scatter_rows", "keras_adam"}, step
+    assert all("error" not in r for r in step.values()), step
+    assert step["scatter_rows"]["atomics"] == 0
