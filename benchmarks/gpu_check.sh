@@ -24,9 +24,8 @@ set -u
 MODE=${1:-full}
 BUDGET=${BUDGET:-360}
 OUT=${OUT:-results/gpu}
-WORK=results/gpu_run
-rm -rf "$WORK"  # results of an earlier run must not pass for this one's
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" results
+WORK=$(mktemp -d results/gpu_run.XXXXXX)  # a fresh folder: no earlier run's files count
 LOG="$OUT/log.txt"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
