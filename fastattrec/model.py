@@ -155,17 +155,27 @@ class AttRec(nn.Module):
         """The batch loss without the L2 term: mean (inner) or sum (dist) over the valid
         samples. `valid` (B,) 0/1 marks padding samples of a fixed-shape last batch;
         `count` overrides the mean's denominator (for batches split across processes)."""
-        short = self.short_term(windows)  # (B, d)
         items = torch.stack([pos, neg], dim=1)  # (B, 2): one gather per table
         u = F.embedding(users, self.user_emb)
         e = F.embedding(items, self.item_emb)
         e2 = F.embedding(items, self.item2_emb)
+        x = F.embedding(windows, self.item_emb)  # (B, L, d)
         if valid is None:
             valid = torch.ones(users.shape[0], dtype=e.dtype, device=e.device)
         if count is None:
             count = valid.sum()
         if not torch.is_tensor(count):
             count = torch.tensor(float(count), dtype=e.dtype, device=e.device)
+        return self.loss_of_rows(u, x, windows != 0, e, e2, valid, count)
+
+    def loss_of_rows(self, u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                     e: torch.Tensor, e2: torch.Tensor, valid: torch.Tensor,
+                     count: torch.Tensor) -> torch.Tensor:
+        """`forward` from rows already looked up: users u (B, d), window rows x (B, L, d)
+        with key mask (B, L), candidates e and e2 (B, 2, d) [positive, negative]. The
+        training step that gathers every row into one leaf calls this directly."""
+        short = short_term_attention(x, mask, self.proj, self.pos_enc,
+                                     backend=self.cfg.kernel, precision=self.cfg.precision)
         return self._batch_loss(u, e, e2, short, valid, count, self.cfg.mode, self.cfg.w,
                                 self.cfg.gamma)
 

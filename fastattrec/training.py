@@ -42,7 +42,7 @@ from fastattrec.evaluate import (
     full_ranks_of,
     metrics_from_ranks,
 )
-from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend, short_term_attention
+from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
 from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 from fastattrec.optim import KerasAdam
 from fastattrec.outputs import absolute, claim_output
@@ -251,8 +251,12 @@ class EpochRunner:
             vf, count = (pos < hi).to(torch.float32), torch.tensor(float(hi - lo))
         loss = self.manual.gathered(idx, self.users, self.windows, self.targets,
                                     self.train_negs, vf, count)
+        self._finish_step(loss, count)
+
+    def _finish_step(self, loss: torch.Tensor, count: torch.Tensor) -> None:
+        """Every step's end: the optimiser step, the batch's summed loss, the counter."""
         self.opt.step()
-        local_sum = loss * (count if self.cfg.mode == "inner" else 1.0)
+        local_sum = loss.detach() * (count if self.cfg.mode == "inner" else 1.0)
         self.loss_sum += local_sum.to(torch.float64)
         self.step += 1
 
@@ -277,10 +281,8 @@ class EpochRunner:
                           m.item_emb.detach()[items], m.item2_emb.detach()[items]])
         rows.requires_grad_(True)  # (N, d), N = B + B·L + 4B
         u, x, e, e2 = rows.split([b, b * l, 2 * b, 2 * b])
-        short = short_term_attention(x.view(b, l, d), windows != 0, m.proj, m.pos_enc,
-                                     backend=cfg.kernel, precision=cfg.precision)
-        loss = m._batch_loss(u, e.view(b, 2, d), e2.view(b, 2, d), short, valid, count,
-                             cfg.mode, cfg.w, cfg.gamma)
+        loss = m.loss_of_rows(u, x.view(b, l, d), windows != 0, e.view(b, 2, d),
+                              e2.view(b, 2, d), valid, count)
         loss.backward()  # into rows.grad and proj.grad
         index = torch.cat([users, n_users + wins, n_users + items,
                            n_users + n_items + items])  # rows of flat_grad
@@ -293,7 +295,6 @@ class EpochRunner:
         return loss
 
     def _step(self) -> None:
-        cfg = self.cfg
         lo = self.step * self.global_bs
         hi = torch.clamp(lo + self.global_bs, max=self.n_train)
         pos = lo + self.slot  # (b,) positions in the permutation
@@ -310,10 +311,7 @@ class EpochRunner:
         else:
             loss = self.forward(*args)
             (loss * self.loss_scale).backward()
-        self.opt.step()
-        local_sum = loss.detach() * (count if cfg.mode == "inner" else 1.0)
-        self.loss_sum += local_sum.to(torch.float64)
-        self.step += 1
+        self._finish_step(loss, count)
 
     def set_negatives(self, negs: torch.Tensor) -> None:
         """Use `negs` (N,), one per flat row, from now on (in place: graphs see it)."""
