@@ -172,8 +172,9 @@ def parse_args() -> argparse.Namespace:
                     help="CUDA: also time the default path with these training steps per "
                          "CUDA-graph replay (the default is 1)")
     ap.add_argument("--one-scatter", action="store_true",
-                    help="CUDA: also time the step whose table gradients come from one "
-                         "deterministic scatter kernel (TrainConfig.one_scatter)")
+                    help="CUDA: also time the step whose table rows come from one gather "
+                         "and whose table gradients come from one deterministic scatter, "
+                         "the epoch's batches planned at its start (TrainConfig.one_scatter)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")

@@ -8,8 +8,9 @@
 # each precision mode's error against float64; the kernel timings (CUDA-graph and
 # autograd timers, B = 1,024 .. 1,048,576, against eager and torch.compile and the
 # floors); torch.profiler kernel tables of 30 training steps (today's step, and with all
-# table gradients by one scatter); the whole-training timing at ML-1M size (1 and 16
-# steps a CUDA graph, one scatter); Nsight
+# table rows by one gather and all table gradients by one scatter, the epoch's batches
+# planned at its start); the whole-training timing at ML-1M size (1 and 16 steps a CUDA
+# graph, one scatter); Nsight
 # Compute over the attention kernels if time is left. A summary table is printed last.
 #
 # Output, all in $OUT (default results/gpu): log.txt (everything), summary.txt (the
@@ -182,6 +183,7 @@ for one_scatter in (False, True):  # today's step, then all table gradients by o
         model.compile_loss()
     opt = make_optimizer(model, cfg, torch.device(device), capturable=not dry)
     runner = EpochRunner(model, opt, data, cfg)
+    runner.start_epoch()  # (capture() also does it) the one-scatter step's batches
     if not dry:
         runner.capture()
     def one():

@@ -34,6 +34,7 @@ from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.batches import DeviceData
 from fastattrec.cpu_step import ManualStep
 from fastattrec.data.dataset import fingerprint, load_prepared, read_meta
+from fastattrec.epoch_batches import EpochBatches, lookups, plan_bytes
 from fastattrec.errors import UserError, shown
 from fastattrec.evaluate import (
     DEFAULT_KS,
@@ -224,14 +225,22 @@ class EpochRunner:
         manual = (dev.type == "cpu" and self.world == 1 and forward is None
                   and model.cfg.kernel == "structured")
         self.manual = ManualStep(model, compile=cfg.compile) if manual else None
-        # One scatter for every table gradient (`_rows_step`): one buffer whose row blocks
-        # are the tables' .grad, set again after each zero_grad.
+        # One gather for every table row and one scatter for every table gradient
+        # (`_planned_step`), from the epoch's batches cut and planned at its start; the
+        # gradients land in one buffer whose row blocks are the tables' .grad, set again
+        # after each zero_grad.
         self.flat_grad: torch.Tensor | None = None
+        self.batches: EpochBatches | None = None
         if cfg.one_scatter and not manual and self.world == 1:
             tables = model.tables()
             self.flat_grad = torch.zeros(sum(t.shape[0] for t in tables), cfg.dim,
                                          device=dev, dtype=tables[0].dtype)
             self.grad_views = list(self.flat_grad.split([t.shape[0] for t in tables]))
+            self.batches = EpochBatches(self.n_train, self.global_bs, cfg.maxlen,
+                                        tables[0].shape[0], tables[1].shape[0], dev)
+        # the gather's and scatter's backend: their Triton kernels on CUDA; on the CPU
+        # their torch forms (same bits; the tests also run the kernels interpreted)
+        self.rows_backend = "auto" if dev.type == "cuda" else "torch"
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, count)
 
     def _manual_step(self, i: int) -> None:
@@ -260,41 +269,48 @@ class EpochRunner:
         self.loss_sum += local_sum.to(torch.float64)
         self.step += 1
 
-    def _rows_step(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
-                   neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
-                   ) -> torch.Tensor:
-        """The batch loss with every table row it looks up gathered into one leaf
-        (users, window items, candidates in the item and item2 tables: N rows); autograd
-        stops at that leaf, and one deterministic scatter (kernels/embedding_scatter.py:
-        a sort of the N destination rows, then one Triton launch on CUDA) adds its
-        gradient into the tables' gradient buffer. Nothing is read back to the host, so
-        the step can be captured in a CUDA graph. Same maths as the autograd step."""
-        from fastattrec.kernels.embedding_scatter import plan_segments, scatter_rows_
+    def start_epoch(self) -> None:
+        """Before an epoch's first step (`run` and `capture` call it): with one_scatter,
+        cut and plan every batch of the epoch from `perm` and the negatives."""
+        if self.batches is not None:
+            self.batches.fill(self.perm[:self.n_train], self.users, self.windows,
+                              self.targets, self.train_negs)
 
-        m, cfg = self.model, self.model.cfg
-        b, l, d = windows.shape[0], windows.shape[1], cfg.dim
-        n_users, n_items = m.user_emb.shape[0], m.item_emb.shape[0]
-        users, windows = users.long(), windows.long()
-        wins = windows.reshape(-1)  # (B·L,)
-        items = torch.stack([pos, neg], dim=1).long().reshape(-1)  # (2B,)
-        rows = torch.cat([m.user_emb.detach()[users], m.item_emb.detach()[wins],
-                          m.item_emb.detach()[items], m.item2_emb.detach()[items]])
-        rows.requires_grad_(True)  # (N, d), N = B + B·L + 4B
-        u, x, e, e2 = rows.split([b, b * l, 2 * b, 2 * b])
-        loss = m.loss_of_rows(u, x.view(b, l, d), windows != 0, e.view(b, 2, d),
+    def _planned_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss, its table gradients from one scatter: every table row the
+        batch looks up (users, window items, candidates in the item and item2 tables)
+        is gathered by one kernel into one autograd leaf, autograd stops there, and one
+        deterministic scatter adds the leaf's gradient into the tables' gradient buffer.
+        Both kernels read the step's row of the epoch's index and plan with the device
+        counter (`EpochBatches`), so nothing is read back and no Python runs between
+        steps: the step can be captured in a CUDA graph. Same maths as the autograd
+        step. Returns (loss, count)."""
+        from fastattrec.kernels.embedding_gather import gather_rows_
+        from fastattrec.kernels.embedding_scatter import scatter_rows_
+
+        m, nb = self.model, self.batches
+        b, length, d = nb.batch, nb.maxlen, m.cfg.dim
+        backend = self.rows_backend
+        rows = torch.empty((nb.n_lookups, d), device=self.flat_grad.device,
+                           dtype=self.flat_grad.dtype)  # (N, d)
+        gather_rows_(rows, [t.detach() for t in m.tables()], nb.index, step=self.step,
+                     backend=backend)
+        rows.requires_grad_(True)
+        mask, valid, count = nb.step_rows(self.step)  # (B, L), (B,), 0-d
+        u, x, e, e2 = rows.split(lookups(b, length))
+        loss = m.loss_of_rows(u, x.view(b, length, d), mask, e.view(b, 2, d),
                               e2.view(b, 2, d), valid, count)
         loss.backward()  # into rows.grad and proj.grad
-        index = torch.cat([users, n_users + wins, n_users + items,
-                           n_users + n_items + items])  # rows of flat_grad
-        plan = plan_segments(index[None], self.flat_grad.shape[0], check=False).step(0)
         self.flat_grad.zero_()
-        scatter_rows_(self.flat_grad, rows.grad, plan,
-                      backend="auto" if self.flat_grad.is_cuda else "torch")
+        scatter_rows_(self.flat_grad, rows.grad, nb.plan, step=self.step, backend=backend)
         for t, view in zip(m.tables(), self.grad_views, strict=True):
             t.grad = view
-        return loss
+        return loss, count
 
     def _step(self) -> None:
+        if self.batches is not None:
+            self._finish_step(*self._planned_step())
+            return
         lo = self.step * self.global_bs
         hi = torch.clamp(lo + self.global_bs, max=self.n_train)
         pos = lo + self.slot  # (b,) positions in the permutation
@@ -306,8 +322,6 @@ class EpochRunner:
                 vf, count)
         if self.manual is not None:  # (the epoch loop calls _manual_step instead)
             loss = self.manual(*args)
-        elif self.flat_grad is not None:
-            loss = self._rows_step(*args)
         else:
             loss = self.forward(*args)
             (loss * self.loss_scale).backward()
@@ -323,6 +337,7 @@ class EpochRunner:
         untouched."""
         params = [p.detach().clone() for p in self.model.parameters()]
         saved = {p: {k: v.clone() for k, v in st.items()} for p, st in self.opt.state.items()}
+        self.start_epoch()  # the one-scatter step reads the epoch's batches
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -364,6 +379,7 @@ class EpochRunner:
         """All steps of one epoch; returns the device tensor of summed sample losses."""
         self.step.zero_()
         self.loss_sum.zero_()
+        self.start_epoch()
         if self.graphs:
             done = 0
             for size in self.replays:
@@ -897,6 +913,9 @@ def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:
         "the prepared sequences": 48 * n,
         "validation windows": 4 * min(65536, n) * cfg.maxlen * cfg.dim * 4,
     }
+    if cfg.one_scatter:
+        parts["the epoch's batches and scatter plans (one_scatter)"] = plan_bytes(
+            t, cfg.batch_size, cfg.maxlen)
     need = sum(parts.values())
     have = available_memory(device)
     if have is not None and need > 0.9 * have:

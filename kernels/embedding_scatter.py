@@ -37,10 +37,12 @@ Planning an epoch at once. `plan_segments` also takes a (T, N) index, T steps of
 lookups each, and returns T plans in one padded layout: `rows` (T, N), `starts`
 (T, N + 1), `count` (T,) segments per step (the rest is padding, never read). One
 segmented sort plans the epoch; `plan.step(t)` is then a fixed-shape plan whose launch
-grid is N programs (those past `count` return at once), so the step can be captured in a
-CUDA graph and its plan copied into static buffers before each replay. A 1-D index gives
-one exact plan (S read back from the device). Planning itself reads the index's range back
-to check it, so it belongs outside a captured graph (once per epoch, say).
+grid is N programs (those past `count` return at once). A training step passes
+`step=` instead, the device tensor counting the epoch's steps: the kernel reads it and
+picks its rows of the plan itself, so a CUDA graph of one or many steps replays with no
+copy and no sort between steps (the training loop's one-scatter step, planned by
+`fastattrec/epoch_batches.py`). A 1-D index gives one exact plan (S read back from the
+device). Planning with `check=True` reads the index's range back to check it.
 """
 
 from __future__ import annotations
@@ -144,11 +146,17 @@ def plan_segments(index: torch.Tensor, n_rows: int, check: bool = True) -> Segme
 if triton is not None:
 
     @triton.jit
-    def _scatter_rows(out_ptr, src_ptr, order_ptr, rows_ptr, starts_ptr, count_ptr, d,
-                      ACCUMULATE: tl.constexpr, UNROLL: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+    def _scatter_rows(out_ptr, src_ptr, order_ptr, rows_ptr, starts_ptr, count_ptr, step_ptr,
+                      n, d, ACCUMULATE: tl.constexpr, STEPPED: tl.constexpr,
+                      UNROLL: tl.constexpr, BLOCK_D: tl.constexpr):
         # program (s, j): segment s, columns [j BLOCK_D, (j + 1) BLOCK_D)
         s = tl.program_id(0)
+        if STEPPED:  # step `t` of a padded plan of several steps: its rows of the plan
+            t = tl.load(step_ptr).to(tl.int64)
+            order_ptr += t * n
+            rows_ptr += t * n
+            starts_ptr += t * (n + 1)
+            count_ptr += t
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < d
         if s < tl.load(count_ptr):  # programs past the step's segment count do nothing
@@ -173,27 +181,36 @@ if triton is not None:
 
 
 def resource_specs(dim: int = 100) -> list:
-    """The kernel as `scatter_rows_triton_` launches it for rows of `dim` floats (for the
-    offline report, benchmarks/kernel_resources.py)."""
+    """The kernel as `scatter_rows_triton_` launches it for rows of `dim` floats, with a
+    single plan and with a step of an epoch's plan (for the offline report,
+    benchmarks/kernel_resources.py)."""
     from .launch import KernelSpec
 
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
-    return [KernelSpec("scatter_rows", (block_d,), _scatter_rows,
-                       {"ACCUMULATE": True, "UNROLL": UNROLL, "BLOCK_D": block_d},
+    return [KernelSpec("scatter_rows", (block_d, stepped), _scatter_rows,
+                       {"ACCUMULATE": True, "STEPPED": stepped, "UNROLL": UNROLL,
+                        "BLOCK_D": block_d},
                        num_warps=max(1, block_d // 128),
                        types={f"{n}_ptr": "*i64" for n in ("order", "rows", "starts",
-                                                           "count")})]
+                                                           "count", "step")})
+            for stepped in (False, True)]
 
 
-def _check(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan) -> None:
+def _check(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
+           step: torch.Tensor | None = None) -> None:
     """ValueError with one sentence for arguments the scatter cannot take."""
-    if plan.steps is not None:
-        raise ValueError("scatter a plan of several steps one step at a time: plan.step(t)")
+    if plan.steps is not None and step is None:
+        raise ValueError("scatter a plan of several steps one step at a time: plan.step(t), "
+                         "or pass step=, a one-element device tensor naming the step")
+    if step is not None and (plan.steps is None or step.numel() != 1
+                             or step.dtype.is_floating_point or step.device != out.device):
+        raise ValueError("step= takes a one-element integer tensor on out's device, with a "
+                         "plan of several steps")
     if out.dim() != 2 or src.dim() != 2 or out.shape[1] != src.shape[1]:
         raise ValueError(f"out must be (R, d) and src (N, d), got {tuple(out.shape)} and "
                          f"{tuple(src.shape)}")
-    if src.shape[0] != plan.order.shape[0]:
-        raise ValueError(f"src has {src.shape[0]} rows, the plan {plan.order.shape[0]}")
+    if src.shape[0] != plan.order.shape[-1]:
+        raise ValueError(f"src has {src.shape[0]} rows, the plan {plan.order.shape[-1]}")
     if plan.n_rows > out.shape[0]:
         raise ValueError(f"the plan targets rows < {plan.n_rows}, out has {out.shape[0]}")
     for name, t in (("out", out), ("src", src)):
@@ -208,35 +225,44 @@ def _check(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan) -> None:
 
 
 def scatter_rows_triton_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
-                         accumulate: bool = True) -> torch.Tensor:
+                         accumulate: bool = True, step: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """out[rows[s]] (+)= the ordered sum of src[order[starts[s]:starts[s + 1]]], for every
     segment s, in one launch (CUDA tensors, or CPU ones under TRITON_INTERPRET=1).
 
     out: (R, d) float32, src: (N, d) float32. Rows that no segment names are untouched,
-    whether or not `accumulate`. Returns out."""
-    _check(out, src, plan)
+    whether or not `accumulate`. With a plan of several steps, `step` (a one-element
+    device tensor, read by the kernel, so a CUDA graph can replay it) names the step.
+    Returns out."""
+    _check(out, src, plan, step)
     if triton is None:
         raise RuntimeError("scatter_rows_triton_ needs the triton package")
     if out.device.type != "cuda" and not interpreted():
         raise ValueError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 to run "
                          "it on CPU in Triton's interpreter)")
-    n_seg, d = plan.rows.shape[0], out.shape[1]  # S, or N for a padded plan
+    n_seg, d = plan.rows.shape[-1], out.shape[1]  # S, or N for a padded plan
     if n_seg == 0 or d == 0:
         return out
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(d))
     grid = (n_seg, triton.cdiv(d, block_d))
-    _scatter_rows[grid](out, src, plan.order, plan.rows, plan.starts, plan.count, d,
-                        ACCUMULATE=accumulate, UNROLL=UNROLL, BLOCK_D=block_d,
-                        num_warps=max(1, block_d // 128))
+    stepped = step is not None
+    _scatter_rows[grid](out, src, plan.order, plan.rows, plan.starts, plan.count,
+                        step.reshape(1) if stepped else plan.count, plan.order.shape[-1], d,
+                        ACCUMULATE=accumulate, STEPPED=stepped, UNROLL=UNROLL,
+                        BLOCK_D=block_d, num_warps=max(1, block_d // 128))
     return out
 
 
 def scatter_rows_torch_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
-                        accumulate: bool = True) -> torch.Tensor:
+                        accumulate: bool = True, step: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """`scatter_rows_triton_` in torch ops, on any device: the same additions in the same
     order, so the same bits. Rank k of every segment at once, longest segments first, so
-    it takes (longest segment) rounds of a gather and an add; one host synchronisation."""
-    _check(out, src, plan)
+    it takes (longest segment) rounds of a gather and an add; one host synchronisation
+    (two with `step`, which is read back)."""
+    _check(out, src, plan, step)
+    if step is not None:
+        plan = plan.step(int(step))
     s, d = int(plan.count), out.shape[1]
     if s == 0 or d == 0:
         return out
@@ -259,8 +285,10 @@ def scatter_rows_torch_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
 
 
 def scatter_rows_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
-                  accumulate: bool = True, backend: str = "auto") -> torch.Tensor:
-    """Sum the rows of src (N, d) into out (R, d) by `plan` (see `scatter_rows_triton_`).
+                  accumulate: bool = True, backend: str = "auto",
+                  step: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum the rows of src (N, d) into out (R, d) by `plan`, or by step `step` of a plan
+    of several steps (see `scatter_rows_triton_`).
 
     backend "auto": the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1 when
     Triton imports, the torch fallback otherwise; both give the same bits."""
@@ -270,8 +298,8 @@ def scatter_rows_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
         use_triton = triton is not None and (out.device.type == "cuda" or interpreted())
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
-        return scatter_rows_triton_(out, src, plan, accumulate)
-    return scatter_rows_torch_(out, src, plan, accumulate)
+        return scatter_rows_triton_(out, src, plan, accumulate, step)
+    return scatter_rows_torch_(out, src, plan, accumulate, step)
 
 
 __all__ = ["BACKENDS", "SegmentPlan", "plan_segments", "scatter_rows_",

@@ -223,6 +223,24 @@ def test_plan_of_several_steps_is_padded_per_step():
                                       bits(sequential_f32(out0, index[t], src, False)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_named_by_a_device_tensor(backend):
+    """scatter_rows_(..., step=t) with the whole padded plan (how a captured training
+    step calls it: the kernel reads t from the device) sums exactly step t's rows, in
+    the promised order."""
+    rng = np.random.default_rng(11)
+    index = rng.integers(0, 9, (4, 50))
+    index[2] = 5  # one step with a single segment
+    plans = plan_segments(torch.from_numpy(index).to(DEVICE), 9)
+    for t in (0, 2, 3):
+        out0, _, src = data(50, 20, 9, seed=20 + t, index=index[t])
+        out = torch.from_numpy(out0.copy()).to(DEVICE)
+        scatter_rows_(out, torch.from_numpy(src).to(DEVICE), plans, backend=backend,
+                      step=torch.tensor(t, device=DEVICE))
+        np.testing.assert_array_equal(bits(out.cpu().numpy()),
+                                      bits(sequential_f32(out0, index[t], src, True)))
+
+
 def test_fallback_gives_the_kernels_bits():
     if not kernel_available():
         pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
@@ -250,3 +268,8 @@ def test_bad_arguments_are_refused():
         scatter_rows_(torch.zeros(3, 5), torch.zeros(3, 5), plan)
     with pytest.raises(ValueError, match="one step at a time"):
         scatter_rows_(torch.zeros(4, 5), torch.zeros(3, 5), plan_segments(idx[None], 4))
+    with pytest.raises(ValueError, match="step= takes"):  # a single plan has no steps
+        scatter_rows_(torch.zeros(4, 5), torch.zeros(3, 5), plan, step=torch.tensor(0))
+    with pytest.raises(ValueError, match="step= takes"):
+        scatter_rows_(torch.zeros(4, 5), torch.zeros(3, 5), plan_segments(idx[None], 4),
+                      step=torch.tensor(0.0))

@@ -254,12 +254,48 @@ def test_cpu_epoch_takes_the_same_batches_as_the_device_step(data_dir, mode):
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
 
 
+def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir):
+    """The one-scatter step with its gather and scatter as Triton kernels (in the CPU
+    interpreter here, on the GPU in use) against the same steps with their torch forms:
+    the kernels read their step's rows of the epoch's index and plan from the device
+    counter, and must give the same bits."""
+    pytest.importorskip("triton")
+    from fastattrec.batches import DeviceData
+    from fastattrec.data.dataset import load_prepared
+    from fastattrec.kernels.launch import interpreted
+    from fastattrec.training import EpochRunner, _build
+
+    if not interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    outs = []
+    for backend in ("triton", "torch"):
+        cfg = TrainConfig(device="cpu", kernel="torch", batch_size=16, compile=False,
+                          dim=8, one_scatter=True)
+        model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "torch", False)
+        runner = EpochRunner(model, opt, data, cfg)
+        runner.rows_backend = backend
+        runner.perm.copy_(torch.randperm(runner.n_train,
+                                         generator=torch.Generator().manual_seed(4)))
+        runner.start_epoch()
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            runner._step()
+        assert int(runner.step) == 3
+        outs.append((float(runner.loss_sum), [p.detach().clone() for p in model.parameters()]))
+    (la, pa), (lb, pb) = outs
+    assert la == lb
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+
+
 @pytest.mark.parametrize("mode", ["inner", "dist"])
 def test_one_scatter_step_equals_the_autograd_step(data_dir, mode):
-    """The step whose table gradients come from one deterministic scatter (the rows it
-    looks up gathered into one autograd leaf) against the plain autograd step, from one
-    state, over a whole epoch with a padded last batch (here on CPU, with the scatter's
-    torch form; the Triton kernel is checked against the same references in
+    """The step whose table rows come from one gather and whose table gradients come
+    from one deterministic scatter (the epoch's batches cut and planned at its start)
+    against the plain autograd step, from one state, over two epochs with padded last
+    batches and, in the second, a new order and new negatives (here on CPU, with the
+    kernels' torch forms; the Triton kernels are checked against them below and against
+    independent references in tests/test_embedding_gather.py and
     tests/test_embedding_scatter.py)."""
     from fastattrec.batches import DeviceData
     from fastattrec.data.dataset import load_prepared
@@ -272,13 +308,17 @@ def test_one_scatter_step_equals_the_autograd_step(data_dir, mode):
                           mode=mode, dim=16, one_scatter=one)
         model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "torch", False)
         runner = EpochRunner(model, opt, data, cfg)
-        assert runner.manual is None and (runner.flat_grad is not None) == one
-        runner.perm.copy_(torch.randperm(runner.n_train,
-                                         generator=torch.Generator().manual_seed(3)))
-        total = runner.run()
+        assert runner.manual is None and (runner.batches is not None) == one
+        totals = []
+        for epoch in range(2):  # the second epoch: a new order and new negatives
+            runner.perm.copy_(torch.randperm(runner.n_train,
+                                             generator=torch.Generator().manual_seed(3 + epoch)))
+            if epoch:
+                runner.set_negatives(data.sample_negatives(torch.Generator().manual_seed(9)))
+            totals.append(float(runner.run()))
         if one:  # the tables' gradients are views of the one buffer
             assert model.item_emb.grad.data_ptr() == runner.grad_views[1].data_ptr()
-        outs.append((float(total), [p.detach().clone() for p in model.parameters()]))
+        outs.append((totals, [p.detach().clone() for p in model.parameters()]))
     (la, pa), (lb, pb) = outs
     assert la == pytest.approx(lb, rel=1e-5)
     for a, b in zip(pa, pb, strict=True):

@@ -1,0 +1,102 @@
+"""Every batch of an epoch, cut and planned once at the epoch's start (the one-scatter step).
+
+The default training step picks its batch out of the epoch with a dozen small kernels
+(the permutation's slice, one gather per per-sample array, the padding mask, the count)
+and, with `TrainConfig.one_scatter`, would sort its scatter's destination rows as well.
+All of that depends only on the epoch's permutation and negatives, so `EpochBatches.fill`
+does it for the whole epoch at once, into buffers that stay put (CUDA graphs read them):
+
+- `index` (T, N) int64: step t's N looked-up table rows in the flat row space of the
+  three tables (user rows, then item rows, then item2 rows): the batch's users, its
+  window items, its (positive, negative) candidates in the item table, the candidates
+  again in the item2 table (`lookups` gives the layout);
+- the scatter plan of every step (`plan_segments` of `index`: one segmented sort);
+- `mask` (T, B, L) bool, `valid` (T, B) float32 and `count` (T,) float32: the key mask
+  of the windows, which slots hold samples (the last batch is padded to B) and how many.
+
+A step then reads row `step` of these with a device counter: one gather kernel for all
+its table rows (`kernels/embedding_gather.py`) and the scatter for all their gradients
+(`kernels/embedding_scatter.py`). The batches are exactly the default step's: slot j of
+step t is sample perm[min(t B + j, T_train - 1)], valid when t B + j < T_train.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastattrec.kernels.embedding_scatter import SegmentPlan, plan_segments
+
+
+def lookups(batch: int, maxlen: int) -> tuple[int, int, int, int]:
+    """How many of a step's N lookups go to users, window items, item candidates and
+    item2 candidates, in that order: (B, B L, 2 B, 2 B)."""
+    return batch, batch * maxlen, 2 * batch, 2 * batch
+
+
+def plan_bytes(n_train: int, batch: int, maxlen: int) -> int:
+    """Device memory the buffers take (for the memory check before a run)."""
+    steps = -(-n_train // batch)
+    n = sum(lookups(batch, maxlen))
+    # index, order, rows (T, N) and starts (T, N + 1) int64; the sort's temporaries about
+    # as much again while planning; mask, valid, count
+    return steps * (8 * 4 * n * 2 + batch * (maxlen + 4) + 4)
+
+
+class EpochBatches:
+    """The fixed-shape buffers of one epoch's batches; `fill` writes them in place."""
+
+    def __init__(self, n_train: int, batch: int, maxlen: int, n_users: int, n_items: int,
+                 device: torch.device) -> None:
+        self.n_train, self.batch, self.maxlen = n_train, batch, maxlen
+        self.n_users, self.n_items = n_users, n_items
+        self.n_steps = -(-n_train // batch)
+        t, n = self.n_steps, sum(lookups(batch, maxlen))
+        self.n_lookups = n
+        self.n_rows = n_users + 2 * n_items  # the flat row space of the three tables
+        dev = device
+        self.index = torch.zeros((t, n), dtype=torch.long, device=dev)
+        self.order = torch.zeros((t, n), dtype=torch.long, device=dev)
+        self.rows = torch.zeros((t, n), dtype=torch.long, device=dev)
+        self.starts = torch.zeros((t, n + 1), dtype=torch.long, device=dev)
+        self.segments = torch.zeros((t,), dtype=torch.long, device=dev)
+        self.mask = torch.zeros((t, batch, maxlen), dtype=torch.bool, device=dev)
+        self.valid = torch.zeros((t, batch), dtype=torch.float32, device=dev)
+        self.count = torch.zeros((t,), dtype=torch.float32, device=dev)
+
+    @property
+    def plan(self) -> SegmentPlan:
+        """Every step's scatter plan (padded; a step reads its own rows of it)."""
+        return SegmentPlan(self.order, self.rows, self.starts, self.segments, self.n_rows)
+
+    @torch.no_grad()
+    def fill(self, perm: torch.Tensor, users: torch.Tensor, windows: torch.Tensor,
+             targets: torch.Tensor, negs: torch.Tensor) -> None:
+        """Cut and plan the epoch whose order of train samples is `perm` (T_train,), from
+        the per-sample users (T_train,), windows (T_train, L), targets and negatives
+        (T_train,), in place. No host synchronisation."""
+        t, b, length = self.n_steps, self.batch, self.maxlen
+        slots = torch.arange(t * b, device=perm.device)  # (T B,) positions in perm
+        idx = perm[slots.clamp(max=self.n_train - 1)]  # (T B,) samples, padded at the end
+        u = users[idx].long().view(t, b)
+        w = windows[idx].long().view(t, b * length)
+        items = torch.stack([targets[idx], negs[idx]], dim=1).long().view(t, 2 * b)
+        nu, ni = self.n_users, self.n_items
+        self.index.copy_(torch.cat([u, nu + w, nu + items, nu + ni + items], dim=1))
+        plan = plan_segments(self.index, self.n_rows, check=False)
+        for dst, src in ((self.order, plan.order), (self.rows, plan.rows),
+                         (self.starts, plan.starts), (self.segments, plan.count)):
+            dst.copy_(src)
+        self.mask.copy_((w != 0).view(t, b, length))
+        self.valid.copy_((slots < self.n_train).view(t, b))
+        first = torch.arange(t, device=perm.device) * b
+        self.count.copy_((self.n_train - first).clamp(max=b))
+
+    def step_rows(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+        """(mask (B, L), valid (B,), count 0-d) of step `step` (a 0-d device tensor)."""
+        i = step.reshape(1)
+        return (self.mask.index_select(0, i)[0], self.valid.index_select(0, i)[0],
+                self.count.index_select(0, i)[0])
+
+
+__all__ = ["EpochBatches", "lookups", "plan_bytes"]
