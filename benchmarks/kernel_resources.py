@@ -22,8 +22,8 @@ Triton's wheel ships reads its resource usage and its SASS. Printed per kernel:
 `--check` exits 1 when a configuration spills (stack > 0 or any LDL/STL), when a kernel
 in a tensor-core precision (tf32, tf32x3, bf16x3) has no HGMMA or HMMA, or when the
 embedding scatter or gather (which must be deterministic) has atomics (RED*, ATOM*).
-The training step's other Triton kernels (the embedding gather and scatter, the Keras
-Adam) are compiled for every d as well. This is how kernel
+The training step's other Triton kernels (the embedding gather and scatter, the
+attention's position terms, the Keras Adam) are compiled for every d as well. This is how kernel
 changes are judged before any GPU time; the GPU only measures. Run it with
 TRITON_INTERPRET unset (the interpreter replaces the kernels by Python functions).
 """
@@ -147,13 +147,13 @@ def _job(args: tuple[int, int, str, int, str]) -> list[dict]:
 
 def _step_job(args: tuple[int, int]) -> list[dict]:
     """The training step's other kernels at row width d: the embedding gather and
-    scatter and the Keras Adam (float32 kernels; L does not apply)."""
-    from fastattrec.kernels import embedding_gather, embedding_scatter, keras_adam
+    scatter, the attention's position terms and the Keras Adam (L does not apply)."""
+    from fastattrec.kernels import embedding_gather, embedding_scatter, keras_adam, position_terms
 
     dim, arch = args
     rows = []
     for spec in (embedding_gather.resource_specs(dim) + embedding_scatter.resource_specs(dim)
-                 + keras_adam.resource_specs()):
+                 + position_terms.resource_specs(dim) + keras_adam.resource_specs()):
         row = {"L": "-", "d": dim, "precision": "ieee"}
         try:
             row.update(compile_spec(spec, arch))
@@ -167,7 +167,7 @@ def _step_job(args: tuple[int, int]) -> list[dict]:
 def report(lengths: list[int], dims: list[int], precisions: list[str], arch: int = ARCH,
            workers: int = 2, layout: str = "auto") -> list[dict]:
     """Rows for every (L, d, precision, kernel, candidate), then the step's other kernels
-    (gather, scatter, Adam) per d."""
+    (gather, scatter, position terms, Adam) per d."""
     jobs = [(ln, d, p, arch, layout) for ln in lengths for d in dims for p in precisions]
     if workers <= 1:
         rows = [r for j in jobs for r in _job(j)]

@@ -17,9 +17,10 @@ Three layouts, chosen by the window length L (`layout_for`):
 
 Structure used everywhere: K = Q (one projection), and the mean over query rows is
 p_bar^T X with p_bar the column means of the softmax, so the (L, d) output never exists.
-Every layout uses the P-split: H = X W + (P W), with P W computed once on the host in
-float64 (`precision.position_projection`), so the position term never passes through a
-low-precision product; and the value path p_bar^T X is float32 in every mode.
+Every layout uses the P-split: H = X W + (P W), with P W computed once per step in
+float64 and rounded once (`position_terms.py`, one launch shared by forward and
+backward), so the position term never passes through a low-precision product; and the
+value path p_bar^T X is float32 in every mode.
 `precision` selects how the d x d products run (`precision.py`: ieee, tf32, tf32x3,
 bf16x3).
 
@@ -48,7 +49,8 @@ from .launch import (
     pick,
     set_autotune,
 )
-from .precision import _mm, check_precision, position_projection, position_weight_grad
+from .position_terms import position_projection_fused
+from .precision import _mm, check_precision, position_weight_grad
 from .reference import MASKED_LOGIT
 
 LAYOUTS = ("auto", "tiles", "blocks", "long")
@@ -430,19 +432,20 @@ def cublas_tf32(enabled: bool):
 
 def attention_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
                       pos: torch.Tensor, precision: str = "ieee",
-                      layout: str = "auto") -> torch.Tensor:
-    """short (B, d) = mean over rows of softmax(masked Q Q^T / sqrt(d)) X."""
+                      layout: str = "auto", pw: torch.Tensor | None = None) -> torch.Tensor:
+    """short (B, d) = mean over rows of softmax(masked Q Q^T / sqrt(d)) X. `pw`: the
+    position term P W (L, d) (`position_projection_fused`), when the caller has it."""
     check_inputs(x, mask, w, pos)
     check_precision(precision)
     b, length, dim = x.shape
     chosen = layout_for(length, layout)
     mask8 = mask_bytes(mask)
     if chosen == "tiles":
-        return tile_forward(x, mask8, w, pos, precision)
+        return tile_forward(x, mask8, w, pos, precision, pw)
     out = torch.empty((b, dim), dtype=x.dtype, device=x.device)
     if b == 0:
         return out
-    pw = position_projection(pos, w)
+    pw = position_projection_fused(pos, w) if pw is None else pw
     scale = 1.0 / math.sqrt(dim)
     if chosen == "long":
         q = torch.empty_like(x)
@@ -462,8 +465,10 @@ def attention_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
 
 def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                        w: torch.Tensor, pos: torch.Tensor, precision: str = "ieee",
-                       layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx (B, L, d), dw (d, d)) for upstream gradient `grad` (B, d)."""
+                       layout: str = "auto", pw: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (B, L, d), dw (d, d)) for upstream gradient `grad` (B, d); `pw` as in
+    `attention_forward`."""
     check_inputs(x, mask, w, pos)
     check_precision(precision)
     grad = checked_grad(grad, x)
@@ -471,11 +476,11 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
     chosen = layout_for(length, layout)
     mask8 = mask_bytes(mask)
     if chosen == "tiles":
-        return tile_backward(grad, x, mask8, w, pos, precision)
+        return tile_backward(grad, x, mask8, w, pos, precision, pw)
     dx, dh = torch.empty_like(x), torch.empty_like(x)
     if b == 0:
         return dx, torch.zeros_like(w)
-    pw = position_projection(pos, w)
+    pw = position_projection_fused(pos, w) if pw is None else pw
     scale = 1.0 / math.sqrt(dim)
     if chosen == "long":
         q = torch.empty_like(x)
@@ -563,14 +568,16 @@ def paired_specs(candidates, length: int, dim: int, precision: str, fwd: tuple,
 class _ShortTermAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, w, pos, precision, layout):
-        ctx.save_for_backward(x, mask, w, pos)
+        check_inputs(x, mask, w, pos)
+        pw = position_projection_fused(pos, w)  # (L, d), once for forward and backward
+        ctx.save_for_backward(x, mask, w, pos, pw)
         ctx.precision, ctx.layout = precision, layout
-        return attention_forward(x, mask, w, pos, precision, layout)
+        return attention_forward(x, mask, w, pos, precision, layout, pw)
 
     @staticmethod
     def backward(ctx, grad):
-        x, mask, w, pos = ctx.saved_tensors
-        dx, dw = attention_backward(grad, x, mask, w, pos, ctx.precision, ctx.layout)
+        x, mask, w, pos, pw = ctx.saved_tensors
+        dx, dw = attention_backward(grad, x, mask, w, pos, ctx.precision, ctx.layout, pw)
         return dx, None, dw, None, None, None
 
 

@@ -24,7 +24,7 @@ Backward (a persistent grid, G programs, each walking tiles pid, pid + G, ...):
      sums of dH_p and X_p^T dH_p into the program's own dW partial;
   4. per chunk: dX_p = dH_p W^T + p_bar_p g.
   dW = sum over programs of the partials (a fixed order: deterministic, no atomics)
-  + P^T (sum_b dH_b) in float64.
+  + P^T (sum_b dH_b) in float64, both in one launch (`position_terms.reduce_weight_grad`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .launch import KernelSpec, interpreted, pick, sm_count
-from .precision import _mm, position_projection, position_weight_grad
+from .position_terms import position_projection_fused, reduce_weight_grad
+from .precision import _mm
 
 TILE_MAX_L = 8  # longer windows use the block layout (attention.py)
 MASKED = tl.constexpr(-4294967295.0)  # -(2^32) + 1, SPEC masked logit (-2^32 in float32)
@@ -366,13 +367,14 @@ def tile_resource_specs(length: int, dim: int, precision: str) -> list[KernelSpe
 
 
 def tile_forward(x: torch.Tensor, mask8: torch.Tensor, w: torch.Tensor, pos: torch.Tensor,
-                 precision: str) -> torch.Tensor:
-    """short (B, d) of checked inputs (mask8: the key mask as bytes)."""
+                 precision: str, pw: torch.Tensor | None = None) -> torch.Tensor:
+    """short (B, d) of checked inputs (mask8: the key mask as bytes; pw: P W (L, d) when
+    the caller has it already)."""
     b, length, dim = x.shape
     out = torch.empty((b, dim), dtype=x.dtype, device=x.device)
     if b == 0:
         return out
-    pw = position_projection(pos, w)
+    pw = position_projection_fused(pos, w) if pw is None else pw
     scale = 1.0 / math.sqrt(dim)
 
     def run(cfg):
@@ -404,13 +406,15 @@ def _programs(n_tiles: int, device: torch.device) -> int:
 
 
 def tile_backward(grad: torch.Tensor, x: torch.Tensor, mask8: torch.Tensor, w: torch.Tensor,
-                  pos: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx (B, L, d), dw (d, d)) for the checked upstream gradient `grad` (B, d)."""
+                  pos: torch.Tensor, precision: str, pw: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (B, L, d), dw (d, d)) for the checked upstream gradient `grad` (B, d); the
+    partials of dW are reduced, with its position part, by one launch."""
     b, length, dim = x.shape
     dx = torch.empty_like(x)
     if b == 0:
         return dx, torch.zeros_like(w)
-    pw = position_projection(pos, w)
+    pw = position_projection_fused(pos, w) if pw is None else pw
     scale = 1.0 / math.sqrt(dim)
     parts: dict[str, torch.Tensor] = {}
 
@@ -428,8 +432,7 @@ def tile_backward(grad: torch.Tensor, x: torch.Tensor, mask8: torch.Tensor, w: t
     run(pick("tile_bwd", length, dim, precision, b, run,
              tile_candidates(length, dim, precision),
              _interp_choice))
-    dw = parts["dwp"].sum(dim=0) + position_weight_grad(pos, parts["dhs"].sum(dim=0))
-    return dx, dw
+    return dx, reduce_weight_grad(parts["dwp"], parts["dhs"], pos)
 
 
 __all__ = ["TILE_MAX_L", "tile_backward", "tile_candidates", "tile_forward",
