@@ -137,8 +137,10 @@ class KerasAdam(torch.optim.Adam):
 
     def _device_step(self) -> None:
         """The Keras update from device tensors only (safe to capture in a CUDA graph):
-        one fused Triton launch per parameter where Triton runs (kernels/keras_adam.py),
-        else foreach operations; then one launch that counts the step."""
+        where Triton runs, one fused launch for the parameters of every group
+        (kernels/keras_adam.py) and one launch that counts the step; else foreach
+        operations per group."""
+        fused: list[tuple] = []  # (params, states, constants) of each group
         for g in self.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
@@ -150,20 +152,28 @@ class KerasAdam(torch.optim.Adam):
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
-            steps = [st["step"] for st in states]
-            m = [st["exp_avg"] for st in states]
-            v = [st["exp_avg_sq"] for st in states]
             if _fused_available(params):
-                from fastattrec.kernels.keras_adam import group_constants, keras_adam_
+                from fastattrec.kernels.keras_adam import group_constants
 
                 key = "_keras_consts"
                 if key not in g or g[key].device != params[0].device:
                     g[key] = group_constants(g["lr"], g["betas"], self.keras_eps,
                                              g["weight_decay"], params[0].device)
-                keras_adam_(params, [p.grad for p in params], m, v, steps, g[key])
-                torch._foreach_add_(steps, 1.0)
+                fused.append((params, states, g[key]))
                 continue
-            self._foreach_update(g, params, steps, m, v)
+            self._foreach_update(g, params, [st["step"] for st in states],
+                                 [st["exp_avg"] for st in states],
+                                 [st["exp_avg_sq"] for st in states])
+        if fused:
+            from fastattrec.kernels.keras_adam import keras_adam_
+
+            params = [p for ps, _, _ in fused for p in ps]
+            states = [st for _, sts, _ in fused for st in sts]
+            steps = [st["step"] for st in states]
+            keras_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                        [st["exp_avg_sq"] for st in states], steps,
+                        [c for ps, _, c in fused for _ in ps])
+            torch._foreach_add_(steps, 1.0)
 
     def _foreach_update(self, g: dict, params: list, steps: list, m: list, v: list) -> None:
         b1, b2 = g["betas"]

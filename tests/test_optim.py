@@ -236,3 +236,32 @@ def test_fused_kernel_zeroes_the_gradient_it_read():
     assert torch.count_nonzero(g) == 0 and step.item() == 0  # counting is the caller's
     want = keras_adam_numpy(p0, gp[:1], 2e-6).reshape(-1)
     np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=1e-9)
+
+
+def test_one_launch_takes_many_parameters_with_their_own_constants():
+    """keras_adam_ over six parameters (two launches of up to four): sizes below, at and
+    above a block, an empty one, and per-parameter weight decay; each against the Keras
+    rule in numpy over three steps."""
+    pytest.importorskip("triton")
+    from fastattrec.kernels.keras_adam import BLOCK, group_constants, keras_adam_
+    from fastattrec.optim import _fused_available
+
+    if not _fused_available([torch.zeros(1)]):
+        pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
+    rng = np.random.default_rng(11)
+    sizes = [7, BLOCK, 0, BLOCK + 3, 2 * BLOCK + 1, 30]
+    wds = [2e-6, 0.0, 2e-6, 0.5, 0.0, 1e-3]
+    p0 = [rng.normal(0, 0.05, n).astype(np.float32) for n in sizes]
+    grads = [[(rng.normal(size=n) * 10.0 ** rng.integers(-7, 1, n)).astype(np.float32)
+              for n in sizes] for _ in range(3)]
+    ps = [torch.from_numpy(a.copy()) for a in p0]
+    ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    steps = [torch.zeros(()) for _ in ps]
+    consts = [group_constants(LR, (B1, B2), EPS, wd, torch.device("cpu")) for wd in wds]
+    for step_grads in grads:
+        keras_adam_(ps, [torch.from_numpy(g.copy()) for g in step_grads], ms, vs, steps,
+                    consts)
+        torch._foreach_add_(steps, 1.0)
+    for k, (p, wd) in enumerate(zip(ps, wds, strict=True)):
+        want = keras_adam_numpy(p0[k], [g[k] for g in grads], wd)
+        np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=1e-9, err_msg=str(k))
