@@ -174,7 +174,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--one-scatter", action="store_true",
                     help="CUDA: also time the step whose table rows come from one gather "
                          "and whose table gradients come from one deterministic scatter, "
-                         "the epoch's batches planned at its start (TrainConfig.one_scatter)")
+                         "the epoch's batches planned at its start (TrainConfig.one_scatter), "
+                         "with 1 step a graph and with each --graph-steps")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -216,8 +217,9 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
                                                            graph_steps=k), args.epochs)
                     for k in args.graph_steps]
         if args.one_scatter:
-            configs.append(("fastattrec one scatter", dict(kernel="auto", compile=True,
-                                                           one_scatter=True), args.epochs))
+            configs += [(f"fastattrec one scatter{f', {k} steps a graph' if k > 1 else ''}",
+                         dict(kernel="auto", compile=True, one_scatter=True, graph_steps=k),
+                         args.epochs) for k in [1, *args.graph_steps]]
     if args.contention:
         configs.append((f"fastattrec beside {args.contention} busy",
                         dict(kernel="auto", compile=True), args.epochs))
@@ -234,14 +236,16 @@ def summarise(rows: list[dict], configs: list, args: argparse.Namespace) -> list
     summary = []
     for label, _, _ in configs:
         mine = [r for r in rows if r["config"] == label]
+        if not mine:  # not run (yet)
+            continue
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0]
                if isinstance(mine[0][k], float | int) and not isinstance(mine[0][k], bool)}
         summary.append({"config": label, "kernel": mine[0]["kernel"], "runs": len(mine), **med})
-    if len(summary) >= 2 and not args.no_baseline:
+    if len(summary) == len(configs) >= 2 and not args.no_baseline:
         for row in summary[:-1]:
             row["epoch_speedup_vs_baseline"] = (summary[-1]["epoch_s_median"]
                                                 / row["epoch_s_median"])
-    if args.contention:
+    if args.contention and any("busy" in r["config"] for r in summary):
         busy = next(r for r in summary if "busy" in r["config"])
         busy["slowdown_vs_idle"] = busy["epoch_s_median"] / summary[0]["epoch_s_median"]
     return summary
@@ -276,10 +280,11 @@ def main() -> int:
             print_table([row], ["config", "kernel", "epochs", "epoch_s_median",
                                 "samples_per_s", "eval_sampled_s", "eval_full_s",
                                 "train_call_s"])
-    summary = summarise(rows, configs, args)
-    meta["args"] = {k: str(v) for k, v in vars(args).items()}
-    meta["torch_threads"] = torch.get_num_threads()
-    write_csv(args.out, summary, meta)
+        # written after every configuration, so a run cut short keeps what it measured
+        summary = summarise(rows, configs, args)
+        meta["args"] = {k: str(v) for k, v in vars(args).items()}
+        meta["torch_threads"] = torch.get_num_threads()
+        write_csv(args.out, summary, meta)
     print(f"\n{meta['device']} ({meta['cpu_count']} CPUs, torch {meta['torch']}, "
           f"{meta['torch_threads']} threads), {meta['data']}, prep {meta['prep_s_median']:.2f} s")
     print_table(summary, ["config", "kernel", "runs", "epochs", "epoch_s_median",

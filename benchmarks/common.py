@@ -61,11 +61,13 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(path.name + ".partial")  # replaced whole: never half-written
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
             w.writerow({**{k: "" for k in keys}, **r})
+    os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

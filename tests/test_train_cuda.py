@@ -120,18 +120,25 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
         assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
 
 
-def test_one_scatter_graph_epoch_equals_the_default_step(data_dir):
-    """An epoch of CUDA-graph replays whose table gradients come from one scatter kernel
-    (TrainConfig.one_scatter) against the default graph step, from the same state."""
+@pytest.mark.parametrize("graph_steps", [1, 7])
+def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps):
+    """An epoch of CUDA-graph replays (1 or 7 steps each, plus the remainder) whose table
+    rows come from one gather and whose table gradients come from one scatter, the
+    epoch's batches planned at its start (TrainConfig.one_scatter), against the default
+    one-step graph, from the same state, over two epochs (the second with a new order)."""
     runs = []
     for one in (True, False):
-        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, one_scatter=one)
+        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, one_scatter=one,
+                          graph_steps=graph_steps if one else 1)
         model, _, runner = same_start(data_dir, cfg)
-        assert (runner.flat_grad is not None) == one
+        assert (runner.batches is not None) == one
         runner.capture()
-        total = runner.run()
+        totals = [float(runner.run())]
+        runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
+                                         generator=torch.Generator("cuda").manual_seed(2)))
+        totals.append(float(runner.run()))
         torch.cuda.synchronize()
-        runs.append((copy.deepcopy(model.state_dict()), float(total)))
+        runs.append((copy.deepcopy(model.state_dict()), totals))
     (wa, la), (wb, lb) = runs
     assert la == pytest.approx(lb, rel=1e-4)
     for k in wa:
