@@ -43,7 +43,7 @@ from fastattrec.evaluate import (
     full_ranks_of,
     metrics_from_ranks,
 )
-from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend
+from fastattrec.kernels import BACKENDS, PRECISIONS, resolve_backend, triton_available
 from fastattrec.model import MODES, AttRec, AttRecConfig, batch_loss
 from fastattrec.optim import KerasAdam
 from fastattrec.outputs import absolute, claim_output
@@ -238,9 +238,10 @@ class EpochRunner:
             self.grad_views = list(self.flat_grad.split([t.shape[0] for t in tables]))
             self.batches = EpochBatches(self.n_train, self.global_bs, cfg.maxlen,
                                         tables[0].shape[0], tables[1].shape[0], dev)
-        # the gather's and scatter's backend: their Triton kernels on CUDA; on the CPU
-        # their torch forms (same bits; the tests also run the kernels interpreted)
-        self.rows_backend = "auto" if dev.type == "cuda" else "torch"
+        # the backend of the step's small kernels (the one-scatter step's gather and
+        # scatter, every step's bookkeeping): Triton on CUDA; on the CPU their torch
+        # forms (same bits; the tests also run the kernels interpreted)
+        self.rows_backend = "auto" if dev.type == "cuda" and triton_available() else "torch"
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, count)
 
     def _manual_step(self, i: int) -> None:
@@ -263,8 +264,14 @@ class EpochRunner:
         self._finish_step(loss, count)
 
     def _finish_step(self, loss: torch.Tensor, count: torch.Tensor) -> None:
-        """Every step's end: the optimiser step, the batch's summed loss, the counter."""
+        """Every step's end: the optimiser step, the batch's summed loss, the counter
+        (one launch where the step's kernels are Triton's: `kernels/step_tail.py`)."""
         self.opt.step()
+        if self.rows_backend != "torch":
+            from fastattrec.kernels.step_tail import step_tail_
+
+            step_tail_(loss, count, self.loss_sum, self.step, self.cfg.mode == "inner")
+            return
         local_sum = loss.detach() * (count if self.cfg.mode == "inner" else 1.0)
         self.loss_sum += local_sum.to(torch.float64)
         self.step += 1

@@ -1,0 +1,46 @@
+"""A training step's bookkeeping in one launch: the batch's summed loss and the counter.
+
+After the optimiser, a step adds its batch's summed per-sample loss to the epoch's float64
+total (the mean loss times the sample count in mode inner, the sum itself in mode dist)
+and counts itself. In torch ops that is four launches (a product, a cast, an addition,
+an increment) doing one number's arithmetic each; here it is one program that does the
+same operations in the same order, so the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import KernelSpec
+
+
+@triton.jit
+def _step_tail(loss_ptr, count_ptr, sum_ptr, step_ptr, INNER: tl.constexpr):
+    loss = tl.load(loss_ptr)  # float32: the batch's mean (inner) or sum (dist)
+    if INNER:
+        loss = loss * tl.load(count_ptr)
+    tl.store(sum_ptr, tl.load(sum_ptr) + loss.to(tl.float64))
+    tl.store(step_ptr, tl.load(step_ptr) + 1)
+
+
+def step_tail_(loss: torch.Tensor, count: torch.Tensor, loss_sum: torch.Tensor,
+               step: torch.Tensor, inner: bool) -> None:
+    """loss_sum (float64, 0-d) += float64(loss * count if inner else loss) and step
+    (int64, 0-d) += 1, in place, from the 0-d float32 loss and count."""
+    for name, t, dtype in (("loss", loss, torch.float32), ("count", count, torch.float32),
+                           ("loss_sum", loss_sum, torch.float64), ("step", step, torch.int64)):
+        if t.numel() != 1 or t.dtype != dtype or t.device != loss_sum.device:
+            raise ValueError(f"{name} must be one {dtype} number on {loss_sum.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    _step_tail[(1,)](loss.detach(), count, loss_sum, step, INNER=inner, num_warps=1)
+
+
+def resource_specs() -> list[KernelSpec]:
+    """The kernel as `step_tail_` launches it (for benchmarks/kernel_resources.py)."""
+    return [KernelSpec("step_tail", (), _step_tail, {"INNER": True}, num_warps=1,
+                       types={"sum_ptr": "*fp64", "step_ptr": "*i64"})]
+
+
+__all__ = ["resource_specs", "step_tail_"]
