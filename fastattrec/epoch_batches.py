@@ -11,13 +11,15 @@ does it for the whole epoch at once, into buffers that stay put (CUDA graphs rea
   window items, its (positive, negative) candidates in the item table, the candidates
   again in the item2 table (`lookups` gives the layout);
 - the scatter plan of every step (`plan_segments` of `index`: one segmented sort);
-- `mask` (T, B, L) bool, `valid` (T, B) float32 and `count` (T,) float32: the key mask
-  of the windows, which slots hold samples (the last batch is padded to B) and how many.
+- `aux` (T, B + 1) float32: which slots hold samples (`valid`, 1 or 0: the last batch is
+  padded to B), then how many (`count`); fixed by the sizes alone, written once.
 
 A step then reads row `step` of these with a device counter: one gather kernel for all
-its table rows (`kernels/embedding_gather.py`) and the scatter for all their gradients
-(`kernels/embedding_scatter.py`). The batches are exactly the default step's: slot j of
-step t is sample perm[min(t B + j, T_train - 1)], valid when t B + j < T_train.
+its table rows, which also flags the window slots that hold the padding item (the key
+mask, `kernels/embedding_gather.py`), one selection of `aux`, and the scatter for all
+the rows' gradients (`kernels/embedding_scatter.py`). The batches are exactly the default
+step's: slot j of step t is sample perm[min(t B + j, T_train - 1)], valid when
+t B + j < T_train.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def plan_bytes(n_train: int, batch: int, maxlen: int) -> int:
     steps = -(-n_train // batch)
     n = sum(lookups(batch, maxlen))
     # index, order, rows (T, N) and starts (T, N + 1) int64; the sort's temporaries about
-    # as much again while planning; mask, valid, count
-    return steps * (8 * 4 * n * 2 + batch * (maxlen + 4) + 4)
+    # as much again while planning; aux
+    return steps * (8 * 4 * n * 2 + 4 * (batch + 1))
 
 
 class EpochBatches:
@@ -59,9 +61,11 @@ class EpochBatches:
         self.rows = torch.zeros((t, n), dtype=torch.long, device=dev)
         self.starts = torch.zeros((t, n + 1), dtype=torch.long, device=dev)
         self.segments = torch.zeros((t,), dtype=torch.long, device=dev)
-        self.mask = torch.zeros((t, batch, maxlen), dtype=torch.bool, device=dev)
-        self.valid = torch.zeros((t, batch), dtype=torch.float32, device=dev)
-        self.count = torch.zeros((t,), dtype=torch.float32, device=dev)
+        # (T, B + 1): valid (1 or 0) of every slot, then the sample count, per step
+        slots = torch.arange(t * batch, device=dev).view(t, batch)
+        count = (n_train - slots[:, 0]).clamp(max=batch)  # (T,)
+        self.aux = torch.cat([(slots < n_train).float(), count[:, None].float()], dim=1)
+        self.padding_row = n_users  # the item table's row 0 in the flat row space
 
     @property
     def plan(self) -> SegmentPlan:
@@ -86,17 +90,17 @@ class EpochBatches:
         for dst, src in ((self.order, plan.order), (self.rows, plan.rows),
                          (self.starts, plan.starts), (self.segments, plan.count)):
             dst.copy_(src)
-        self.mask.copy_((w != 0).view(t, b, length))
-        self.valid.copy_((slots < self.n_train).view(t, b))
-        first = torch.arange(t, device=perm.device) * b
-        self.count.copy_((self.n_train - first).clamp(max=b))
 
-    def step_rows(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                    torch.Tensor]:
-        """(mask (B, L), valid (B,), count 0-d) of step `step` (a 0-d device tensor)."""
-        i = step.reshape(1)
-        return (self.mask.index_select(0, i)[0], self.valid.index_select(0, i)[0],
-                self.count.index_select(0, i)[0])
+    def step_aux(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid (B,), count 0-d) of step `step` (a 0-d device tensor): one launch."""
+        row = self.aux.index_select(0, step.reshape(1))[0]  # (B + 1,)
+        return row[:self.batch], row[self.batch]
+
+    def window_mask(self, flags: torch.Tensor) -> torch.Tensor:
+        """The key mask (B, L) among a step's lookup flags (N,) from the gather
+        (`flag_row=padding_row`): the window slots, in order (a view)."""
+        b, length = self.batch, self.maxlen
+        return flags[b:b + b * length].view(b, length)
 
 
 __all__ = ["EpochBatches", "lookups", "plan_bytes"]

@@ -42,6 +42,10 @@ class KerasAdam(torch.optim.Adam):
                          capturable=capturable, fused=None if capturable else fused,
                          foreach=False if not capturable else None)
         self.keras_eps = eps
+        # The device step zeroes every gradient it reads (`zeroes_grads` says whether it
+        # does): a training step whose gradients are written, not added, into buffers
+        # kept between steps then needs no zeroing launch of its own.
+        self.zero_grads_after = False
         self._t: int | None = None  # steps taken so far (eager path), read once from state
         self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
@@ -68,6 +72,13 @@ class KerasAdam(torch.optim.Adam):
         self.keras_eps = self.defaults["eps"] if eps is None else eps
         self._t = None
         self._moments = None
+
+    def zeroes_grads(self) -> bool:
+        """True when each step leaves the gradients it read at zero: `zero_grads_after`
+        set, and every parameter updated by the fused device kernel."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return (self.zero_grads_after and bool(self.defaults["capturable"])
+                and _fused_available(params))
 
     def _steps_taken(self) -> int:
         if self._t is None:  # once per run or resume: one read of the stored step count
@@ -172,7 +183,7 @@ class KerasAdam(torch.optim.Adam):
             steps = [st["step"] for st in states]
             keras_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
                         [st["exp_avg_sq"] for st in states], steps,
-                        [c for ps, _, c in fused for _ in ps])
+                        [c for ps, _, c in fused for _ in ps], zero_grad=self.zero_grads_after)
             torch._foreach_add_(steps, 1.0)
 
     def _foreach_update(self, g: dict, params: list, steps: list, m: list, v: list) -> None:

@@ -242,6 +242,13 @@ class EpochRunner:
         # scatter, every step's bookkeeping): Triton on CUDA; on the CPU their torch
         # forms (same bits; the tests also run the kernels interpreted)
         self.rows_backend = "auto" if dev.type == "cuda" and triton_available() else "torch"
+        # The one-scatter step writes the table gradients (no accumulation) into a buffer
+        # kept between steps: the capturable Adam zeroes them after reading, else the step
+        # zeroes the buffer itself.
+        if self.batches is not None and isinstance(opt, KerasAdam):
+            opt.zero_grads_after = True
+        self.opt_zeroes_grads = (self.batches is not None and isinstance(opt, KerasAdam)
+                                 and opt.zeroes_grads())
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None  # (valid, count)
 
     def _manual_step(self, i: int) -> None:
@@ -300,16 +307,19 @@ class EpochRunner:
         backend = self.rows_backend
         rows = torch.empty((nb.n_lookups, d), device=self.flat_grad.device,
                            dtype=self.flat_grad.dtype)  # (N, d)
+        flags = torch.empty(nb.n_lookups, dtype=torch.bool, device=rows.device)  # (N,)
         gather_rows_(rows, [t.detach() for t in m.tables()], nb.index, step=self.step,
-                     backend=backend)
+                     backend=backend, flags=flags, flag_row=nb.padding_row)
         rows.requires_grad_(True)
-        mask, valid, count = nb.step_rows(self.step)  # (B, L), (B,), 0-d
+        valid, count = nb.step_aux(self.step)  # (B,), 0-d
         u, x, e, e2 = rows.split(lookups(b, length))
-        loss = m.loss_of_rows(u, x.view(b, length, d), mask, e.view(b, 2, d),
-                              e2.view(b, 2, d), valid, count)
+        loss = m.loss_of_rows(u, x.view(b, length, d), nb.window_mask(flags),
+                              e.view(b, 2, d), e2.view(b, 2, d), valid, count)
         loss.backward()  # into rows.grad and proj.grad
-        self.flat_grad.zero_()
-        scatter_rows_(self.flat_grad, rows.grad, nb.plan, step=self.step, backend=backend)
+        if not self.opt_zeroes_grads:  # else the last step's Adam left them zero
+            self.flat_grad.zero_()
+        scatter_rows_(self.flat_grad, rows.grad, nb.plan, accumulate=False, step=self.step,
+                      backend=backend)
         for t, view in zip(m.tables(), self.grad_views, strict=True):
             t.grad = view
         return loss, count

@@ -42,13 +42,16 @@ MAX_BLOCK_D = 128
 if triton is not None:
 
     @triton.jit
-    def _gather_rows(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, off1, off2, n, d,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_rows(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, flags_ptr, off1,
+                     off2, flag_row, n, d, FLAGS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
         # program i: lookups [i BLOCK_N, (i + 1) BLOCK_N) of the step, all columns
         r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = r < n
         base = tl.load(step_ptr).to(tl.int64) * n  # row `step` of a (T, N) index
         idx = tl.load(index_ptr + base + r, mask=ok, other=0).to(tl.int64)  # flat rows
+        if FLAGS:  # which lookups name another row than flag_row (the padding item's)
+            tl.store(flags_ptr + r, (idx != flag_row).to(tl.uint8), mask=ok)
         # each lookup's row pointer in the table it falls in: one load per element
         src = tl.where(idx < off1, t0_ptr + idx * d,
                        tl.where(idx < off2, t1_ptr + (idx - off1) * d,
@@ -70,8 +73,12 @@ def _step_index(index: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
 
 
 def _check(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,
-           step: torch.Tensor | None) -> None:
+           step: torch.Tensor | None, flags: torch.Tensor | None = None) -> None:
     """ValueError with one sentence for arguments the gather cannot take."""
+    if flags is not None and (flags.shape != (index.shape[-1],) or flags.dtype not in (
+            torch.bool, torch.uint8) or flags.device != index.device):
+        raise ValueError(f"flags must be a bool or uint8 ({index.shape[-1]},) tensor on the "
+                         f"index's device, got {tuple(flags.shape)} {flags.dtype}")
     if not 1 <= len(tables) <= MAX_TABLES:
         raise ValueError(f"give 1 to {MAX_TABLES} tables, got {len(tables)}")
     d = tables[0].shape[-1]
@@ -94,10 +101,13 @@ def _check(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tenso
 
 
 def gather_rows_torch(out: torch.Tensor, tables: Sequence[torch.Tensor],
-                      index: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+                      index: torch.Tensor, step: torch.Tensor | None = None,
+                      flags: torch.Tensor | None = None, flag_row: int = 0) -> torch.Tensor:
     """`gather_rows_triton` in torch ops, on any device: out[i] = the flat row index[i]."""
-    _check(out, tables, index, step)
+    _check(out, tables, index, step, flags)
     idx = _step_index(index, step).long()  # (N,)
+    if flags is not None:
+        flags.copy_(idx != flag_row)
     offsets = [0]
     for t in tables:
         offsets.append(offsets[-1] + t.shape[0])
@@ -111,13 +121,15 @@ def gather_rows_torch(out: torch.Tensor, tables: Sequence[torch.Tensor],
 
 
 def gather_rows_triton(out: torch.Tensor, tables: Sequence[torch.Tensor],
-                       index: torch.Tensor, step: torch.Tensor | None = None
-                       ) -> torch.Tensor:
+                       index: torch.Tensor, step: torch.Tensor | None = None,
+                       flags: torch.Tensor | None = None, flag_row: int = 0) -> torch.Tensor:
     """out (N, d)[i] = row index[i] of the tables' flat row space (table k's row r is
     row offsets[k] + r), in one launch; with a (T, N) index, of row `step` (a device
-    tensor read by the kernel). CUDA tensors, or CPU ones under TRITON_INTERPRET=1.
-    Indices outside the flat space read the last table (callers keep them in range)."""
-    _check(out, tables, index, step)
+    tensor read by the kernel). With `flags` (N,) bool/uint8, also flags[i] =
+    (index[i] != flag_row): a training step's key mask comes out of the same launch.
+    CUDA tensors, or CPU ones under TRITON_INTERPRET=1. Indices outside the flat space
+    read the last table (callers keep them in range)."""
+    _check(out, tables, index, step, flags)
     if triton is None:
         raise RuntimeError("gather_rows_triton needs the triton package")
     if out.device.type != "cuda" and not interpreted():
@@ -133,14 +145,17 @@ def gather_rows_triton(out: torch.Tensor, tables: Sequence[torch.Tensor],
     if index.dim() == 1:  # one step: row 0
         step = torch.zeros(1, dtype=torch.long, device=index.device)
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(d))
+    f = flags.view(torch.uint8) if flags is not None and flags.dtype == torch.bool else flags
     _gather_rows[(triton.cdiv(n, BLOCK_N),)](out, index, step.reshape(1), t[0], t[1], t[2],
-                                             off1, off2, n, d, BLOCK_N=BLOCK_N,
+                                             out if f is None else f, off1, off2, flag_row,
+                                             n, d, FLAGS=f is not None, BLOCK_N=BLOCK_N,
                                              BLOCK_D=block_d, num_warps=4)
     return out
 
 
 def gather_rows_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,
-                 step: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                 step: torch.Tensor | None = None, backend: str = "auto",
+                 flags: torch.Tensor | None = None, flag_row: int = 0) -> torch.Tensor:
     """Fill out (N, d) with the flat rows `index` names (see `gather_rows_triton`).
 
     backend "auto": the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1 when
@@ -151,19 +166,20 @@ def gather_rows_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch
         use_triton = triton is not None and (out.device.type == "cuda" or interpreted())
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
-        return gather_rows_triton(out, tables, index, step)
-    return gather_rows_torch(out, tables, index, step)
+        return gather_rows_triton(out, tables, index, step, flags, flag_row)
+    return gather_rows_torch(out, tables, index, step, flags, flag_row)
 
 
 def resource_specs(dim: int = 100) -> list:
-    """The kernel as a training step launches it (an int64 (T, N) index), for
-    the offline report (benchmarks/kernel_resources.py)."""
+    """The kernel as a training step launches it (an int64 (T, N) index, the key mask
+    as flags), for the offline report (benchmarks/kernel_resources.py)."""
     from .launch import KernelSpec
 
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
     return [KernelSpec("gather_rows", (block_d,), _gather_rows,
-                       {"BLOCK_N": BLOCK_N, "BLOCK_D": block_d},
-                       num_warps=4, types={"index_ptr": "*i64", "step_ptr": "*i64"})]
+                       {"FLAGS": True, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d},
+                       num_warps=4, types={"index_ptr": "*i64", "step_ptr": "*i64",
+                                           "flags_ptr": "*u8", "flag_row": "i64"})]
 
 
 __all__ = ["BACKENDS", "gather_rows_", "gather_rows_torch", "gather_rows_triton"]

@@ -79,6 +79,22 @@ def test_each_step_reads_its_own_row_of_an_epoch_index(backend, index_dtype):
         assert same_bits(out, flat[index[t]])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flags_mark_the_lookups_of_other_rows(backend):
+    """flags[i] = index[i] != flag_row, from the same launch (a step's key mask: the
+    window lookups that do not name the padding item's row)."""
+    ts = tables_of([4, 6, 6], 5, seed=4)
+    index = np.array([[0, 4, 4, 9, 4, 15, 3], [4, 4, 4, 4, 4, 4, 4]])
+    idx = torch.from_numpy(index).to(DEVICE)
+    for t in range(2):
+        flags = torch.ones(7, dtype=torch.bool, device=DEVICE)
+        out = torch.empty((7, 5), device=DEVICE)
+        gather_rows_(out, on_device(ts), idx, step=torch.tensor(t, device=DEVICE),
+                     backend=backend, flags=flags, flag_row=4)
+        np.testing.assert_array_equal(flags.cpu().numpy(), index[t] != 4)
+        assert same_bits(out, np.concatenate(ts)[index[t]])
+
+
 def test_bad_arguments_are_refused_in_one_sentence():
     ts = [torch.zeros(4, 3), torch.zeros(5, 3)]
     idx = torch.zeros(6, dtype=torch.long)
@@ -96,3 +112,6 @@ def test_bad_arguments_are_refused_in_one_sentence():
     with pytest.raises(ValueError, match="step"):
         gather_rows_(torch.empty(3, 3), ts, idx.view(2, 3), step=torch.tensor(0.5),
                      backend="torch")
+    with pytest.raises(ValueError, match="flags must be"):
+        gather_rows_(torch.empty(6, 3), ts, idx, backend="torch",
+                     flags=torch.zeros(5, dtype=torch.bool))

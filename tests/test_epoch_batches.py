@@ -49,16 +49,13 @@ def test_fill_cuts_every_step_as_defined_and_plans_it():
     users, windows, targets, negs = per_sample(n, length, seed=0)
     eb = EpochBatches(n, batch, length, N_USERS, N_ITEMS, torch.device("cpu"))
     assert eb.n_steps == 3 and eb.n_lookups == sum(lookups(batch, length)) == batch * 8
-    ptrs = [t.data_ptr() for t in (eb.index, eb.order, eb.rows, eb.starts, eb.mask)]
+    ptrs = [t.data_ptr() for t in (eb.index, eb.order, eb.rows, eb.starts)]
     for seed in (1, 2):  # a second epoch overwrites the same buffers
         perm = np.random.default_rng(seed).permutation(n)
         eb.fill(torch.from_numpy(perm), *(torch.from_numpy(a).to(torch.int32)
                                           for a in (users, windows, targets, negs)))
         index, mask, valid, count = expected(perm, users, windows, targets, negs, batch)
         np.testing.assert_array_equal(eb.index.numpy(), index)
-        np.testing.assert_array_equal(eb.mask.numpy(), mask)
-        np.testing.assert_array_equal(eb.valid.numpy(), valid)
-        np.testing.assert_array_equal(eb.count.numpy(), count)
         for t in range(eb.n_steps):  # each step's plan: a stable sort of its rows
             rows, counts = np.unique(index[t], return_counts=True)
             s = len(rows)
@@ -68,11 +65,13 @@ def test_fill_cuts_every_step_as_defined_and_plans_it():
             np.testing.assert_array_equal(eb.rows[t, :s].numpy(), rows)
             np.testing.assert_array_equal(eb.starts[t, :s + 1].numpy(),
                                           np.concatenate([[0], np.cumsum(counts)]))
-            m, v, c = eb.step_rows(torch.tensor(t))
-            np.testing.assert_array_equal(m.numpy(), mask[t])
+            v, c = eb.step_aux(torch.tensor(t))
             np.testing.assert_array_equal(v.numpy(), valid[t])
             assert float(c) == count[t]
-    assert ptrs == [t.data_ptr() for t in (eb.index, eb.order, eb.rows, eb.starts, eb.mask)]
+            # the key mask: the window slots among the lookups not naming the padding row
+            flags = torch.from_numpy(index[t] != eb.padding_row)
+            np.testing.assert_array_equal(eb.window_mask(flags).numpy(), mask[t])
+    assert ptrs == [t.data_ptr() for t in (eb.index, eb.order, eb.rows, eb.starts)]
 
 
 def test_whole_batches_have_no_padding():
@@ -80,4 +79,6 @@ def test_whole_batches_have_no_padding():
     users, windows, targets, negs = per_sample(n, length, seed=3)
     eb = EpochBatches(n, batch, length, N_USERS, N_ITEMS, torch.device("cpu"))
     eb.fill(torch.arange(n), *(torch.from_numpy(a) for a in (users, windows, targets, negs)))
-    assert eb.n_steps == 2 and bool((eb.valid == 1).all()) and eb.count.tolist() == [4.0, 4.0]
+    steps = [eb.step_aux(torch.tensor(t)) for t in range(eb.n_steps)]
+    assert eb.n_steps == 2 and all(bool((v == 1).all()) for v, _ in steps)
+    assert [float(c) for _, c in steps] == [4.0, 4.0]

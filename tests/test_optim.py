@@ -265,3 +265,30 @@ def test_one_launch_takes_many_parameters_with_their_own_constants():
     for k, (p, wd) in enumerate(zip(ps, wds, strict=True)):
         want = keras_adam_numpy(p0[k], [g[k] for g in grads], wd)
         np.testing.assert_allclose(p.numpy(), want, rtol=2e-6, atol=1e-9, err_msg=str(k))
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_device_step_zeroes_the_gradients_it_read_when_asked(zero):
+    """zero_grads_after: the capturable step's kernel leaves every gradient at zero (the
+    one-scatter training step relies on it instead of zeroing its buffer), and
+    zeroes_grads() says so; without it, or on the eager path, gradients are kept."""
+    pytest.importorskip("triton")
+    from fastattrec.optim import _fused_available
+
+    if not _fused_available([torch.zeros(1)]):
+        pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
+    p0, q0, gp, gq = problem(seed=6, steps=1)
+    for capturable in (True, False):
+        p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
+        opt = KerasAdam([{"params": [p], "weight_decay": 2e-6},
+                         {"params": [q], "weight_decay": 0.0}],
+                        lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable, fused=True)
+        opt.zero_grads_after = zero
+        p.grad, q.grad = torch.from_numpy(gp[0].copy()), torch.from_numpy(gq[0].copy())
+        opt.step()
+        cleared = zero and capturable
+        assert opt.zeroes_grads() == cleared
+        assert (not p.grad.any() and not q.grad.any()) == cleared
+        np.testing.assert_allclose(p.detach().numpy(), keras_adam_numpy(p0, gp, 2e-6),
+                                   rtol=2e-6, atol=1e-9)
