@@ -324,9 +324,69 @@ class EpochRunner:
             t.grad = view
         return loss, count
 
+    def fused(self) -> bool:
+        """Whether the one-scatter step runs without autograd, as a chain of Triton
+        kernels (`_fused_step`): its small kernels are Triton's, the attention is the
+        Triton tile layout, and rows fit the loss kernel."""
+        from fastattrec.kernels.attention import layout_for
+        from fastattrec.kernels.pair_loss import MAX_DIM
+
+        cfg = self.model.cfg
+        return (self.batches is not None and self.rows_backend != "torch"
+                and cfg.kernel == "triton" and layout_for(cfg.maxlen) == "tiles"
+                and cfg.dim <= MAX_DIM)
+
+    def _fused_step(self) -> None:
+        """The one-scatter step as Triton kernels with the chain rule written out, no
+        autograd: gather the rows (and flag the key mask) -> P W -> attention forward ->
+        the pairwise loss and the gradients of users and candidates, straight into the
+        step's gradient rows -> attention backward (dX into the window rows; dW reduced
+        in one launch) -> the scatter into the tables' gradient buffer -> Adam -> the
+        bookkeeping. Each kernel reads the step from the device counter; nothing is read
+        back. Same maths as the autograd step."""
+        from fastattrec.kernels.attention_tiles import tile_backward, tile_forward
+        from fastattrec.kernels.embedding_gather import gather_rows_
+        from fastattrec.kernels.embedding_scatter import scatter_rows_
+        from fastattrec.kernels.pair_loss import pair_loss_, programs
+        from fastattrec.kernels.position_terms import position_projection_fused
+        from fastattrec.kernels.step_tail import step_tail_parts_
+
+        m, nb, cfg = self.model, self.batches, self.model.cfg
+        b, length, d = nb.batch, nb.maxlen, cfg.dim
+        dev = self.flat_grad.device
+        with torch.no_grad():
+            rows = torch.empty((nb.n_lookups, d), device=dev)  # (N, d)
+            flags = torch.empty(nb.n_lookups, dtype=torch.bool, device=dev)
+            gather_rows_(rows, [t.detach() for t in m.tables()], nb.index, step=self.step,
+                         backend="triton", flags=flags, flag_row=nb.padding_row)
+            w, pos = m.proj.detach(), m.pos_enc
+            pw = position_projection_fused(pos, w)  # (L, d)
+            win = slice(b, b + b * length)
+            x = rows[win].view(b, length, d)
+            mask8 = nb.window_mask(flags).view(torch.uint8)  # (B, L)
+            short = tile_forward(x, mask8, w, pos, cfg.precision, pw)  # (B, d)
+            grad_rows = torch.empty_like(rows)
+            dshort = torch.empty_like(short)
+            parts = torch.empty(programs(b), device=dev)
+            pair_loss_(rows, short, nb.aux, self.step, grad_rows, dshort, parts, length,
+                       cfg.mode, cfg.w, cfg.gamma)
+            _, m.proj.grad = tile_backward(dshort, x, mask8, w, pos, cfg.precision, pw,
+                                           dx=grad_rows[win].view(b, length, d))
+            if not self.opt_zeroes_grads:
+                self.flat_grad.zero_()
+            scatter_rows_(self.flat_grad, grad_rows, nb.plan, accumulate=False,
+                          step=self.step, backend="triton")
+        for t, view in zip(m.tables(), self.grad_views, strict=True):
+            t.grad = view
+        self.opt.step()
+        step_tail_parts_(parts, self.loss_sum, self.step)
+
     def _step(self) -> None:
         if self.batches is not None:
-            self._finish_step(*self._planned_step())
+            if self.fused():
+                self._fused_step()
+            else:
+                self._finish_step(*self._planned_step())
             return
         lo = self.step * self.global_bs
         hi = torch.clamp(lo + self.global_bs, max=self.n_train)

@@ -406,12 +406,17 @@ def _programs(n_tiles: int, device: torch.device) -> int:
 
 
 def tile_backward(grad: torch.Tensor, x: torch.Tensor, mask8: torch.Tensor, w: torch.Tensor,
-                  pos: torch.Tensor, precision: str, pw: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  pos: torch.Tensor, precision: str, pw: torch.Tensor | None = None,
+                  dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx (B, L, d), dw (d, d)) for the checked upstream gradient `grad` (B, d); the
-    partials of dW are reduced, with its position part, by one launch."""
+    partials of dW are reduced, with its position part, by one launch. `dx`: where to
+    write dX (a contiguous (B, L, d) tensor, a view into a larger buffer, say)."""
     b, length, dim = x.shape
-    dx = torch.empty_like(x)
+    if dx is None:
+        dx = torch.empty_like(x)
+    elif dx.shape != x.shape or not dx.is_contiguous() or dx.dtype != x.dtype:
+        raise ValueError(f"dx must be a contiguous {x.dtype} {tuple(x.shape)} tensor, got "
+                         f"{tuple(dx.shape)} {dx.dtype}")
     if b == 0:
         return dx, torch.zeros_like(w)
     pw = position_projection_fused(pos, w) if pw is None else pw

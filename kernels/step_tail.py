@@ -4,7 +4,8 @@ After the optimiser, a step adds its batch's summed per-sample loss to the epoch
 total (the mean loss times the sample count in mode inner, the sum itself in mode dist)
 and counts itself. In torch ops that is four launches (a product, a cast, an addition,
 an increment) doing one number's arithmetic each; here it is one program that does the
-same operations in the same order, so the same bits.
+same operations in the same order, so the same bits. `step_tail_parts_` does the same
+from a loss kernel's per-program sums (`pair_loss.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,29 @@ def _step_tail(loss_ptr, count_ptr, sum_ptr, step_ptr, INNER: tl.constexpr):
     tl.store(step_ptr, tl.load(step_ptr) + 1)
 
 
+@triton.jit
+def _step_tail_parts(part_ptr, n, sum_ptr, step_ptr, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for i0 in range(0, n, BLOCK):  # BLOCK partials at a time, lanes added in order
+        i = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + i, mask=i < n, other=0.0).to(tl.float64)
+    tl.store(sum_ptr, tl.load(sum_ptr) + tl.sum(acc, axis=0))
+    tl.store(step_ptr, tl.load(step_ptr) + 1)
+
+
+def step_tail_parts_(parts: torch.Tensor, loss_sum: torch.Tensor, step: torch.Tensor) -> None:
+    """loss_sum (float64, 0-d) += the sum of parts (float32, a loss kernel's per-program
+    sums of its samples' losses), in float64 and a fixed order; step (int64, 0-d) += 1."""
+    if parts.dim() != 1 or parts.dtype != torch.float32 or parts.device != loss_sum.device:
+        raise ValueError(f"parts must be a float32 vector on {loss_sum.device}")
+    if (loss_sum.numel(), loss_sum.dtype, step.numel(), step.dtype) != (
+            1, torch.float64, 1, torch.int64) or step.device != loss_sum.device:
+        raise ValueError("loss_sum must be one float64 number and step one int64 number, on "
+                         "one device")
+    block = min(256, max(16, triton.next_power_of_2(parts.shape[0])))
+    _step_tail_parts[(1,)](parts, parts.shape[0], loss_sum, step, BLOCK=block, num_warps=1)
+
+
 def step_tail_(loss: torch.Tensor, count: torch.Tensor, loss_sum: torch.Tensor,
                step: torch.Tensor, inner: bool) -> None:
     """loss_sum (float64, 0-d) += float64(loss * count if inner else loss) and step
@@ -39,8 +63,11 @@ def step_tail_(loss: torch.Tensor, count: torch.Tensor, loss_sum: torch.Tensor,
 
 def resource_specs() -> list[KernelSpec]:
     """The kernel as `step_tail_` launches it (for benchmarks/kernel_resources.py)."""
+    types = {"sum_ptr": "*fp64", "step_ptr": "*i64"}
     return [KernelSpec("step_tail", (), _step_tail, {"INNER": True}, num_warps=1,
-                       types={"sum_ptr": "*fp64", "step_ptr": "*i64"})]
+                       types=types),
+            KernelSpec("step_tail_parts", (256,), _step_tail_parts, {"BLOCK": 256},
+                       num_warps=1, types=types)]
 
 
-__all__ = ["resource_specs", "step_tail_"]
+__all__ = ["resource_specs", "step_tail_", "step_tail_parts_"]

@@ -95,14 +95,15 @@ def test_occupancy_and_sass_parsing():
 
 def test_the_step_kernels_compile_and_the_scatter_has_no_atomics(rows):
     """The embedding gather and scatter (for one plan and for a step of an epoch's plan),
-    the attention's position terms, the Keras Adam and the step's bookkeeping compile
-    too; the gather and the scatter, deterministic by design, have no atomic
+    the attention's position terms, the pairwise loss, the Keras Adam and the step's
+    bookkeeping compile too; the gather and the scatter, deterministic by design, have no atomic
     instruction (RED*/ATOM*, counted from the SASS)."""
     data, res = rows
     step = [r for r in data if r["L"] == "-"]
     assert sorted(r["kind"] for r in step) == ["gather_rows", "keras_adam",
+                                               "pair_loss_dist", "pair_loss_inner",
                                                "position_projection", "reduce_weight_grad",
                                                "scatter_rows", "scatter_rows",
-                                               "step_tail"], step
+                                               "step_tail", "step_tail_parts"], step
     assert all("error" not in r for r in step), step
     assert all(r["atomics"] == 0 for r in step if r["kind"] != "keras_adam")

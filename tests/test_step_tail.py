@@ -39,3 +39,16 @@ def test_bad_arguments_are_refused():
         step_tail_(one, torch.ones(2, device=DEVICE), total, step, True)
     with pytest.raises(ValueError, match="step must be"):
         step_tail_(one, one, total, step.int(), True)
+
+
+def test_partial_sums_are_added_in_float64():
+    from fastattrec.kernels.step_tail import step_tail_parts_
+
+    parts = np.random.default_rng(0).normal(size=700).astype(np.float32)  # 3 loop trips
+    total = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
+    step = torch.tensor(2, device=DEVICE)
+    step_tail_parts_(torch.from_numpy(parts).to(DEVICE), total, step)
+    assert total.item() == pytest.approx(1.0 + parts.astype(np.float64).sum(), rel=1e-15)
+    assert step.item() == 3
+    with pytest.raises(ValueError, match="parts must be"):
+        step_tail_parts_(torch.zeros(3, dtype=torch.float64, device=DEVICE), total, step)

@@ -303,6 +303,50 @@ def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturabl
 
 
 @pytest.mark.parametrize("mode", ["inner", "dist"])
+def test_fused_step_equals_the_autograd_step(data_dir, mode):
+    """The one-scatter step as a chain of Triton kernels without autograd (the GPU's
+    path; here in the CPU interpreter) against the autograd step with the reference
+    attention, from one state, over three steps and then a second epoch's first steps
+    (new order, new negatives)."""
+    pytest.importorskip("triton")
+    from fastattrec.batches import DeviceData
+    from fastattrec.data.dataset import load_prepared
+    from fastattrec.kernels.launch import interpreted
+    from fastattrec.training import EpochRunner, _build
+
+    if not interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    outs = []
+    for kernel in ("triton", "torch"):
+        cfg = TrainConfig(device="cpu", kernel=kernel, batch_size=16, compile=False,
+                          dim=8, mode=mode, one_scatter=True)
+        model, _, opt, _ = _build(cfg, data, torch.device("cpu"), kernel, False)
+        runner = EpochRunner(model, opt, data, cfg)
+        runner.rows_backend = "triton" if kernel == "triton" else "torch"
+        assert runner.fused() == (kernel == "triton")
+        totals = []
+        for epoch in range(2):
+            runner.perm.copy_(torch.randperm(
+                runner.n_train, generator=torch.Generator().manual_seed(4 + epoch)))
+            if epoch:
+                runner.set_negatives(data.sample_negatives(torch.Generator().manual_seed(8)))
+            runner.step.zero_()
+            runner.loss_sum.zero_()
+            runner.start_epoch()
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                runner._step()
+            assert int(runner.step) == 3
+            totals.append(float(runner.loss_sum))
+        outs.append((totals, [p.detach().clone() for p in model.parameters()]))
+    (la, pa), (lb, pb) = outs
+    assert la == pytest.approx(lb, rel=1e-5)
+    for x, y in zip(pa, pb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["inner", "dist"])
 def test_one_scatter_step_equals_the_autograd_step(data_dir, mode):
     """The step whose table rows come from one gather and whose table gradients come
     from one deterministic scatter (the epoch's batches cut and planned at its start)

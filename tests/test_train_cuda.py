@@ -122,16 +122,18 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
 
 @pytest.mark.parametrize("graph_steps", [1, 7])
 def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps):
-    """An epoch of CUDA-graph replays (1 or 7 steps each, plus the remainder) whose table
-    rows come from one gather and whose table gradients come from one scatter, the
-    epoch's batches planned at its start (TrainConfig.one_scatter), against the default
-    one-step graph, from the same state, over two epochs (the second with a new order)."""
+    """An epoch of CUDA-graph replays (1 or 7 steps each, plus the remainder) of the
+    one-scatter step (TrainConfig.one_scatter: the epoch's batches planned at its start,
+    the step a chain of Triton kernels without autograd: gather, attention, pairwise loss,
+    attention backward, scatter, Adam, bookkeeping) against the default one-step graph,
+    from the same state, over two epochs (the second with a new order)."""
     runs = []
     for one in (True, False):
         cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, one_scatter=one,
                           graph_steps=graph_steps if one else 1)
         model, _, runner = same_start(data_dir, cfg)
         assert (runner.batches is not None) == one
+        assert runner.fused() == one  # on the GPU the one-scatter step is the kernel chain
         runner.capture()
         totals = [float(runner.run())]
         runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
