@@ -46,6 +46,10 @@ class KerasAdam(torch.optim.Adam):
         # does): a training step whose gradients are written, not added, into buffers
         # kept between steps then needs no zeroing launch of its own.
         self.zero_grads_after = False
+        # The fused device step counts its steps itself (one launch), unless the caller
+        # does it in a launch of its own (`step_counters`).
+        self.count_steps = True
+        self._counters: list[torch.Tensor] = []
         self._t: int | None = None  # steps taken so far (eager path), read once from state
         self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
@@ -184,7 +188,15 @@ class KerasAdam(torch.optim.Adam):
             keras_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
                         [st["exp_avg_sq"] for st in states], steps,
                         [c for ps, _, c in fused for _ in ps], zero_grad=self.zero_grads_after)
-            torch._foreach_add_(steps, 1.0)
+            self._counters = steps
+            if self.count_steps:
+                torch._foreach_add_(steps, 1.0)
+
+    def step_counters(self) -> list[torch.Tensor]:
+        """The step counters the last fused device step read (each parameter's "step").
+        With `count_steps` False the caller adds 1 to each after every step (the training
+        step does it in its bookkeeping launch); until then they are not counted."""
+        return list(self._counters)
 
     def _foreach_update(self, g: dict, params: list, steps: list, m: list, v: list) -> None:
         b1, b2 = g["betas"]

@@ -342,14 +342,15 @@ class EpochRunner:
         the pairwise loss and the gradients of users and candidates, straight into the
         step's gradient rows -> attention backward (dX into the window rows; dW reduced
         in one launch) -> the scatter into the tables' gradient buffer -> Adam -> the
-        bookkeeping. Each kernel reads the step from the device counter; nothing is read
-        back. Same maths as the autograd step."""
+        bookkeeping (loss sum, step counter, and Adam's step counters). Each kernel reads
+        the step from the device counter; nothing is read back. Same maths as the
+        autograd step."""
         from fastattrec.kernels.attention_tiles import tile_backward, tile_forward
         from fastattrec.kernels.embedding_gather import gather_rows_
         from fastattrec.kernels.embedding_scatter import scatter_rows_
         from fastattrec.kernels.pair_loss import pair_loss_, programs
         from fastattrec.kernels.position_terms import position_projection_fused
-        from fastattrec.kernels.step_tail import step_tail_parts_
+        from fastattrec.kernels.step_tail import MAX_COUNTERS, step_tail_parts_
 
         m, nb, cfg = self.model, self.batches, self.model.cfg
         b, length, d = nb.batch, nb.maxlen, cfg.dim
@@ -378,8 +379,14 @@ class EpochRunner:
                           step=self.step, backend="triton")
         for t, view in zip(m.tables(), self.grad_views, strict=True):
             t.grad = view
+        # the capturable Adam's own kernel: its step counters are counted by the
+        # bookkeeping launch, which runs after it anyway
+        defer = self.opt_zeroes_grads and len(list(m.parameters())) <= MAX_COUNTERS
+        if defer:
+            self.opt.count_steps = False
         self.opt.step()
-        step_tail_parts_(parts, self.loss_sum, self.step)
+        step_tail_parts_(parts, self.loss_sum, self.step,
+                         self.opt.step_counters() if defer else None)
 
     def _step(self) -> None:
         if self.batches is not None:

@@ -52,3 +52,17 @@ def test_partial_sums_are_added_in_float64():
     assert step.item() == 3
     with pytest.raises(ValueError, match="parts must be"):
         step_tail_parts_(torch.zeros(3, dtype=torch.float64, device=DEVICE), total, step)
+
+
+def test_optimiser_counters_are_counted_too():
+    from fastattrec.kernels.step_tail import step_tail_parts_
+
+    total = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    step = torch.tensor(0, device=DEVICE)
+    counters = [torch.tensor(float(k), device=DEVICE) for k in (3, 3, 5)]
+    for _ in range(2):
+        step_tail_parts_(torch.ones(3, device=DEVICE), total, step, counters)
+    assert [c.item() for c in counters] == [5.0, 5.0, 7.0]
+    assert step.item() == 2 and total.item() == 6.0
+    with pytest.raises(ValueError, match="counters must be"):
+        step_tail_parts_(torch.ones(3, device=DEVICE), total, step, counters * 2)

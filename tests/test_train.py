@@ -302,16 +302,19 @@ def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturabl
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["inner", "dist"])
-def test_fused_step_equals_the_autograd_step(data_dir, mode):
+@pytest.mark.parametrize("mode,capturable", [("inner", False), ("dist", False),
+                                             ("inner", True)])
+def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
     """The one-scatter step as a chain of Triton kernels without autograd (the GPU's
     path; here in the CPU interpreter) against the autograd step with the reference
     attention, from one state, over three steps and then a second epoch's first steps
-    (new order, new negatives)."""
+    (new order, new negatives). With the capturable Adam (the GPU's), its gradients are
+    zeroed by its kernel and its step counters counted by the bookkeeping launch."""
     pytest.importorskip("triton")
     from fastattrec.batches import DeviceData
     from fastattrec.data.dataset import load_prepared
     from fastattrec.kernels.launch import interpreted
+    from fastattrec.optim import KerasAdam
     from fastattrec.training import EpochRunner, _build
 
     if not interpreted():
@@ -322,9 +325,12 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode):
         cfg = TrainConfig(device="cpu", kernel=kernel, batch_size=16, compile=False,
                           dim=8, mode=mode, one_scatter=True)
         model, _, opt, _ = _build(cfg, data, torch.device("cpu"), kernel, False)
+        if capturable and kernel == "triton":
+            opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)
         runner = EpochRunner(model, opt, data, cfg)
         runner.rows_backend = "triton" if kernel == "triton" else "torch"
         assert runner.fused() == (kernel == "triton")
+        assert runner.opt_zeroes_grads == (capturable and kernel == "triton")
         totals = []
         for epoch in range(2):
             runner.perm.copy_(torch.randperm(
@@ -339,6 +345,10 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode):
                 runner._step()
             assert int(runner.step) == 3
             totals.append(float(runner.loss_sum))
+        if runner.opt_zeroes_grads:  # counted by the bookkeeping launch, not by Adam
+            assert not opt.count_steps
+            assert [float(st["step"]) for st in opt.state.values()] == [6.0] * 4
+            assert not runner.flat_grad.any()
         outs.append((totals, [p.detach().clone() for p in model.parameters()]))
     (la, pa), (lb, pb) = outs
     assert la == pytest.approx(lb, rel=1e-5)
