@@ -23,8 +23,8 @@ Triton's wheel ships reads its resource usage and its SASS. Printed per kernel:
 in a tensor-core precision (tf32, tf32x3, bf16x3) has no HGMMA or HMMA, or when the
 embedding scatter or gather (which must be deterministic) has atomics (RED*, ATOM*).
 The training step's other Triton kernels (the embedding gather and scatter, the
-attention's position terms, the pairwise loss, the Keras Adam, the step's bookkeeping)
-are compiled for every d as well. This is how kernel
+attention's position terms, the pairwise loss, the Keras Adam, the step's prologue and
+bookkeeping) are compiled for every d as well. This is how kernel
 changes are judged before any GPU time; the GPU only measures. Run it with
 TRITON_INTERPRET unset (the interpreter replaces the kernels by Python functions).
 """
@@ -148,14 +148,15 @@ def _job(args: tuple[int, int, str, int, str]) -> list[dict]:
 
 def _step_job(args: tuple[int, int]) -> list[dict]:
     """The training step's other kernels at row width d: the embedding gather and
-    scatter, the attention's position terms, the pairwise loss, the Keras Adam and the
-    step's bookkeeping (L does not apply)."""
+    scatter, the attention's position terms, the pairwise loss, the Keras Adam, the
+    step's prologue and bookkeeping (L does not apply)."""
     from fastattrec.kernels import (
         embedding_gather,
         embedding_scatter,
         keras_adam,
         pair_loss,
         position_terms,
+        step_prologue,
         step_tail,
     )
 
@@ -163,7 +164,8 @@ def _step_job(args: tuple[int, int]) -> list[dict]:
     rows = []
     for spec in (embedding_gather.resource_specs(dim) + embedding_scatter.resource_specs(dim)
                  + position_terms.resource_specs(dim) + pair_loss.resource_specs(dim)
-                 + keras_adam.resource_specs() + step_tail.resource_specs()):
+                 + keras_adam.resource_specs() + step_tail.resource_specs()
+                 + step_prologue.resource_specs(dim)):
         row = {"L": "-", "d": dim, "precision": "ieee"}
         try:
             row.update(compile_spec(spec, arch))
@@ -201,7 +203,7 @@ def problems(rows: list[dict]) -> list[str]:
         if r["spills"]:
             out.append(f"{name}: spills (stack {r['stack']} B, {r['LDL']} LDL, "
                        f"{r['STL']} STL)")
-        if r["kind"] in ("scatter_rows", "gather_rows") and r["atomics"]:
+        if r["kind"] in ("scatter_rows", "gather_rows", "step_prologue") and r["atomics"]:
             out.append(f"{name}: atomics in a kernel meant to be deterministic")
         if r["precision"] in TENSOR_CORE and not (r["HGMMA"] or r["HMMA"]):
             out.append(f"{name}: no tensor-core instruction (HGMMA/HMMA) in a tensor-core "

@@ -337,19 +337,19 @@ class EpochRunner:
                 and cfg.dim <= MAX_DIM)
 
     def _fused_step(self) -> None:
-        """The one-scatter step as Triton kernels with the chain rule written out, no
-        autograd: gather the rows (and flag the key mask) -> P W -> attention forward ->
-        the pairwise loss and the gradients of users and candidates, straight into the
-        step's gradient rows -> attention backward (dX into the window rows; dW reduced
-        in one launch) -> the scatter into the tables' gradient buffer -> Adam -> the
-        bookkeeping (loss sum, step counter, and Adam's step counters). Each kernel reads
-        the step from the device counter; nothing is read back. Same maths as the
-        autograd step."""
+        """The one-scatter step as eight Triton launches with the chain rule written out,
+        no autograd: (1) gather the rows, flag the key mask, compute P W -> (2) attention
+        forward -> (3) the pairwise loss and the gradients of users and candidates,
+        straight into the step's gradient rows -> (4) attention backward, dX into the
+        window rows -> (5) dW -> (6) the scatter into the tables' gradient buffer -> (7)
+        Adam -> (8) the bookkeeping (loss sum, step counter, Adam's step counters). With
+        the capturable Adam, which zeroes the gradients it reads, nothing else runs
+        (else one zeroing launch more). Each kernel reads the step from the device
+        counter; nothing is read back. Same maths as the autograd step."""
         from fastattrec.kernels.attention_tiles import tile_backward, tile_forward
-        from fastattrec.kernels.embedding_gather import gather_rows_
         from fastattrec.kernels.embedding_scatter import scatter_rows_
         from fastattrec.kernels.pair_loss import pair_loss_, programs
-        from fastattrec.kernels.position_terms import position_projection_fused
+        from fastattrec.kernels.step_prologue import step_prologue_
         from fastattrec.kernels.step_tail import MAX_COUNTERS, step_tail_parts_
 
         m, nb, cfg = self.model, self.batches, self.model.cfg
@@ -358,10 +358,9 @@ class EpochRunner:
         with torch.no_grad():
             rows = torch.empty((nb.n_lookups, d), device=dev)  # (N, d)
             flags = torch.empty(nb.n_lookups, dtype=torch.bool, device=dev)
-            gather_rows_(rows, [t.detach() for t in m.tables()], nb.index, step=self.step,
-                         backend="triton", flags=flags, flag_row=nb.padding_row)
             w, pos = m.proj.detach(), m.pos_enc
-            pw = position_projection_fused(pos, w)  # (L, d)
+            pw = step_prologue_(rows, [t.detach() for t in m.tables()], nb.index, self.step,
+                                flags, nb.padding_row, pos, w)  # and P W (L, d)
             win = slice(b, b + b * length)
             x = rows[win].view(b, length, d)
             mask8 = nb.window_mask(flags).view(torch.uint8)  # (B, L)

@@ -42,11 +42,12 @@ MAX_BLOCK_D = 128
 if triton is not None:
 
     @triton.jit
-    def _gather_rows(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, flags_ptr, off1,
-                     off2, flag_row, n, d, FLAGS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-        # program i: lookups [i BLOCK_N, (i + 1) BLOCK_N) of the step, all columns
-        r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _gather_block(block, out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr,
+                      flags_ptr, off1, off2, flag_row, n, d, FLAGS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Lookups [block BLOCK_N, (block + 1) BLOCK_N) of the step, all columns (also
+        called by the training step's prologue kernel, `step_prologue.py`)."""
+        r = block * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = r < n
         base = tl.load(step_ptr).to(tl.int64) * n  # row `step` of a (T, N) index
         idx = tl.load(index_ptr + base + r, mask=ok, other=0).to(tl.int64)  # flat rows
@@ -62,6 +63,13 @@ if triton is not None:
             m = ok[:, None] & (cols < d)[None, :]
             v = tl.load(src[:, None] + cols[None, :], mask=m)  # an exact copy
             tl.store(dst[:, None] + cols[None, :], v, mask=m)
+
+    @triton.jit
+    def _gather_rows(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, flags_ptr, off1,
+                     off2, flag_row, n, d, FLAGS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        _gather_block(tl.program_id(0), out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr,
+                      t2_ptr, flags_ptr, off1, off2, flag_row, n, d, FLAGS, BLOCK_N, BLOCK_D)
 
 
 def _step_index(index: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
@@ -138,19 +146,32 @@ def gather_rows_triton(out: torch.Tensor, tables: Sequence[torch.Tensor],
     n, d = out.shape
     if n == 0 or d == 0:
         return out
+    args, meta = launch_args(out, tables, index, step, flags, flag_row)
+    _gather_rows[(programs(n),)](*args, **meta, num_warps=4)
+    return out
+
+
+def programs(n: int) -> int:
+    """Programs of a gather of n lookups."""
+    return triton.cdiv(n, BLOCK_N)
+
+
+def launch_args(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,
+                step: torch.Tensor | None, flags: torch.Tensor | None,
+                flag_row: int) -> tuple[list, dict]:
+    """The kernel's arguments (in order) and compile-time arguments for checked inputs."""
+    n, d = out.shape
     t = list(tables) + [tables[-1]] * (MAX_TABLES - len(tables))
     big = 2**62  # tables that are not there start past every index
     off1 = tables[0].shape[0] if len(tables) > 1 else big
     off2 = off1 + tables[1].shape[0] if len(tables) > 2 else big
     if index.dim() == 1:  # one step: row 0
         step = torch.zeros(1, dtype=torch.long, device=index.device)
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(d))
     f = flags.view(torch.uint8) if flags is not None and flags.dtype == torch.bool else flags
-    _gather_rows[(triton.cdiv(n, BLOCK_N),)](out, index, step.reshape(1), t[0], t[1], t[2],
-                                             out if f is None else f, off1, off2, flag_row,
-                                             n, d, FLAGS=f is not None, BLOCK_N=BLOCK_N,
-                                             BLOCK_D=block_d, num_warps=4)
-    return out
+    args = [out, index, step.reshape(1), t[0], t[1], t[2], out if f is None else f, off1,
+            off2, flag_row, n, d]
+    return args, {"FLAGS": f is not None, "BLOCK_N": BLOCK_N,
+                  "BLOCK_D": min(MAX_BLOCK_D, triton.next_power_of_2(d))}
 
 
 def gather_rows_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,

@@ -34,9 +34,17 @@ BLOCK_W = 32  # columns of dW per program
 
 @triton.jit
 def _position_projection(pos_ptr, w_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    # program (l, j): PW[l, j BLOCK_N : (j + 1) BLOCK_N]
-    row = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _projection_block(tl.program_id(0), tl.program_id(1), pos_ptr, w_ptr, out_ptr, D,
+                      BLOCK_N)
+
+
+@triton.jit
+def _projection_block(row, block, pos_ptr, w_ptr, out_ptr, D: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """PW[row, block BLOCK_N : (block + 1) BLOCK_N] (also called by the training step's
+    prologue kernel, `step_prologue.py`)."""
+    row = row.to(tl.int64)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = n < D
     acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for k in range(D):
