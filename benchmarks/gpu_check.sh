@@ -204,7 +204,8 @@ for one_scatter in (False, True):  # today's step, then all table gradients by o
     key = "self_cpu_time_total" if dry else "self_device_time_total"
     events = prof.key_averages()
     table = events.table(sort_by=key, row_limit=25)
-    name = "one scatter" if one_scatter else "default step"
+    name = ("one-scatter step (fused: runner.fused() = %s)" % runner.fused() if one_scatter
+            else "default step")
     if dry:
         count = sum(e.count for e in events if e.key.startswith("aten::")) / steps
         table = f"{name}: aten operations per step: {count:.1f}\n" + table
@@ -235,11 +236,11 @@ fi
 run 170 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
   --prep-repeats 1 --out "$WORK/bench_train.csv" 2>&1 | tail -8
 if [ -s "$WORK/bench_train.csv" ]; then
-  note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s"
+  note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s, HR@10 sampled, HR@10 full (quality must agree across configs)"
   $PY -P -c "
 import csv, sys
 for r in csv.DictReader(open(sys.argv[1])):
-    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f}\")
+    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f} {float(r['HR@10_sampled']):.4f} {float(r['HR@10_full']):.4f}\")
 " "$WORK/bench_train.csv" >> "$SUMMARY"
 else
   note "whole training: no result"
