@@ -67,14 +67,16 @@ def test_graph_replay_equals_eager_steps(data_dir, mode, graph_steps):
         assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7), k
 
 
-@pytest.mark.parametrize("graph_steps", [1, 7])
-def test_whole_runs_agree(data_dir, tmp_path, graph_steps):
+@pytest.mark.parametrize("graph_steps,one_scatter", [(1, False), (7, False), (7, True)])
+def test_whole_runs_agree(data_dir, tmp_path, graph_steps, one_scatter):
     """Graph + compiled loss vs eager over two epochs: Adam amplifies rounding where
     gradients are tiny, so whole runs agree in loss and metrics, not bit for bit. With 7
-    steps a graph, the epoch ends with a replay of the remaining steps."""
+    steps a graph, the epoch ends with a replay of the remaining steps; with one_scatter
+    the graphed step is the fused kernel chain."""
     common = dict(device="cuda", epochs=2, eval_every=2, kernel="triton", batch_size=256)
     a = train(data_dir, tmp_path / "graph",
-              TrainConfig(compile=True, graph_steps=graph_steps, **common), log=print)
+              TrainConfig(compile=True, graph_steps=graph_steps, one_scatter=one_scatter,
+                          **common), log=print)
     b = train(data_dir, tmp_path / "eager", TrainConfig(compile=False, **common), log=print)
     assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-2)
     sa, sb = a.history[-1]["test"]["sampled"], b.history[-1]["test"]["sampled"]
