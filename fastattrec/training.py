@@ -971,15 +971,21 @@ def _kernel_note(backend: str, cfg: TrainConfig) -> str:
 
 
 def _step_note(runner: EpochRunner, use_graph: bool) -> str:
+    if runner.batches is None:
+        body = "compiled loss"
+    elif runner.fused():
+        body = "one-scatter step, fused (Triton kernels, no autograd)"
+    else:
+        body = "one-scatter step (autograd, one gather and one scatter)"
     if use_graph:
         k = runner.replays[0] if runner.replays else 1
-        return f"CUDA graph{f' of {k} steps' if k > 1 else ''}, compiled loss"
+        return f"CUDA graph{f' of {k} steps' if k > 1 else ''}, {body}"
     ignored = (f" (--graph-steps {runner.cfg.graph_steps} ignored: it applies to CUDA with "
                f"--compile, one process)" if runner.cfg.graph_steps > 1 else "")
     if runner.manual is not None:
         return ("hand-written, compiled by torch.compile" if runner.cfg.compile
                 else "hand-written") + ignored
-    return "autograd" + ignored
+    return ("autograd" if runner.batches is None else body) + ignored
 
 
 def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:

@@ -211,6 +211,19 @@ def test_graph_steps_say_when_they_do_not_apply(data_dir, tmp_path):
     assert any("--graph-steps 8 ignored" in line for line in lines)
 
 
+def test_one_scatter_run_says_which_step_it_takes(data_dir, tmp_path):
+    """A whole `train` call with one_scatter on the CPU (the autograd form of the step,
+    the kernels' torch forms) says so in its log and trains as the default step does."""
+    lines = []
+    opts = {**SMALL, "kernel": "torch", "epochs": 1}
+    res = train(data_dir, tmp_path / "one", TrainConfig(one_scatter=True, **opts),
+                log=lines.append)
+    assert any("one-scatter step (autograd" in line for line in lines), lines
+    ref = train(data_dir, tmp_path / "ref", TrainConfig(**opts), log=lambda s: None)
+    assert res.history[-1]["train_loss"] == pytest.approx(ref.history[-1]["train_loss"],
+                                                          rel=1e-5)
+
+
 def test_graph_steps_must_be_a_positive_integer():
     from fastattrec.errors import UserError
 
