@@ -369,6 +369,67 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_step_is_eight_launches_and_no_torch_arithmetic(data_dir):
+    """The launch count of the GPU's fused step, counted on the CPU: every Triton launch
+    of one step is recorded (through the interpreter), and every torch operation outside
+    them; on a GPU the step is then exactly these eight kernels, since the only torch
+    operations are allocations, views and profiler marks, which launch nothing."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastattrec.batches import DeviceData
+    from fastattrec.data.dataset import load_prepared
+    from fastattrec.kernels.launch import interpreted
+    from fastattrec.optim import KerasAdam
+    from fastattrec.training import EpochRunner, _build
+
+    if not interpreted():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    import triton.runtime.interpreter as interp
+
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    cfg = TrainConfig(device="cpu", kernel="triton", batch_size=16, compile=False, dim=8,
+                      one_scatter=True)
+    model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "triton", False)
+    opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)  # the GPU's
+    runner = EpochRunner(model, opt, data, cfg)
+    runner.rows_backend = "triton"
+    runner.start_epoch()
+    for _ in range(2):  # optimiser state created, configurations chosen
+        opt.zero_grad(set_to_none=True)
+        runner._step()
+    launches, ops, inside = [], [], [False]
+    run = interp.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside[0] = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:  # the interpreter's own tensor copies are not the step's
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    opt.zero_grad(set_to_none=True)
+    interp.InterpretedFunction.run = counted
+    try:
+        with Record():
+            runner._step()
+    finally:
+        interp.InterpretedFunction.run = run
+    assert launches == ["_step_prologue", "_tile_fwd", "_pair_loss", "_tile_bwd",
+                        "_reduce_weight_grad", "_scatter_rows", "_keras_adam",
+                        "_step_tail_parts"]
+    silent = {"empty", "empty_like", "view", "detach", "slice", "alias",
+              "_record_function_enter_new", "_record_function_exit"}
+    assert set(ops) <= silent, sorted(set(ops) - silent)
+
+
 @pytest.mark.parametrize("mode", ["inner", "dist"])
 def test_one_scatter_step_equals_the_autograd_step(data_dir, mode):
     """The step whose table rows come from one gather and whose table gradients come
