@@ -35,13 +35,16 @@ def lookups(batch: int, maxlen: int) -> tuple[int, int, int, int]:
     return batch, batch * maxlen, 2 * batch, 2 * batch
 
 
+CHUNK = 512  # steps planned at once: the planning's temporaries stay below ~0.5 GB
+
+
 def plan_bytes(n_train: int, batch: int, maxlen: int) -> int:
     """Device memory the buffers take (for the memory check before a run)."""
     steps = -(-n_train // batch)
     n = sum(lookups(batch, maxlen))
-    # index, order, rows (T, N) and starts (T, N + 1) int64; the sort's temporaries about
-    # as much again while planning; aux
-    return steps * (8 * 4 * n * 2 + 4 * (batch + 1))
+    # index, order, rows (T, N) and starts (T, N + 1) int64, and aux; while planning,
+    # a chunk's temporaries (the sort, the (t, 2N) scatters: about 12 int64 per lookup)
+    return steps * (8 * 4 * n + 4 * (batch + 1)) + min(steps, CHUNK) * 12 * 8 * n
 
 
 class EpochBatches:
@@ -78,18 +81,22 @@ class EpochBatches:
         """Cut and plan the epoch whose order of train samples is `perm` (T_train,), from
         the per-sample users (T_train,), windows (T_train, L), targets and negatives
         (T_train,), in place. No host synchronisation."""
-        t, b, length = self.n_steps, self.batch, self.maxlen
-        slots = torch.arange(t * b, device=perm.device)  # (T B,) positions in perm
-        idx = perm[slots.clamp(max=self.n_train - 1)]  # (T B,) samples, padded at the end
-        u = users[idx].long().view(t, b)
-        w = windows[idx].long().view(t, b * length)
-        items = torch.stack([targets[idx], negs[idx]], dim=1).long().view(t, 2 * b)
+        b, length = self.batch, self.maxlen
         nu, ni = self.n_users, self.n_items
-        self.index.copy_(torch.cat([u, nu + w, nu + items, nu + ni + items], dim=1))
-        plan = plan_segments(self.index, self.n_rows, check=False)
-        for dst, src in ((self.order, plan.order), (self.rows, plan.rows),
-                         (self.starts, plan.starts), (self.segments, plan.count)):
-            dst.copy_(src)
+        for t0 in range(0, self.n_steps, CHUNK):  # chunks of steps bound the temporaries
+            t1 = min(t0 + CHUNK, self.n_steps)
+            t = t1 - t0
+            slots = torch.arange(t0 * b, t1 * b, device=perm.device)  # positions in perm
+            idx = perm[slots.clamp(max=self.n_train - 1)]  # (t B,) samples, padded at the end
+            u = users[idx].long().view(t, b)
+            w = windows[idx].long().view(t, b * length)
+            items = torch.stack([targets[idx], negs[idx]], dim=1).long().view(t, 2 * b)
+            index = self.index[t0:t1]
+            index.copy_(torch.cat([u, nu + w, nu + items, nu + ni + items], dim=1))
+            plan = plan_segments(index, self.n_rows, check=False)
+            for dst, src in ((self.order, plan.order), (self.rows, plan.rows),
+                             (self.starts, plan.starts), (self.segments, plan.count)):
+                dst[t0:t1].copy_(src)
 
     def step_aux(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(valid (B,), count 0-d) of step `step` (a 0-d device tensor): one launch."""

@@ -8,8 +8,10 @@ is independent of the vectorised `EpochBatches.fill`.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from fastattrec import epoch_batches
 from fastattrec.epoch_batches import EpochBatches, lookups
 
 N_USERS, N_ITEMS = 4, 6  # table rows, padding row 0 included
@@ -44,7 +46,10 @@ def expected(perm, users, windows, targets, negs, batch: int):
     return np.array(index), np.array(mask), np.array(valid), np.array(count)
 
 
-def test_fill_cuts_every_step_as_defined_and_plans_it():
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_fill_cuts_every_step_as_defined_and_plans_it(monkeypatch, chunk):
+    """Planned whole, and in chunks of 2 steps (the last chunk shorter)."""
+    monkeypatch.setattr(epoch_batches, "CHUNK", chunk)
     n, batch, length = 11, 4, 3  # 3 steps, the last one with 3 samples and 1 padding slot
     users, windows, targets, negs = per_sample(n, length, seed=0)
     eb = EpochBatches(n, batch, length, N_USERS, N_ITEMS, torch.device("cpu"))
