@@ -176,6 +176,9 @@ def parse_args() -> argparse.Namespace:
                          "and whose table gradients come from one deterministic scatter, "
                          "the epoch's batches planned at its start (TrainConfig.one_scatter), "
                          "with 1 step a graph and with each --graph-steps")
+    ap.add_argument("--only", default="",
+                    help="time only the configurations whose label contains this text "
+                         "(e.g. 'one scatter, 16')")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: fastattrec's default, the free cores)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -227,6 +230,10 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
         configs.append(("triton eager step", dict(kernel="triton", compile=False), base))
     if not args.no_baseline:
         configs.append(("baseline torch no-compile", dict(kernel="torch", compile=False), base))
+    if args.only:
+        configs = [c for c in configs if args.only in c[0]]
+        if not configs:
+            raise SystemExit(f"--only {args.only!r} matches no configuration")
     return configs
 
 
@@ -256,6 +263,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here; nothing measured")
         return 0
+    configs = configurations(args)  # (a bad --only stops here, before any work)
     meta = machine()
     work = Path(tempfile.mkdtemp(prefix="fastattrec-bench-"))
     data_dir = prepared_data(args, work, meta)
@@ -264,7 +272,6 @@ def main() -> int:
     DeviceData.from_prepared(load_prepared(data_dir), args.device)  # fails early if too big
     if args.profile:
         profile_epoch(data_dir, args.device, args.threads)
-    configs = configurations(args)
     rows = []
     for label, over, epochs in configs:
         for rep in range(args.repeats):

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU check for the attention kernel (issue 9), sized for about 6 minutes on an H200:
+# The GPU check for the training step (issue 10) and the attention kernel (issue 9),
+# sized for about 6 minutes on an H200:
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine (the `device` tool's, say)
 #   bash benchmarks/gpu_check.sh dry-run    # CPU rehearsal: every step at tiny sizes
 # Order, most important first, each step under a timeout that never passes BUDGET
-# seconds: GPU name and copy bandwidth; the kernel tests on CUDA (every configuration the
-# tuner can pick, each precision; autotuning off, not every candidate of every shape);
-# each precision mode's error against float64; the kernel timings (CUDA-graph and
-# autograd timers, B = 1,024 .. 1,048,576, against eager and torch.compile and the
-# floors); torch.profiler kernel tables of 30 training steps (today's step, and with all
-# table rows by one gather and all table gradients by one scatter, the epoch's batches
-# planned at its start); the whole-training timing at ML-1M size (1 and 16 steps a CUDA
-# graph, one scatter); Nsight
-# Compute over the attention kernels if time is left. A summary table is printed last.
+# seconds: GPU name and copy bandwidth; the training step's tests on CUDA (the fused
+# one-scatter step against the default step, its kernels against their references);
+# torch.profiler kernel tables of 30 training steps (today's step, and the fused
+# one-scatter step: its kernels per step); the whole training at ML-1M size (3 epochs:
+# 1 and 16 steps a CUDA graph, with and without one scatter; then 40 epochs, evaluation
+# every 5, the fused step 16 steps a graph, twice: the second call warm); 20M
+# interactions (2 epochs, the fused step); then, while time is left, the attention
+# kernel's tests on CUDA (every configuration the tuner can pick, each precision), each
+# precision mode's error against float64, the kernel timings (CUDA-graph and autograd
+# timers, B = 1,024 .. 1,048,576, against eager and torch.compile and the floors), and
+# Nsight Compute over the attention kernels. A summary table is printed last.
 #
 # Output, all in $OUT (default results/gpu): log.txt (everything), summary.txt (the
 # table), results.tgz (every CSV/JSON/profile), ncu.txt when Nsight Compute ran: four
@@ -84,72 +87,18 @@ ms = do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode='median')
 print(f'copy bandwidth: {2 * n * 4 / ms / 1e9:.2f} TB/s (1 GiB device-to-device, read + write)')")"
 fi
 
-step "kernel tests on CUDA (configurations the tuner can pick, every precision)"
+step "training-step tests on CUDA (issue 10: the fused one-scatter step and its kernels)"
 if [ "$MODE" = dry-run ]; then
-  SELECT=(-k "hand_worked or layout_for or mm_formula or fully_masked")
+  STEP_TESTS=(tests/test_step_tail.py tests/test_step_prologue.py tests/test_epoch_batches.py)
 else
-  SELECT=()
+  STEP_TESTS=(tests/test_train_cuda.py tests/test_embedding_gather.py
+              tests/test_embedding_scatter.py tests/test_pair_loss.py
+              tests/test_position_terms.py tests/test_step_prologue.py
+              tests/test_step_tail.py tests/test_optim.py tests/test_epoch_batches.py)
 fi
-run 150 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${SELECT[@]}" \
-  tests/test_kernel_attention.py tests/test_kernel_precision.py 2>&1 \
-  | tee "$WORK/tests.txt" | grep -v DEBUG | tail -25
-note "kernel tests: $(grep -E '(passed|failed|error)' "$WORK/tests.txt" | tail -1)"
-
-step "precision of each mode against float64"
-if [ "$MODE" = dry-run ]; then
-  PREC_ARGS=(--batch 64 --emulate-only)
-else
-  PREC_ARGS=(--batch 4096 16384)
-fi
-run 60 $PY benchmarks/precision_check.py "${PREC_ARGS[@]}" --out "$WORK/precision.json" \
-  2>&1 | tail -40
-$PY -P - "$WORK/precision.json" >> "$SUMMARY" <<'EOF'
-import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))
-except (OSError, ValueError):
-    print("precision: no result"); sys.exit()
-print("precision vs float64 (max of out/dx/dW relative error; float32-level <= 1e-5):")
-for r in rows:
-    if r["source"] != "emulated" or r["B"] == rows[0]["B"]:
-        m = max(r["out"], r["dx"], r["dw"])
-        print(f"  B={r['B']:<6} scale {r['scale']:<4g} {r['source']:>11} {r['mode']:>7}: "
-              f"{m:.1e} {'float32-level' if r['float32_level'] else ''}")
-EOF
-
-step "kernel timings (graph and autograd timers; vs eager, torch.compile and the floor)"
-if [ "$MODE" = dry-run ]; then
-  BENCH_ARGS=(--dry-run --impls triton blocks split eager)
-else
-  BENCH_ARGS=(--precision ieee tf32x3 bf16x3 tf32)
-fi
-run 170 $PY benchmarks/bench_kernel.py "${BENCH_ARGS[@]}" --out "$WORK/bench_kernel.csv" \
-  2>&1 | tail -80
-$PY -P - "$WORK" >> "$SUMMARY" <<'EOF'
-import csv, glob, json, sys
-files = sorted(glob.glob(f"{sys.argv[1]}/bench_kernel*.csv"))
-if not files:
-    print("kernel timings: no result"); sys.exit()
-print("kernel timings, ms (graph timer; x floor = time / floor of the precision):")
-print(f"  {'precision':>9} {'B':>8} {'pass':>7} {'floor':>8} {'triton':>8} {'x floor':>7} "
-      f"{'eager':>8} {'compile':>8} {'vs eager':>8} {'vs compile':>10}")
-def f(v, fmt):
-    try:
-        return format(float(v), fmt)
-    except (TypeError, ValueError):
-        return "-"
-for path in files:
-    for r in csv.DictReader(open(path)):
-        if r["pass"] != "fwd+bwd" and not (r["pass"] == "fwd" and r["B"] == "16384"):
-            continue
-        print(f"  {r['precision']:>9} {r['B']:>8} {r['pass']:>7} {f(r.get('floor_ms'), '8.3f')} "
-              f"{f(r.get('triton_graph_ms'), '8.3f')} {f(r.get('triton_graph_x_floor'), '7.1f')} "
-              f"{f(r.get('eager_graph_ms'), '8.3f')} {f(r.get('compile_graph_ms'), '8.3f')} "
-              f"{f(r.get('triton_vs_eager_graph'), '8.2f')} "
-              f"{f(r.get('triton_vs_compile_graph'), '10.2f')}")
-meta = json.load(open(files[0].replace(".csv", ".json")))
-print("  chosen configs: " + "; ".join(f"{k} -> {v}" for k, v in meta["chosen_configs"].items()))
-EOF
+run 120 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${STEP_TESTS[@]}" 2>&1 \
+  | tee "$WORK/step_tests.txt" | grep -v DEBUG | tail -25
+note "training-step tests: $(grep -E '(passed|failed|error)' "$WORK/step_tests.txt" | tail -1)"
 
 step "torch.profiler: 30 training steps (CUDA-graph step, Triton kernel)"
 run 90 $PY -P - "$MODE" "$WORK/profile.txt" <<'EOF' 2>&1 | tail -30
@@ -226,14 +175,14 @@ else
   note "profiler: no result"
 fi
 
-step "whole training: ML-1M size, 1 and 16 steps a CUDA graph, with and without one scatter (issue 10)"
+step "whole training: ML-1M size, 3 epochs, 1 and 16 steps a CUDA graph, with and without one scatter"
 if [ "$MODE" = dry-run ]; then
   TRAIN_ARGS=(--device cpu --size ml-100k --epochs 1 --eval-every 1)
 else
   TRAIN_ARGS=(--device cuda --size ml-1m --epochs 3 --eval-every 3 --graph-steps 16
               --one-scatter)
 fi
-run 170 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
+run 130 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
   --prep-repeats 1 --out "$WORK/bench_train.csv" 2>&1 | tail -8
 if [ -s "$WORK/bench_train.csv" ]; then
   note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s, HR@10 sampled, HR@10 full (quality must agree across configs)"
@@ -245,6 +194,113 @@ for r in csv.DictReader(open(sys.argv[1])):
 else
   note "whole training: no result"
 fi
+
+step "whole training: ML-1M size, 40 epochs, evaluation every 5, the fused step (the 8 s bar)"
+if [ "$MODE" = dry-run ]; then
+  FULL_ARGS=(--device cpu --size ml-100k --epochs 2 --eval-every 1 --only fastattrec)
+else
+  FULL_ARGS=(--device cuda --size ml-1m --epochs 40 --eval-every 5 --graph-steps 16
+             --one-scatter --only "one scatter, 16" --repeats 2)
+fi
+run 90 $PY benchmarks/bench_train.py "${FULL_ARGS[@]}" --no-baseline --prep-repeats 1 \
+  --out "$WORK/bench_train_40.csv" 2>&1 | tail -6
+if [ -s "$WORK/bench_train_40.csv" ]; then
+  note "40 epochs (bench_train.py ${FULL_ARGS[*]}): config, s/epoch, train call s (median of the repeats; each repeat's in the log), HR@10 sampled, full"
+  $PY -P -c "
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f} {float(r['HR@10_sampled']):.4f} {float(r['HR@10_full']):.4f}\")
+" "$WORK/bench_train_40.csv" >> "$SUMMARY"
+else
+  note "40 epochs: no result"
+fi
+
+step "whole training: 20M interactions, 2 epochs, the fused step (the 4 s per epoch bar)"
+if [ "$MODE" = dry-run ]; then
+  BIG_ARGS=(--device cpu --size ml-100k --epochs 1 --eval-every 1 --only fastattrec)
+else
+  BIG_ARGS=(--device cuda --size ml-20m --epochs 2 --eval-every 2 --graph-steps 16
+            --one-scatter --only "one scatter, 16")
+fi
+run 120 $PY benchmarks/bench_train.py "${BIG_ARGS[@]}" --no-baseline --prep-repeats 1 \
+  --repeats 1 --out "$WORK/bench_train_20m.csv" 2>&1 | tail -6
+if [ -s "$WORK/bench_train_20m.csv" ]; then
+  note "20M (bench_train.py ${BIG_ARGS[*]}): config, s/epoch (second epoch), train call s"
+  $PY -P -c "
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f}\")
+" "$WORK/bench_train_20m.csv" >> "$SUMMARY"
+else
+  note "20M: no result"
+fi
+
+step "attention kernel tests on CUDA (issue 9; configurations the tuner can pick, every precision)"
+if [ "$MODE" = dry-run ]; then
+  SELECT=(-k "hand_worked or layout_for or mm_formula or fully_masked")
+else
+  SELECT=()
+fi
+run 150 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${SELECT[@]}" \
+  tests/test_kernel_attention.py tests/test_kernel_precision.py 2>&1 \
+  | tee "$WORK/tests.txt" | grep -v DEBUG | tail -25
+note "kernel tests: $(grep -E '(passed|failed|error)' "$WORK/tests.txt" | tail -1)"
+
+step "precision of each mode against float64"
+if [ "$MODE" = dry-run ]; then
+  PREC_ARGS=(--batch 64 --emulate-only)
+else
+  PREC_ARGS=(--batch 4096 16384)
+fi
+run 60 $PY benchmarks/precision_check.py "${PREC_ARGS[@]}" --out "$WORK/precision.json" \
+  2>&1 | tail -40
+$PY -P - "$WORK/precision.json" >> "$SUMMARY" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    print("precision: no result"); sys.exit()
+print("precision vs float64 (max of out/dx/dW relative error; float32-level <= 1e-5):")
+for r in rows:
+    if r["source"] != "emulated" or r["B"] == rows[0]["B"]:
+        m = max(r["out"], r["dx"], r["dw"])
+        print(f"  B={r['B']:<6} scale {r['scale']:<4g} {r['source']:>11} {r['mode']:>7}: "
+              f"{m:.1e} {'float32-level' if r['float32_level'] else ''}")
+EOF
+
+step "kernel timings (graph and autograd timers; vs eager, torch.compile and the floor)"
+if [ "$MODE" = dry-run ]; then
+  BENCH_ARGS=(--dry-run --impls triton blocks split eager)
+else
+  BENCH_ARGS=(--precision ieee tf32x3 bf16x3 tf32)
+fi
+run 170 $PY benchmarks/bench_kernel.py "${BENCH_ARGS[@]}" --out "$WORK/bench_kernel.csv" \
+  2>&1 | tail -80
+$PY -P - "$WORK" >> "$SUMMARY" <<'EOF'
+import csv, glob, json, sys
+files = sorted(glob.glob(f"{sys.argv[1]}/bench_kernel*.csv"))
+if not files:
+    print("kernel timings: no result"); sys.exit()
+print("kernel timings, ms (graph timer; x floor = time / floor of the precision):")
+print(f"  {'precision':>9} {'B':>8} {'pass':>7} {'floor':>8} {'triton':>8} {'x floor':>7} "
+      f"{'eager':>8} {'compile':>8} {'vs eager':>8} {'vs compile':>10}")
+def f(v, fmt):
+    try:
+        return format(float(v), fmt)
+    except (TypeError, ValueError):
+        return "-"
+for path in files:
+    for r in csv.DictReader(open(path)):
+        if r["pass"] != "fwd+bwd" and not (r["pass"] == "fwd" and r["B"] == "16384"):
+            continue
+        print(f"  {r['precision']:>9} {r['B']:>8} {r['pass']:>7} {f(r.get('floor_ms'), '8.3f')} "
+              f"{f(r.get('triton_graph_ms'), '8.3f')} {f(r.get('triton_graph_x_floor'), '7.1f')} "
+              f"{f(r.get('eager_graph_ms'), '8.3f')} {f(r.get('compile_graph_ms'), '8.3f')} "
+              f"{f(r.get('triton_vs_eager_graph'), '8.2f')} "
+              f"{f(r.get('triton_vs_compile_graph'), '10.2f')}")
+meta = json.load(open(files[0].replace(".csv", ".json")))
+print("  chosen configs: " + "; ".join(f"{k} -> {v}" for k, v in meta["chosen_configs"].items()))
+EOF
 
 step "Nsight Compute over the attention kernels (if time is left)"
 if [ "$MODE" != dry-run ] && command -v ncu >/dev/null 2>&1 && [ $(( BUDGET - $(elapsed) )) -gt 70 ]; then
