@@ -88,8 +88,10 @@ class TrainConfig:
     ndcg_log: str = "2"
     threads: int = 0  # 0: chosen at the start (free cores) and saved as the number used
     graph_steps: int = 1  # CUDA with --compile: training steps recorded in one CUDA graph
-    # The autograd step (CUDA): every table gradient by one deterministic scatter kernel;
-    # not yet timed on a GPU, so off. On CPU it runs the scatter's slow torch form.
+    # The epoch's batches planned at its start, every table row by one gather and every
+    # table gradient by one deterministic scatter; on CUDA with the Triton attention, the
+    # step as eight Triton launches without autograd (`EpochRunner._fused_step`). Not yet
+    # timed on a GPU, so off. On CPU it runs the kernels' slow torch forms.
     one_scatter: bool = False
     data_dir: str = ""
 
