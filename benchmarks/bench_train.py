@@ -247,7 +247,8 @@ def summarise(rows: list[dict], configs: list, args: argparse.Namespace) -> list
             continue
         med = {k: statistics.median(r[k] for r in mine) for k in mine[0]
                if isinstance(mine[0][k], float | int) and not isinstance(mine[0][k], bool)}
-        summary.append({"config": label, "kernel": mine[0]["kernel"], "runs": len(mine), **med})
+        summary.append({"config": label, "kernel": mine[0]["kernel"], "runs": len(mine), **med,
+                        "train_call_s_last": mine[-1]["train_call_s"]})  # warm with repeats
     if len(summary) == len(configs) >= 2 and not args.no_baseline:
         for row in summary[:-1]:
             row["epoch_speedup_vs_baseline"] = (summary[-1]["epoch_s_median"]

@@ -59,6 +59,16 @@ run() {
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@"
 }
+# bench_summary TITLE CSV: a line per configuration of a bench_train.py CSV in the summary
+bench_summary() {
+  if [ ! -s "$2" ]; then note "$1: no result"; return; fi
+  note "$1: config, s/epoch (median), train call s (last repeat), HR@10 sampled, HR@10 full"
+  $PY -P -c "
+import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s_last']):8.2f} {float(r['HR@10_sampled']):.4f} {float(r['HR@10_full']):.4f}\")
+" "$2" >> "$SUMMARY"
+}
 
 step "machine"
 if [ "$MODE" != dry-run ]; then
@@ -184,36 +194,20 @@ else
 fi
 run 130 $PY benchmarks/bench_train.py "${TRAIN_ARGS[@]}" --repeats 1 --no-baseline \
   --prep-repeats 1 --out "$WORK/bench_train.csv" 2>&1 | tail -8
-if [ -s "$WORK/bench_train.csv" ]; then
-  note "whole training (bench_train.py ${TRAIN_ARGS[*]}): config, s/epoch, train call s, HR@10 sampled, HR@10 full (quality must agree across configs)"
-  $PY -P -c "
-import csv, sys
-for r in csv.DictReader(open(sys.argv[1])):
-    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f} {float(r['HR@10_sampled']):.4f} {float(r['HR@10_full']):.4f}\")
-" "$WORK/bench_train.csv" >> "$SUMMARY"
-else
-  note "whole training: no result"
-fi
+bench_summary "whole training (bench_train.py ${TRAIN_ARGS[*]}; quality must agree across configs)" \
+  "$WORK/bench_train.csv"
 
 step "whole training: ML-1M size, 40 epochs, evaluation every 5, the fused step (the 8 s bar)"
 if [ "$MODE" = dry-run ]; then
-  FULL_ARGS=(--device cpu --size ml-100k --epochs 2 --eval-every 1 --only fastattrec)
+  FULL_ARGS=(--device cpu --size ml-100k --epochs 2 --eval-every 1 --only fastattrec --repeats 2)
 else
   FULL_ARGS=(--device cuda --size ml-1m --epochs 40 --eval-every 5 --graph-steps 16
              --one-scatter --only "one scatter, 16" --repeats 2)
 fi
 run 90 $PY benchmarks/bench_train.py "${FULL_ARGS[@]}" --no-baseline --prep-repeats 1 \
   --out "$WORK/bench_train_40.csv" 2>&1 | tail -6
-if [ -s "$WORK/bench_train_40.csv" ]; then
-  note "40 epochs (bench_train.py ${FULL_ARGS[*]}): config, s/epoch, train call s (median of the repeats; each repeat's in the log), HR@10 sampled, full"
-  $PY -P -c "
-import csv, sys
-for r in csv.DictReader(open(sys.argv[1])):
-    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f} {float(r['HR@10_sampled']):.4f} {float(r['HR@10_full']):.4f}\")
-" "$WORK/bench_train_40.csv" >> "$SUMMARY"
-else
-  note "40 epochs: no result"
-fi
+bench_summary "40 epochs (bench_train.py ${FULL_ARGS[*]}; the second call is warm)" \
+  "$WORK/bench_train_40.csv"
 
 step "whole training: 20M interactions, 2 epochs, the fused step (the 4 s per epoch bar)"
 if [ "$MODE" = dry-run ]; then
@@ -224,16 +218,8 @@ else
 fi
 run 120 $PY benchmarks/bench_train.py "${BIG_ARGS[@]}" --no-baseline --prep-repeats 1 \
   --repeats 1 --out "$WORK/bench_train_20m.csv" 2>&1 | tail -6
-if [ -s "$WORK/bench_train_20m.csv" ]; then
-  note "20M (bench_train.py ${BIG_ARGS[*]}): config, s/epoch (second epoch), train call s"
-  $PY -P -c "
-import csv, sys
-for r in csv.DictReader(open(sys.argv[1])):
-    print(f\"  {r['config']:<44} {float(r['epoch_s_median']):8.3f} {float(r['train_call_s']):8.2f}\")
-" "$WORK/bench_train_20m.csv" >> "$SUMMARY"
-else
-  note "20M: no result"
-fi
+bench_summary "20M (bench_train.py ${BIG_ARGS[*]}; s/epoch is the second epoch's)" \
+  "$WORK/bench_train_20m.csv"
 
 step "attention kernel tests on CUDA (issue 9; configurations the tuner can pick, every precision)"
 if [ "$MODE" = dry-run ]; then
