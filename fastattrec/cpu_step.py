@@ -39,16 +39,19 @@ from fastattrec.kernels.reference import MASKED_LOGIT
 from fastattrec.model import AttRec
 
 
-def _clip(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows scaled to length <= 1 (as model.clip_rows), and each row's divisor."""
-    n = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=1.0)
-    return v / n, n
+def _clip(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows scaled to length <= 1 (as model.clip_rows), each row's divisor, and whether
+    the divisor moves with the row (|v| >= 1: at exactly 1, as autograd's clamp counts)."""
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    n = norm.clamp(min=1.0)
+    return v / n, n, norm >= 1.0
 
 
-def _clip_backward(vc: torch.Tensor, n: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Gradient through v -> v / max(1, |v|): identity where |v| <= 1, else the projection
+def _clip_backward(vc: torch.Tensor, n: torch.Tensor, moves: torch.Tensor,
+                   g: torch.Tensor) -> torch.Tensor:
+    """Gradient through v -> v / max(1, |v|): identity where |v| < 1, else the projection
     (g - vc <vc, g>) / |v| that removes the radial part."""
-    radial = (vc * g).sum(-1, keepdim=True) * (n > 1.0)
+    radial = (vc * g).sum(-1, keepdim=True) * moves
     return (g - vc * radial) / n
 
 
@@ -175,9 +178,9 @@ class ManualStep:
             dshort = (1 - w) * (ds * e).sum(1)
             de = (1 - w) * ds * short[:, None]
         else:
-            uc, nu = _clip(u)
-            ec, ne = _clip(e)
-            e2c, ne2 = _clip(e2)
+            uc, nu, mu = _clip(u)
+            ec, ne, me = _clip(e)
+            e2c, ne2, me2 = _clip(e2)
             r_long = uc[:, None] - e2c  # (B, 2, d)
             r_short = short[:, None] - ec
             s = w * r_long.pow(2).sum(-1) + (1 - w) * r_short.pow(2).sum(-1)  # (B, 2)
@@ -187,10 +190,10 @@ class ManualStep:
             ds = torch.stack([g, -g], dim=1)[..., None]  # (B, 2, 1)
             dlong = 2 * w * ds * r_long  # d loss / d r_long
             dsh = 2 * (1 - w) * ds * r_short
-            du = _clip_backward(uc, nu, dlong.sum(1))
-            de2 = _clip_backward(e2c, ne2, -dlong)
+            du = _clip_backward(uc, nu, mu, dlong.sum(1))
+            de2 = _clip_backward(e2c, ne2, me2, -dlong)
             dshort = dsh.sum(1)
-            de = _clip_backward(ec, ne, -dsh)
+            de = _clip_backward(ec, ne, me, -dsh)
         dwin, dw = self._attention_backward(saved, dshort, proj, pos_enc, table)
         d = proj.shape[0]
         return (loss, users, windows.reshape(-1), items.reshape(-1), du, dwin,

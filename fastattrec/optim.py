@@ -46,10 +46,7 @@ class KerasAdam(torch.optim.Adam):
         # does): a training step whose gradients are written, not added, into buffers
         # kept between steps then needs no zeroing launch of its own.
         self.zero_grads_after = False
-        # The fused device step counts its steps itself (one launch), unless the caller
-        # does it in a launch of its own (`step_counters`).
-        self.count_steps = True
-        self._counters: list[torch.Tensor] = []
+        self._counters: list[torch.Tensor] = []  # the last fused device step's counters
         self._t: int | None = None  # steps taken so far (eager path), read once from state
         self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
@@ -67,13 +64,17 @@ class KerasAdam(torch.optim.Adam):
         self._moments = None  # (the constructor calls this before _moments exists)
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle
-        return {**super().__getstate__(), "keras_eps": self.keras_eps}
+        return {**super().__getstate__(), "keras_eps": self.keras_eps,
+                "zero_grads_after": self.zero_grads_after}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         eps = state.pop("keras_eps", None)
+        zero = state.pop("zero_grads_after", False)
         super().__setstate__(state)
         self.keras_eps = self.defaults["eps"] if eps is None else eps
+        self.zero_grads_after = zero
+        self._counters = []
         self._t = None
         self._moments = None
 
@@ -97,7 +98,7 @@ class KerasAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         if self.defaults["capturable"]:
-            self._device_step()
+            self._device_step(count_steps=True)
             return loss
         t = self._steps_taken() + 1
         for g in self.param_groups:
@@ -150,7 +151,17 @@ class KerasAdam(torch.optim.Adam):
                                eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
         return True
 
-    def _device_step(self) -> None:
+    @torch.no_grad()
+    def device_step(self, count_steps: bool = True) -> None:
+        """The capturable update (`step` of an optimiser made with capturable=True).
+        With count_steps=False, the parameters the fused kernel updated are not counted:
+        the caller adds 1 to each of `step_counters()` afterwards, before the next step
+        (the training step does it in its bookkeeping launch)."""
+        if not self.defaults["capturable"]:
+            raise RuntimeError("device_step needs an optimiser made with capturable=True")
+        self._device_step(count_steps)
+
+    def _device_step(self, count_steps: bool) -> None:
         """The Keras update from device tensors only (safe to capture in a CUDA graph):
         where Triton runs, one fused launch for the parameters of every group
         (kernels/keras_adam.py) and one launch that counts the step; else foreach
@@ -189,13 +200,12 @@ class KerasAdam(torch.optim.Adam):
                         [st["exp_avg_sq"] for st in states], steps,
                         [c for ps, _, c in fused for _ in ps], zero_grad=self.zero_grads_after)
             self._counters = steps
-            if self.count_steps:
+            if count_steps:
                 torch._foreach_add_(steps, 1.0)
 
     def step_counters(self) -> list[torch.Tensor]:
-        """The step counters the last fused device step read (each parameter's "step").
-        With `count_steps` False the caller adds 1 to each after every step (the training
-        step does it in its bookkeeping launch); until then they are not counted."""
+        """The step counters the last fused device step read (each parameter's "step"):
+        what `device_step(count_steps=False)` leaves to its caller to count."""
         return list(self._counters)
 
     def _foreach_update(self, g: dict, params: list, steps: list, m: list, v: list) -> None:

@@ -384,8 +384,9 @@ class EpochRunner:
         # bookkeeping launch, which runs after it anyway
         defer = self.opt_zeroes_grads and len(list(m.parameters())) <= MAX_COUNTERS
         if defer:
-            self.opt.count_steps = False
-        self.opt.step()
+            self.opt.device_step(count_steps=False)
+        else:
+            self.opt.step()
         step_tail_parts_(parts, self.loss_sum, self.step,
                          self.opt.step_counters() if defer else None)
 
@@ -428,6 +429,7 @@ class EpochRunner:
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: allocations, kernel autotuning, Adam state
                 self.opt.zero_grad(set_to_none=True)
+                self.step.zero_()  # step 0 each time: an epoch may have a single step
                 try:
                     self._step()
                 except Exception as e:  # noqa: BLE001 - fall back rather than fail a run
@@ -439,6 +441,8 @@ class EpochRunner:
                     self.opt.zero_grad(set_to_none=True)
                     self._step()
         torch.cuda.current_stream().wait_stream(side)
+        self.step.zero_()
+        self.loss_sum.zero_()
         with torch.no_grad():
             for p, v in zip(self.model.parameters(), params, strict=True):
                 p.copy_(v)
@@ -891,7 +895,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
         backend = resolve_backend(cfg.kernel, device)
     except RuntimeError as e:
         raise UserError(f"--kernel {cfg.kernel}: {e}.") from None
-    check_memory(cfg, meta, device)
+    check_memory(cfg, meta, device, world)
     data = DeviceData.from_prepared(load_prepared(data_dir), device)
     if data.train_rows.shape[0] == 0:
         raise UserError(f"{data_dir} has no train samples (every user has fewer than 4 "
@@ -990,9 +994,10 @@ def _step_note(runner: EpochRunner, use_graph: bool) -> str:
     return ("autograd" if runner.batches is None else body) + ignored
 
 
-def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:
+def check_memory(cfg: TrainConfig, meta: dict, device: torch.device, world: int = 1) -> None:
     """Refuse options whose arrays cannot fit, with an estimate, before allocating them
-    (an impossible --maxlen would otherwise be killed by the system, unexplained)."""
+    (an impossible --maxlen would otherwise be killed by the system, unexplained).
+    `world`: processes sharing the run (the one-scatter plans exist with one only)."""
     c = meta["counts"]
     n, t = int(c["interactions"]), int(c.get("train_samples", c["interactions"]))
     rows = int(c["users"]) + 1 + 2 * int(c["item_rows"])
@@ -1004,7 +1009,8 @@ def check_memory(cfg: TrainConfig, meta: dict, device: torch.device) -> None:
         "the prepared sequences": 48 * n,
         "validation windows": 4 * min(65536, n) * cfg.maxlen * cfg.dim * 4,
     }
-    if cfg.one_scatter:
+    manual_cpu = device.type == "cpu" and cfg.kernel in ("auto", "structured")
+    if cfg.one_scatter and world == 1 and not manual_cpu:  # where EpochBatches is built
         parts["the epoch's batches and scatter plans (one_scatter)"] = plan_bytes(
             t, cfg.batch_size, cfg.maxlen)
     need = sum(parts.values())

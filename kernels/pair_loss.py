@@ -39,16 +39,17 @@ MAX_DIM = 128  # rows held whole in registers (spill-free up to 128); wider: aut
 
 @triton.jit
 def _clip(v, ok):
-    """c(v) = v / max(1, |v|) per row of v (BLOCK_B, BD), and max(1, |v|)."""
-    n = tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), 1.0)
-    n = tl.where(ok, n, 1.0)
-    return v / n[:, None], n
+    """c(v) = v / max(1, |v|) per row of v (BLOCK_B, BD), max(1, |v|), and whether the
+    norm moves with v (|v| >= 1: at exactly 1, as autograd's clamp counts it)."""
+    norm = tl.sqrt(tl.sum(v * v, axis=1))
+    n = tl.where(ok, tl.maximum(norm, 1.0), 1.0)
+    return v / n[:, None], n, ok & (norm >= 1.0)
 
 
 @triton.jit
-def _clip_grad(vc, n, g):
-    """Gradient through c at v for upstream g: (g - vc <vc, g> [|v| > 1]) / max(1, |v|)."""
-    radial = tl.where(n > 1.0, tl.sum(vc * g, axis=1), 0.0)
+def _clip_grad(vc, n, moves, g):
+    """Gradient through c at v for upstream g: (g - vc <vc, g> [|v| >= 1]) / max(1, |v|)."""
+    radial = tl.where(moves, tl.sum(vc * g, axis=1), 0.0)
     return (g - vc * radial[:, None]) / n[:, None]
 
 
@@ -79,9 +80,11 @@ def _pair_loss(rows_ptr, short_ptr, aux_ptr, step_ptr, grad_ptr, dshort_ptr, par
         s0 = w * tl.sum(u * f0, axis=1) + (1 - w) * tl.sum(short * e0, axis=1)
         s1 = w * tl.sum(u * f1, axis=1) + (1 - w) * tl.sum(short * e1, axis=1)
         diff = s1 - s0
-        # softplus(x) = max(x, 0) + log1p(exp(-|x|)), sigmoid from the same exponential
+        # softplus(x) = max(x, 0) + log1p(exp(-|x|)), sigmoid from the same exponential;
+        # log1p(e) as e (1 - e / 2) for tiny e, where log(1 + e) would round to 0
         ex = tl.exp(-tl.abs(diff))
-        loss = (tl.maximum(diff, 0.0) + tl.log(1.0 + ex)) * valid
+        lp = tl.where(ex < 1e-4, ex * (1.0 - 0.5 * ex), tl.log(1.0 + ex))
+        loss = (tl.maximum(diff, 0.0) + lp) * valid
         g = tl.where(diff >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex)) * valid / count
         g0, g1 = -g, g  # dL/ds_0, dL/ds_1
         du = w * (g0[:, None] * f0 + g1[:, None] * f1)
@@ -89,11 +92,11 @@ def _pair_loss(rows_ptr, short_ptr, aux_ptr, step_ptr, grad_ptr, dshort_ptr, par
         dshort = (1 - w) * (g0[:, None] * e0 + g1[:, None] * e1)
         de0, de1 = (1 - w) * g0[:, None] * short, (1 - w) * g1[:, None] * short
     else:
-        uc, nu = _clip(u, ok)
-        e0c, ne0 = _clip(e0, ok)
-        e1c, ne1 = _clip(e1, ok)
-        f0c, nf0 = _clip(f0, ok)
-        f1c, nf1 = _clip(f1, ok)
+        uc, nu, mu = _clip(u, ok)
+        e0c, ne0, me0 = _clip(e0, ok)
+        e1c, ne1, me1 = _clip(e1, ok)
+        f0c, nf0, mf0 = _clip(f0, ok)
+        f1c, nf1, mf1 = _clip(f1, ok)
         rl0, rl1 = uc - f0c, uc - f1c  # long-term differences
         rs0, rs1 = short - e0c, short - e1c  # short-term differences
         s0 = w * tl.sum(rl0 * rl0, axis=1) + (1 - w) * tl.sum(rs0 * rs0, axis=1)
@@ -104,10 +107,10 @@ def _pair_loss(rows_ptr, short_ptr, aux_ptr, step_ptr, grad_ptr, dshort_ptr, par
         g0, g1 = g, -g
         dl0, dl1 = 2 * w * g0[:, None] * rl0, 2 * w * g1[:, None] * rl1
         ds0, ds1 = 2 * (1 - w) * g0[:, None] * rs0, 2 * (1 - w) * g1[:, None] * rs1
-        du = _clip_grad(uc, nu, dl0 + dl1)
-        df0, df1 = _clip_grad(f0c, nf0, -dl0), _clip_grad(f1c, nf1, -dl1)
+        du = _clip_grad(uc, nu, mu, dl0 + dl1)
+        df0, df1 = _clip_grad(f0c, nf0, mf0, -dl0), _clip_grad(f1c, nf1, mf1, -dl1)
         dshort = ds0 + ds1
-        de0, de1 = _clip_grad(e0c, ne0, -ds0), _clip_grad(e1c, ne1, -ds1)
+        de0, de1 = _clip_grad(e0c, ne0, me0, -ds0), _clip_grad(e1c, ne1, me1, -ds1)
     tl.store(grad_ptr + u_at, du, mask=m)
     tl.store(grad_ptr + e0_at, de0, mask=m)
     tl.store(grad_ptr + e1_at, de1, mask=m)

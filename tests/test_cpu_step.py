@@ -63,6 +63,23 @@ def test_manual_step_equals_autograd_of_the_reference(mode, scale, index_dtype, 
         assert (n > 1).any() and (n < 1).any()
 
 
+def test_unit_rows_take_the_radial_term_as_autograd_does():
+    """Table rows of norm exactly 1 (basis vectors), dist mode: autograd's clamp(min=1)
+    passes the norm's gradient at equality, and so must the hand-written step."""
+    ref, mine = make("dist", 4, 1.0), make("dist", 4, 1.0)
+    mine.cfg.kernel = "structured"
+    with torch.no_grad():
+        for m in (ref, mine):
+            for t in m.tables():
+                t.copy_(torch.eye(6, dtype=t.dtype)[torch.arange(t.shape[0]) % 6])
+            m.cfg.gamma = 2.0  # every margin active
+    users, windows, pos, neg, valid, count = batch(6)
+    ref(users, windows, pos, neg, valid, count).backward()
+    ManualStep(mine)(users, windows, pos, neg, valid, count)
+    for (name, a), b in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_manual_step_trains_like_autograd_in_float32():
     """A few optimiser steps in float32 stay within float32 rounding of autograd's."""
     from fastattrec.optim import KerasAdam

@@ -223,8 +223,9 @@ def test_plan_of_several_steps_is_padded_per_step():
                                       bits(sequential_f32(out0, index[t], src, False)))
 
 
+@pytest.mark.parametrize("accumulate", [True, False], ids=["accumulate", "write"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_step_named_by_a_device_tensor(backend):
+def test_step_named_by_a_device_tensor(backend, accumulate):
     """scatter_rows_(..., step=t) with the whole padded plan (how a captured training
     step calls it: the kernel reads t from the device) sums exactly step t's rows, in
     the promised order."""
@@ -236,9 +237,9 @@ def test_step_named_by_a_device_tensor(backend):
         out0, _, src = data(50, 20, 9, seed=20 + t, index=index[t])
         out = torch.from_numpy(out0.copy()).to(DEVICE)
         scatter_rows_(out, torch.from_numpy(src).to(DEVICE), plans, backend=backend,
-                      step=torch.tensor(t, device=DEVICE))
+                      accumulate=accumulate, step=torch.tensor(t, device=DEVICE))
         np.testing.assert_array_equal(bits(out.cpu().numpy()),
-                                      bits(sequential_f32(out0, index[t], src, True)))
+                                      bits(sequential_f32(out0, index[t], src, accumulate)))
 
 
 def test_fallback_gives_the_kernels_bits():

@@ -292,3 +292,15 @@ def test_device_step_zeroes_the_gradients_it_read_when_asked(zero):
         assert (not p.grad.any() and not q.grad.any()) == cleared
         np.testing.assert_allclose(p.detach().numpy(), keras_adam_numpy(p0, gp, 2e-6),
                                    rtol=2e-6, atol=1e-9)
+
+
+def test_copies_keep_the_zeroing_flag_and_device_step_needs_capturable():
+    import copy
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = KerasAdam([p], capturable=True)
+    opt.zero_grads_after = True
+    dup = copy.deepcopy(opt)
+    assert dup.zero_grads_after and dup.step_counters() == []
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        KerasAdam([p]).device_step()

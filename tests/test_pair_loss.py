@@ -81,6 +81,26 @@ def test_loss_and_gradients_match_autograd(mode, b, length, d):
             assert not g[b - 3:b].any() and not dshort.cpu().numpy()[b - 3:].any()
 
 
+def test_unit_rows_take_the_radial_term_as_autograd_does():
+    """Rows of norm exactly 1 (basis vectors): autograd's clamp(min=1) passes the norm's
+    gradient at equality, so the clipping's radial term counts there too (dist mode)."""
+    b, length, d = 6, 2, 8
+    rows, short, aux = case(b, length, d, seed=3)
+    eye = np.eye(d, dtype=np.float32)
+    rows[:b] = eye[:b]  # users
+    rows[b * (1 + length):] = eye[np.arange(4 * b) % d]  # every candidate in both tables
+    t = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731
+    grad = torch.zeros(rows.shape, device=DEVICE)
+    dshort = torch.empty(short.shape, device=DEVICE)
+    pair_loss_(t(rows), t(short), t(aux), torch.tensor(0, device=DEVICE), grad, dshort,
+               torch.empty(programs(b), device=DEVICE), length, "dist", 0.3, 2.0)
+    _, want, _ = reference(rows, short, aux[0, :b], aux[0, b], b, length, "dist", 0.3, 2.0)
+    keep = np.ones(len(rows), bool)
+    keep[b:b * (1 + length)] = False
+    assert np.abs(want[keep]).max() > 0.1  # the margin is active: gradients flow
+    np.testing.assert_allclose(grad.cpu().numpy()[keep], want[keep], rtol=1e-4, atol=1e-6)
+
+
 def test_bad_shapes_are_refused():
     rows, short, aux = case(4, 2, 8, seed=0)
     t = lambda a: torch.from_numpy(a).to(DEVICE)  # noqa: E731

@@ -316,13 +316,14 @@ def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturabl
 
 
 @pytest.mark.parametrize("mode,capturable", [("inner", False), ("dist", False),
-                                             ("inner", True)])
+                                             ("inner", True), ("dist", True)])
 def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
     """The one-scatter step as a chain of Triton kernels without autograd (the GPU's
     path; here in the CPU interpreter) against the autograd step with the reference
-    attention, from one state, over three steps and then a second epoch's first steps
-    (new order, new negatives). With the capturable Adam (the GPU's), its gradients are
-    zeroed by its kernel and its step counters counted by the bookkeeping launch."""
+    attention, from one state: each of two epochs (the second with a new order and new
+    negatives) runs its first three steps and its padded last one. With the capturable
+    Adam (the GPU's), its gradients are zeroed by its kernel and its step counters
+    counted by the bookkeeping launch."""
     pytest.importorskip("triton")
     from fastattrec.batches import DeviceData
     from fastattrec.data.dataset import load_prepared
@@ -357,12 +358,17 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
                 opt.zero_grad(set_to_none=True)
                 runner._step()
             assert int(runner.step) == 3
+            runner.step.fill_(runner.n_steps - 1)  # and the padded last batch
+            assert runner.n_train % cfg.batch_size
+            opt.zero_grad(set_to_none=True)
+            runner._step()
             totals.append(float(runner.loss_sum))
-        if runner.opt_zeroes_grads:  # counted by the bookkeeping launch, not by Adam
-            assert not opt.count_steps
-            assert [float(st["step"]) for st in opt.state.values()] == [6.0] * 4
-            assert not runner.flat_grad.any()
         outs.append((totals, [p.detach().clone() for p in model.parameters()]))
+        if runner.opt_zeroes_grads:  # counted by the bookkeeping launch, not by Adam
+            assert [float(st["step"]) for st in opt.state.values()] == [8.0] * 4
+            assert not runner.flat_grad.any()
+            opt.step()  # the optimiser itself still counts its own steps
+            assert [float(st["step"]) for st in opt.state.values()] == [9.0] * 4
     (la, pa), (lb, pb) = outs
     assert la == pytest.approx(lb, rel=1e-5)
     for x, y in zip(pa, pb, strict=True):

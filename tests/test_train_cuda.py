@@ -122,19 +122,23 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
         assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
 
 
-@pytest.mark.parametrize("graph_steps", [1, 7])
-def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps):
+@pytest.mark.parametrize("graph_steps,mode,batch", [(1, "inner", 256), (7, "inner", 256),
+                                                    (1, "dist", 256), (1, "inner", 32768)])
+def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps, mode, batch):
     """An epoch of CUDA-graph replays (1 or 7 steps each, plus the remainder) of the
     one-scatter step (TrainConfig.one_scatter: the epoch's batches planned at its start,
     the step a chain of Triton kernels without autograd: gather, attention, pairwise loss,
     attention backward, scatter, Adam, bookkeeping) against the default one-step graph,
-    from the same state, over two epochs (the second with a new order)."""
+    from the same state, over two epochs (the second with a new order). Both modes; and
+    an epoch of a single step (batch 32,768: the graph's warm-up must not step past it)."""
     runs = []
     for one in (True, False):
-        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, one_scatter=one,
-                          graph_steps=graph_steps if one else 1)
+        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=batch, one_scatter=one,
+                          graph_steps=graph_steps if one else 1, mode=mode)
         model, _, runner = same_start(data_dir, cfg)
         assert (runner.batches is not None) == one
+        if batch > 256:  # the case meant to have a single step has one
+            assert runner.n_steps == 1
         assert runner.fused() == one  # on the GPU the one-scatter step is the kernel chain
         runner.capture()
         totals = [float(runner.run())]
