@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .launch import interpreted
+from .launch import interpreted, small_kernel_backend
 
 try:
     import triton
@@ -181,12 +181,7 @@ def gather_rows_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch
 
     backend "auto": the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1 when
     Triton imports, the torch form otherwise; both give the same bits."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        use_triton = triton is not None and (out.device.type == "cuda" or interpreted())
-        backend = "triton" if use_triton else "torch"
-    if backend == "triton":
+    if small_kernel_backend(backend, out.device, BACKENDS, triton is not None) == "triton":
         return gather_rows_triton(out, tables, index, step, flags, flag_row)
     return gather_rows_torch(out, tables, index, step, flags, flag_row)
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import interpreted
+from .launch import interpreted, small_kernel_backend
 
 try:
     import triton
@@ -292,12 +292,7 @@ def scatter_rows_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
 
     backend "auto": the Triton kernel on CUDA tensors or under TRITON_INTERPRET=1 when
     Triton imports, the torch fallback otherwise; both give the same bits."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        use_triton = triton is not None and (out.device.type == "cuda" or interpreted())
-        backend = "triton" if use_triton else "torch"
-    if backend == "triton":
+    if small_kernel_backend(backend, out.device, BACKENDS, triton is not None) == "triton":
         return scatter_rows_triton_(out, src, plan, accumulate, step)
     return scatter_rows_torch_(out, src, plan, accumulate, step)
 

@@ -27,6 +27,18 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def small_kernel_backend(backend: str, device: torch.device, choices: Sequence[str],
+                         have_triton: bool) -> str:
+    """"triton" or "torch" for a kernel offered in both forms (the embedding gather and
+    scatter): `backend` itself, or for "auto" the Triton kernel on CUDA tensors or under
+    TRITON_INTERPRET=1 when Triton imports, the torch form otherwise."""
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {tuple(choices)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if have_triton and (device.type == "cuda" or interpreted()) else "torch"
+    return backend
+
+
 def set_autotune(enabled: bool) -> None:
     """Turn the timing of candidate configurations on or off (off: the first candidate).
 
@@ -165,4 +177,5 @@ class KernelSpec:
 
 
 __all__ = ["KernelSpec", "check_inputs", "checked_grad", "chosen_configs", "force_config",
-           "forget_configs", "interpreted", "mask_bytes", "pick", "set_autotune", "sm_count"]
+           "forget_configs", "interpreted", "mask_bytes", "pick", "set_autotune", "sm_count",
+           "small_kernel_backend"]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from fastattrec.cli import main
@@ -69,3 +71,23 @@ def killed_cli(*args: str, at: str, nth: int = 1, before: bool = False, match: s
                           args=[str(a) for a in args])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
+
+
+def kernel_available() -> bool:
+    """Triton kernels can run here: Triton installed, and CUDA or the interpreter."""
+    try:
+        import triton  # noqa: F401
+
+        from fastattrec.kernels.launch import interpreted
+    except ImportError:
+        return False
+    return DEVICE == "cuda" or interpreted()
+
+
+# The two forms of a kernel offered as both (gather, scatter), for parametrize.
+BOTH_FORMS = [pytest.param("triton", marks=pytest.mark.skipif(
+    not kernel_available(), reason="the Triton kernel runs on CUDA or in the interpreter")),
+    "torch"]

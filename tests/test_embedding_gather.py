@@ -14,22 +14,8 @@ import torch
 
 from fastattrec.kernels.embedding_gather import gather_rows_
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def kernel_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from fastattrec.kernels.launch import interpreted
-    except ImportError:
-        return False
-    return DEVICE == "cuda" or interpreted()
-
-
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
-    not kernel_available(), reason="the Triton kernel runs on CUDA or in the interpreter")),
-    "torch"]
+from helpers import BOTH_FORMS as BACKENDS
+from helpers import DEVICE
 
 
 def tables_of(rows: list[int], d: int, seed: int) -> list[np.ndarray]:

@@ -20,23 +20,8 @@ from fastattrec.kernels.embedding_scatter import (
     table_offsets,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def kernel_available() -> bool:
-    """The Triton kernel can run here: Triton installed, and CUDA or the interpreter."""
-    try:
-        import triton  # noqa: F401
-
-        from fastattrec.kernels.launch import interpreted
-    except ImportError:
-        return False
-    return DEVICE == "cuda" or interpreted()
-
-
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
-    not kernel_available(), reason="the Triton kernel runs on CUDA or in the interpreter")),
-    "torch"]
+from helpers import BOTH_FORMS as BACKENDS
+from helpers import DEVICE, kernel_available
 
 
 def sequential_f32(out0: np.ndarray, index: np.ndarray, src: np.ndarray,

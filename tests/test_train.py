@@ -267,14 +267,12 @@ def test_cpu_epoch_takes_the_same_batches_as_the_device_step(data_dir, mode):
     assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
 
 
-@pytest.mark.parametrize("capturable", [False, True], ids=["eager-adam", "device-adam"])
-def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturable):
-    """The one-scatter step with its gather, scatter and bookkeeping as Triton kernels
-    (in the CPU interpreter here, on the GPU in use) against the same steps with their
-    torch forms: the kernels read their step's rows of the epoch's index and plan from
-    the device counter, and must give the same bits. With the capturable Adam (the GPU's),
-    whose kernel zeroes the gradients it read, the step skips its own zeroing: the
-    weights then agree to Adam's rounding and the gradient buffer is left at zero."""
+def interpreted_runner(data_dir, kernel: str, small_kernels: str, capturable: bool,
+                       **over):
+    """(model, optimiser, runner) of a one-scatter step on the CPU, for the tests that
+    run the GPU's kernels in Triton's interpreter: attention `kernel`, the small kernels'
+    backend, and the eager or the capturable (the GPU's) Adam; skips without Triton or
+    its interpreter."""
     pytest.importorskip("triton")
     from fastattrec.batches import DeviceData
     from fastattrec.data.dataset import load_prepared
@@ -285,16 +283,29 @@ def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturabl
     if not interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
     data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    cfg = TrainConfig(device="cpu", kernel=kernel, batch_size=16, compile=False, dim=8,
+                      one_scatter=True, **over)
+    model, _, opt, _ = _build(cfg, data, torch.device("cpu"), kernel, False)
+    if capturable:
+        opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)
+    runner = EpochRunner(model, opt, data, cfg)
+    runner.rows_backend = small_kernels
+    assert runner.opt_zeroes_grads == capturable
+    return model, opt, runner
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["eager-adam", "device-adam"])
+def test_one_scatter_step_runs_the_triton_gather_and_scatter(data_dir, capturable):
+    """The one-scatter step with its gather, scatter and bookkeeping as Triton kernels
+    (in the CPU interpreter here, on the GPU in use) against the same steps with their
+    torch forms: the kernels read their step's rows of the epoch's index and plan from
+    the device counter, and must give the same bits. With the capturable Adam (the GPU's),
+    whose kernel zeroes the gradients it read, the step skips its own zeroing: the
+    weights then agree to Adam's rounding and the gradient buffer is left at zero."""
     outs = []
     for backend in ("triton", "torch"):
-        cfg = TrainConfig(device="cpu", kernel="torch", batch_size=16, compile=False,
-                          dim=8, one_scatter=True)
-        model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "torch", False)
-        if capturable and backend == "triton":
-            opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)
-        runner = EpochRunner(model, opt, data, cfg)
-        assert runner.opt_zeroes_grads == (capturable and backend == "triton")
-        runner.rows_backend = backend
+        model, opt, runner = interpreted_runner(data_dir, "torch", backend,
+                                                capturable and backend == "triton")
         runner.perm.copy_(torch.randperm(runner.n_train,
                                          generator=torch.Generator().manual_seed(4)))
         runner.start_epoch()
@@ -324,27 +335,12 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
     negatives) runs its first three steps and its padded last one. With the capturable
     Adam (the GPU's), its gradients are zeroed by its kernel and its step counters
     counted by the bookkeeping launch."""
-    pytest.importorskip("triton")
-    from fastattrec.batches import DeviceData
-    from fastattrec.data.dataset import load_prepared
-    from fastattrec.kernels.launch import interpreted
-    from fastattrec.optim import KerasAdam
-    from fastattrec.training import EpochRunner, _build
-
-    if not interpreted():
-        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
-    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
     outs = []
     for kernel in ("triton", "torch"):
-        cfg = TrainConfig(device="cpu", kernel=kernel, batch_size=16, compile=False,
-                          dim=8, mode=mode, one_scatter=True)
-        model, _, opt, _ = _build(cfg, data, torch.device("cpu"), kernel, False)
-        if capturable and kernel == "triton":
-            opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)
-        runner = EpochRunner(model, opt, data, cfg)
-        runner.rows_backend = "triton" if kernel == "triton" else "torch"
+        model, opt, runner = interpreted_runner(data_dir, kernel, kernel,
+                                                capturable and kernel == "triton", mode=mode)
         assert runner.fused() == (kernel == "triton")
-        assert runner.opt_zeroes_grads == (capturable and kernel == "triton")
+        data = runner.data
         totals = []
         for epoch in range(2):
             runner.perm.copy_(torch.randperm(
@@ -359,7 +355,7 @@ def test_fused_step_equals_the_autograd_step(data_dir, mode, capturable):
                 runner._step()
             assert int(runner.step) == 3
             runner.step.fill_(runner.n_steps - 1)  # and the padded last batch
-            assert runner.n_train % cfg.batch_size
+            assert runner.n_train % runner.global_bs
             opt.zero_grad(set_to_none=True)
             runner._step()
             totals.append(float(runner.loss_sum))
@@ -380,26 +376,11 @@ def test_fused_step_is_eight_launches_and_no_torch_arithmetic(data_dir):
     of one step is recorded (through the interpreter), and every torch operation outside
     them; on a GPU the step is then exactly these eight kernels, since the only torch
     operations are allocations, views and profiler marks, which launch nothing."""
-    pytest.importorskip("triton")
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastattrec.batches import DeviceData
-    from fastattrec.data.dataset import load_prepared
-    from fastattrec.kernels.launch import interpreted
-    from fastattrec.optim import KerasAdam
-    from fastattrec.training import EpochRunner, _build
-
-    if not interpreted():
-        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)")
+    _, opt, runner = interpreted_runner(data_dir, "triton", "triton", True)  # the GPU's
     import triton.runtime.interpreter as interp
 
-    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
-    cfg = TrainConfig(device="cpu", kernel="triton", batch_size=16, compile=False, dim=8,
-                      one_scatter=True)
-    model, _, opt, _ = _build(cfg, data, torch.device("cpu"), "triton", False)
-    opt = KerasAdam(opt.param_groups, lr=cfg.lr, eps=1e-7, capturable=True)  # the GPU's
-    runner = EpochRunner(model, opt, data, cfg)
-    runner.rows_backend = "triton"
     runner.start_epoch()
     for _ in range(2):  # optimiser state created, configurations chosen
         opt.zero_grad(set_to_none=True)
