@@ -120,7 +120,7 @@ def pass_fns(impl: str, precision: str, x, mask, w, pos, up, compiled) -> dict:
         attention_forward,
         short_term_attention_triton,
     )
-    from fastattrec.kernels.attention_split import (
+    from fastattrec.kernels.experimental.attention_split import (
         short_term_attention_split,
         split_backward,
         split_forward,

@@ -132,6 +132,8 @@ def _job(args: tuple[int, int, str, int, str]) -> list[dict]:
     from fastattrec.kernels.attention import resource_specs
 
     length, dim, precision, arch, layout = args
+    if layout == "all":  # the experimental split layout lists its kernels when imported
+        import fastattrec.kernels.experimental.attention_split  # noqa: F401
     rows = []
     for spec in resource_specs(length, dim, precision, layout):
         row = {"L": length, "d": dim, "precision": precision}
@@ -150,12 +152,12 @@ def _step_job(args: tuple[int, int]) -> list[dict]:
     """The training step's other kernels at row width d: the embedding gather and
     scatter, the attention's position terms, the pairwise loss, the Keras Adam, the
     step's prologue and bookkeeping (L does not apply)."""
-    from fastattrec.kernels import (
+    from fastattrec.kernels import position_terms
+    from fastattrec.kernels.experimental import (
         embedding_gather,
         embedding_scatter,
         keras_adam,
         pair_loss,
-        position_terms,
         step_prologue,
         step_tail,
     )

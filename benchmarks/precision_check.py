@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastattrec.kernels import PRECISIONS, position_encoding, short_term_attention_reference
-from fastattrec.kernels.emulation import attention_emulated
+from fastattrec.kernels.experimental.emulation import attention_emulated
 
 BAR = 1e-5
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fastattrec.kernels.embedding_scatter import SegmentPlan, plan_segments
+from fastattrec.kernels.experimental.embedding_scatter import SegmentPlan, plan_segments
 
 
 def lookups(batch: int, maxlen: int) -> tuple[int, int, int, int]:

@@ -179,7 +179,7 @@ class KerasAdam(torch.optim.Adam):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states = [self.state[p] for p in params]
             if _fused_available(params):
-                from fastattrec.kernels.keras_adam import group_constants
+                from fastattrec.kernels.experimental.keras_adam import group_constants
 
                 key = "_keras_consts"
                 if key not in g or g[key].device != params[0].device:
@@ -191,7 +191,7 @@ class KerasAdam(torch.optim.Adam):
                                  [st["exp_avg"] for st in states],
                                  [st["exp_avg_sq"] for st in states])
         if fused:
-            from fastattrec.kernels.keras_adam import keras_adam_
+            from fastattrec.kernels.experimental.keras_adam import keras_adam_
 
             params = [p for ps, _, _ in fused for p in ps]
             states = [st for _, sts, _ in fused for st in sts]

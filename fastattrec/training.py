@@ -277,7 +277,7 @@ class EpochRunner:
         (one launch where the step's kernels are Triton's: `kernels/step_tail.py`)."""
         self.opt.step()
         if self.rows_backend != "torch":
-            from fastattrec.kernels.step_tail import step_tail_
+            from fastattrec.kernels.experimental.step_tail import step_tail_
 
             step_tail_(loss, count, self.loss_sum, self.step, self.cfg.mode == "inner")
             return
@@ -301,8 +301,8 @@ class EpochRunner:
         counter (`EpochBatches`), so nothing is read back and no Python runs between
         steps: the step can be captured in a CUDA graph. Same maths as the autograd
         step. Returns (loss, count)."""
-        from fastattrec.kernels.embedding_gather import gather_rows_
-        from fastattrec.kernels.embedding_scatter import scatter_rows_
+        from fastattrec.kernels.experimental.embedding_gather import gather_rows_
+        from fastattrec.kernels.experimental.embedding_scatter import scatter_rows_
 
         m, nb = self.model, self.batches
         b, length, d = nb.batch, nb.maxlen, m.cfg.dim
@@ -331,7 +331,7 @@ class EpochRunner:
         kernels (`_fused_step`): its small kernels are Triton's, the attention is the
         Triton tile layout, and rows fit the loss kernel."""
         from fastattrec.kernels.attention import layout_for
-        from fastattrec.kernels.pair_loss import MAX_DIM
+        from fastattrec.kernels.experimental.pair_loss import MAX_DIM
 
         cfg = self.model.cfg
         return (self.batches is not None and self.rows_backend != "torch"
@@ -349,10 +349,10 @@ class EpochRunner:
         (else one zeroing launch more). Each kernel reads the step from the device
         counter; nothing is read back. Same maths as the autograd step."""
         from fastattrec.kernels.attention_tiles import tile_backward, tile_forward
-        from fastattrec.kernels.embedding_scatter import scatter_rows_
-        from fastattrec.kernels.pair_loss import pair_loss_, programs
-        from fastattrec.kernels.step_prologue import step_prologue_
-        from fastattrec.kernels.step_tail import MAX_COUNTERS, step_tail_parts_
+        from fastattrec.kernels.experimental.embedding_scatter import scatter_rows_
+        from fastattrec.kernels.experimental.pair_loss import pair_loss_, programs
+        from fastattrec.kernels.experimental.step_prologue import step_prologue_
+        from fastattrec.kernels.experimental.step_tail import MAX_COUNTERS, step_tail_parts_
 
         m, nb, cfg = self.model, self.batches, self.model.cfg
         b, length, d = nb.batch, nb.maxlen, cfg.dim

@@ -11,7 +11,8 @@ Three layouts, chosen by the window length L (`layout_for`):
   consecutive rows of the flattened (B * L, d) input, i.e. BLOCK_R // L whole windows, so
   the projection is a (BLOCK_R x d) @ (d x d) product; Q Q^T is computed for the whole
   block and masked to its block diagonal. The backward recomputes S and A, writes
-  dH = dL/dH once; dW = X_flat^T dH + P^T (sum_b dH_b) afterwards (no atomics).
+  dH = dL/dH once; dW = X_flat^T dH + P^T (sum_b dH_b) afterwards (no atomics). Its
+  device helpers, shared with the experimental split layout, are in `block_layout.py`.
 - "long" (longer windows, this file): one window per program; Q goes to a scratch buffer
   and scores are formed BLOCK_M query rows at a time against all keys.
 
@@ -31,14 +32,26 @@ when one spills.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_tiles import TILE_MAX_L, tile_backward, tile_forward
+from .attention_tiles import TILE_MAX_L, tile_backward, tile_forward, tile_resource_specs
+from .block_layout import (
+    block_meta,
+    block_rows,
+    block_score_grad,
+    block_softmax,
+    interp_block_choice,
+    load_rows,
+    paired_specs,
+    store_short,
+    value_path_grad,
+    weight_grad,
+)
 from .launch import (
     KernelSpec,
     check_inputs,
@@ -50,7 +63,7 @@ from .launch import (
     set_autotune,
 )
 from .position_terms import position_projection_fused
-from .precision import _mm, check_precision, position_weight_grad
+from .precision import check_precision, mm
 from .reference import MASKED_LOGIT
 
 LAYOUTS = ("auto", "tiles", "blocks", "long")
@@ -62,14 +75,6 @@ LONG = 64  # windows longer than this (rounded up to a power of two) use the lon
 
 
 @triton.jit
-def _load_rows(base_ptr, grow, row_ok, c0, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_R, BLOCK_D) tile of a row-major (rows, D) tensor; zeros outside."""
-    cols = c0 + tl.arange(0, BLOCK_D)
-    ptrs = base_ptr + grow[:, None] * D + cols[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
 def _projection_block(x_ptr, w_ptr, pw_ptr, grow, prow, row_ok, n0,
                       D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                       PREC: tl.constexpr, INTERP: tl.constexpr):
@@ -78,95 +83,35 @@ def _projection_block(x_ptr, w_ptr, pw_ptr, grow, prow, row_ok, n0,
     h = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     ncols = n0 + tl.arange(0, BLOCK_D)
     for k0 in range(0, D, BLOCK_D):
-        z = _load_rows(x_ptr, grow, row_ok, k0, D, BLOCK_D)
+        z = load_rows(x_ptr, grow, row_ok, k0, D, BLOCK_D)
         krows = k0 + tl.arange(0, BLOCK_D)
         wt = tl.load(w_ptr + krows[:, None] * D + ncols[None, :],
                      mask=(krows < D)[:, None] & (ncols < D)[None, :], other=0.0)
-        h = _mm(z, wt, h, PREC, INTERP)
-    return h + _load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
+        h = mm(z, wt, h, PREC, INTERP)
+    return h + load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
 
 
 @triton.jit
-def _block_rows(mask_ptr, b0, B, L: tl.constexpr, WPB: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Bookkeeping of a block of BLOCK_R flattened rows holding windows b0 .. b0+WPB-1."""
-    r = tl.arange(0, BLOCK_R)
-    wl = r // L  # window of each row, within the block
-    p = r % L  # position of each row in its window
-    gw = (b0 + wl).to(tl.int64)
-    row_ok = (wl < WPB) & (gw < B)
-    grow = gw * L + p  # row in the flattened (B * L, D) input
-    key_ok = tl.load(mask_ptr + grow, mask=row_ok, other=0) != 0
-    return wl, gw, grow, p.to(tl.int64), row_ok, key_ok
-
-
-@triton.jit
-def _block_softmax(s, wl, row_ok, key_ok):
-    """Row softmax of the scaled scores s (BLOCK_R, BLOCK_R), masked keys at -(2^32) + 1,
-    entries of different windows excluded (block-diagonal). Returns A and that pattern."""
-    same = (wl[:, None] == wl[None, :]) & row_ok[:, None] & row_ok[None, :]
-    s = tl.where(key_ok[None, :], s, -4294967295.0)  # masked keys: -(2^32) + 1
-    s = tl.where(same, s, float("-inf"))
-    m = tl.max(s, axis=1)
-    m = tl.where(row_ok, m, 0.0)
-    e = tl.where(same, tl.exp(s - m[:, None]), 0.0)
-    denom = tl.sum(e, axis=1)
-    denom = tl.where(row_ok, denom, 1.0)
-    return e / denom[:, None], same
-
-
-@triton.jit
-def _attention_probs(x_ptr, mask_ptr, w_ptr, pw_ptr, b0, B, scale,
+def _attention_probs(x_ptr, mask_ptr, w_ptr, pw_ptr, B, scale,
                      L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      INTERP: tl.constexpr):
-    """Softmax matrix A (BLOCK_R, BLOCK_R) of the block's windows, block-diagonal.
+    """Softmax matrix A (BLOCK_R, BLOCK_R) of the program's block (first window b0),
+    block-diagonal.
 
-    Returns A, the row bookkeeping and the key mask, shared by forward and backward.
+    Returns b0, A, p_bar, the row bookkeeping and the key mask: the prologue shared by
+    forward and backward.
     """
-    wl, gw, grow, prow, row_ok, key_ok = _block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
+    b0 = tl.program_id(0) * WPB
+    wl, gw, grow, prow, row_ok, key_ok = block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
     s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_D):
         q = tl.maximum(_projection_block(x_ptr, w_ptr, pw_ptr, grow, prow, row_ok, n0,
                                          D, BLOCK_R, BLOCK_D, PREC, INTERP), 0.0)
-        s = _mm(q, tl.trans(q), s, PREC, INTERP)
-    a, same = _block_softmax(s * scale, wl, row_ok, key_ok)
-    return a, wl, gw, grow, prow, row_ok, key_ok, same
-
-
-@triton.jit
-def _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B,
-                 D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """out[b] = p_bar_b^T X_b for the block's windows (float32 in every mode)."""
-    wo = tl.arange(0, WB)
-    sel = tl.where(wo[:, None] == wl[None, :], p_bar[None, :], 0.0)  # (WB, BLOCK_R)
-    out_rows = (b0 + wo).to(tl.int64)
-    out_ok = (wo < WPB) & (out_rows < B)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_rows(x_ptr, grow, row_ok, d0, D, BLOCK_D)
-        o = tl.dot(sel, xt, input_precision="ieee")  # (WB, BLOCK_D)
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + out_rows[:, None] * D + cols[None, :], o,
-                 mask=out_ok[:, None] & (cols < D)[None, :])
-
-
-@triton.jit
-def _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale,
-                L: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """M = (dS + dS^T) * scale for upstream gradient g: the gradient reaching Q through
-    both the query and the key side of S = Q Q^T."""
-    # dp_bar_j = <g_{w(j)}, x_j>; dA_ij = dp_bar_j / L for every query row i.
-    dp = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_rows(x_ptr, grow, row_ok, d0, D, BLOCK_D)
-        gt = _load_rows(g_ptr, gw, row_ok, d0, D, BLOCK_D)
-        dp += tl.sum(xt * gt, axis=1)
-    c = dp / L
-    rows = tl.sum(a * c[None, :], axis=1)
-    ds = a * (c[None, :] - rows[:, None])
-    ds = tl.where(key_ok[None, :] & same, ds, 0.0) * scale
-    return ds + tl.trans(ds)
+        s = mm(q, tl.trans(q), s, PREC, INTERP)
+    a, same = block_softmax(s * scale, wl, row_ok, key_ok)
+    p_bar = tl.sum(a, axis=0) / L  # (BLOCK_R,) column means within each window
+    return b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same
 
 
 @triton.jit
@@ -176,12 +121,9 @@ def _attn_fwd(x_ptr, mask_ptr, w_ptr, pw_ptr, out_ptr,
               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
               INTERP: tl.constexpr):
     """out[b] = p_bar_b^T X_b for the WPB windows of this program."""
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
-        x_ptr, mask_ptr, w_ptr, pw_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC,
-        INTERP)
-    p_bar = tl.sum(a, axis=0) / L  # (BLOCK_R,) column means within each window
-    _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D)
+    b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
+        x_ptr, mask_ptr, w_ptr, pw_ptr, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
+    store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D)
 
 
 @triton.jit
@@ -191,18 +133,15 @@ def _attn_bwd(x_ptr, mask_ptr, w_ptr, pw_ptr, g_ptr, dx_ptr, dh_ptr,
               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
               INTERP: tl.constexpr):
     """dX and dH = dL/dH for the WPB windows of this program (dW comes later)."""
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
-        x_ptr, mask_ptr, w_ptr, pw_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC,
-        INTERP)
-    p_bar = tl.sum(a, axis=0) / L
-    msym = _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D, BLOCK_R,
-                       BLOCK_D)
+    b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same = _attention_probs(
+        x_ptr, mask_ptr, w_ptr, pw_ptr, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
+    msym = block_score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D,
+                            BLOCK_R, BLOCK_D)
     for n0 in range(0, D, BLOCK_D):
         h = _projection_block(x_ptr, w_ptr, pw_ptr, grow, prow, row_ok, n0,
                               D, BLOCK_R, BLOCK_D, PREC, INTERP)
-        dq = _mm(msym, tl.maximum(h, 0.0), tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32),
-                 PREC, INTERP)
+        dq = mm(msym, tl.maximum(h, 0.0), tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32),
+                PREC, INTERP)
         dh = tl.where(h > 0, dq, 0.0)
         cols = n0 + tl.arange(0, BLOCK_D)
         tl.store(dh_ptr + grow[:, None] * D + cols[None, :], dh,
@@ -220,13 +159,13 @@ def _store_dx(dh_ptr, w_ptr, g_ptr, dx_ptr, p_bar, grow, gw, row_ok,
     for k0 in range(0, D, BLOCK_D):
         krows = k0 + tl.arange(0, BLOCK_D)
         # the value path, float32, is the accumulator's start
-        acc = p_bar[:, None] * _load_rows(g_ptr, gw, row_ok, k0, D, BLOCK_D)
+        acc = p_bar[:, None] * load_rows(g_ptr, gw, row_ok, k0, D, BLOCK_D)
         for n0 in range(0, D, BLOCK_D):
-            dh = _load_rows(dh_ptr, grow, row_ok, n0, D, BLOCK_D)
+            dh = load_rows(dh_ptr, grow, row_ok, n0, D, BLOCK_D)
             ncols = n0 + tl.arange(0, BLOCK_D)
             wt = tl.load(w_ptr + krows[:, None] * D + ncols[None, :],
                          mask=(krows < D)[:, None] & (ncols < D)[None, :], other=0.0)
-            acc = _mm(dh, tl.trans(wt), acc, PREC, INTERP)  # dH W^T
+            acc = mm(dh, tl.trans(wt), acc, PREC, INTERP)  # dH W^T
         tl.store(dx_ptr + grow[:, None] * D + krows[None, :], acc,
                  mask=row_ok[:, None] & (krows < D)[None, :])
 
@@ -261,9 +200,9 @@ def _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
     qgrow = base + qr
     s = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for m0 in range(0, D, BLOCK_D):
-        qi = _load_rows(q_ptr, qgrow, q_ok, m0, D, BLOCK_D)
-        qk = _load_rows(q_ptr, kgrow, k_ok, m0, D, BLOCK_D)
-        s = _mm(qi, tl.trans(qk), s, SPREC, INTERP)
+        qi = load_rows(q_ptr, qgrow, q_ok, m0, D, BLOCK_D)
+        qk = load_rows(q_ptr, kgrow, k_ok, m0, D, BLOCK_D)
+        s = mm(qi, tl.trans(qk), s, SPREC, INTERP)
     s = s * scale
     valid = q_ok[:, None] & k_ok[None, :]
     s = tl.where(key_ok[None, :], s, -4294967295.0)
@@ -275,11 +214,13 @@ def _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
 
 
 @triton.jit
-def _long_window(x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, b, L, scale,
+def _long_window(x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, L, scale,
                  D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                  INTERP: tl.constexpr):
-    """Window b: its rows, key mask, Q written to the scratch buffer, and p_bar (R,)."""
+    """The program's window b: its rows, key mask, Q written to the scratch buffer, and
+    p_bar (R,); the prologue both long kernels share."""
+    b = tl.program_id(0).to(tl.int64)
     base = b * L
     kr = tl.arange(0, R)
     k_ok = kr < L
@@ -293,7 +234,7 @@ def _long_window(x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, b, L, scale,
         a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L, scale,
                                             D, R, BLOCK_M, BLOCK_D, SPREC, INTERP)
         p_bar += tl.sum(a, axis=0)
-    return base, kr, k_ok, kgrow, key_ok, p_bar / L
+    return b, base, kr, k_ok, kgrow, key_ok, p_bar / L
 
 
 @triton.jit
@@ -302,12 +243,12 @@ def _attn_fwd_long(x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, out_ptr,
                    D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    INTERP: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
-        x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, b, L, scale, D, R, BLOCK_M, BLOCK_D, PREC,
+    """out[b] = p_bar_b^T X_b for the program's window b (float32 in every mode)."""
+    b, base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
+        x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, L, scale, D, R, BLOCK_M, BLOCK_D, PREC,
         SPREC, INTERP)
     for d0 in range(0, D, BLOCK_D):
-        xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
+        xt = load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
         cols = d0 + tl.arange(0, BLOCK_D)
         tl.store(out_ptr + b * D + cols, tl.sum(p_bar[:, None] * xt, axis=0), mask=cols < D)
 
@@ -318,21 +259,16 @@ def _attn_bwd_long(x_ptr, mask_ptr, w_ptr, pw_ptr, g_ptr, q_ptr, dx_ptr, dh_ptr,
                    D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    INTERP: tl.constexpr):
-    """SPREC: the precision of the (L x L) x d score products; PREC: the d x d ones."""
-    b = tl.program_id(0).to(tl.int64)
-    base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
-        x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, b, L, scale, D, R, BLOCK_M, BLOCK_D, PREC,
+    """dX and dH of the program's window. SPREC: the precision of the (L x L) x d score
+    products; PREC: the d x d ones."""
+    b, base, kr, k_ok, kgrow, key_ok, p_bar = _long_window(
+        x_ptr, mask_ptr, w_ptr, pw_ptr, q_ptr, L, scale, D, R, BLOCK_M, BLOCK_D, PREC,
         SPREC, INTERP)
     brow = kr * 0 + b  # every row reads the window's upstream gradient row
-    dp = tl.zeros((R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        xt = _load_rows(x_ptr, kgrow, k_ok, d0, D, BLOCK_D)
-        gt = _load_rows(g_ptr, brow, k_ok, d0, D, BLOCK_D)
-        dp += tl.sum(xt * gt, axis=1)
-    c = dp / L
+    c = value_path_grad(x_ptr, g_ptr, kgrow, brow, k_ok, L, D, R, BLOCK_D)  # (R,)
     for n0 in range(0, D, BLOCK_D):
         cols = n0 + tl.arange(0, BLOCK_D)
-        q_all = _load_rows(q_ptr, kgrow, k_ok, n0, D, BLOCK_D)  # (R, BLOCK_D)
+        q_all = load_rows(q_ptr, kgrow, k_ok, n0, D, BLOCK_D)  # (R, BLOCK_D)
         acc_t = tl.zeros((R, BLOCK_D), dtype=tl.float32)  # sum over blocks of dS_I^T Q_I
         for i0 in range(0, R, BLOCK_M):
             a, qgrow, q_ok, valid = _probs_long(q_ptr, key_ok, kgrow, k_ok, i0, base, L,
@@ -340,14 +276,14 @@ def _attn_bwd_long(x_ptr, mask_ptr, w_ptr, pw_ptr, g_ptr, q_ptr, dx_ptr, dh_ptr,
             rows = tl.sum(a * c[None, :], axis=1)
             ds = a * (c[None, :] - rows[:, None])
             ds = tl.where(valid & key_ok[None, :], ds, 0.0) * scale
-            t_a = _mm(ds, q_all, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), SPREC,
-                      INTERP)  # dS_I Q, rows of block I
+            t_a = mm(ds, q_all, tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32), SPREC,
+                     INTERP)  # dS_I Q, rows of block I
             tl.store(dh_ptr + qgrow[:, None] * D + cols[None, :], t_a,
                      mask=q_ok[:, None] & (cols < D)[None, :])
-            q_i = _load_rows(q_ptr, qgrow, q_ok, n0, D, BLOCK_D)
-            acc_t = _mm(tl.trans(ds), q_i, acc_t, SPREC, INTERP)
+            q_i = load_rows(q_ptr, qgrow, q_ok, n0, D, BLOCK_D)
+            acc_t = mm(tl.trans(ds), q_i, acc_t, SPREC, INTERP)
         tl.debug_barrier()
-        dq = _load_rows(dh_ptr, kgrow, k_ok, n0, D, BLOCK_D) + acc_t
+        dq = load_rows(dh_ptr, kgrow, k_ok, n0, D, BLOCK_D) + acc_t
         tl.debug_barrier()
         tl.store(dh_ptr + kgrow[:, None] * D + cols[None, :], tl.where(q_all > 0, dq, 0.0),
                  mask=k_ok[:, None] & (cols < D)[None, :])
@@ -403,33 +339,6 @@ def long_meta(length: int, dim: int, precision: str) -> dict:
             "INTERP": interpreted()}
 
 
-def _block_meta(cfg: tuple[int, int, int, int], length: int, precision: str) -> dict:
-    block_r, block_d, warps, stages = cfg
-    wpb = block_r // length
-    return {"WPB": wpb, "BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": warps,
-            "num_stages": stages, "WB": max(16, triton.next_power_of_2(wpb)),
-            "PREC": precision, "INTERP": interpreted()}
-
-
-def _interp_block_choice(cands):
-    return max(cands, key=lambda c: (c[1], c[0]))  # fewest interpreter loop trips
-
-
-@contextlib.contextmanager
-def cublas_tf32(enabled: bool):
-    """cuBLAS float32 products in TF32 (enabled) or full float32, restored afterwards: the
-    x3 and ieee modes must not inherit a global TF32 switch."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def attention_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
                       pos: torch.Tensor, precision: str = "ieee",
                       layout: str = "auto", pw: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,12 +363,12 @@ def attention_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
         return out
 
     def run(cfg):
-        meta = _block_meta(cfg, length, precision)
+        meta = block_meta(cfg, length, precision)
         _attn_fwd[(triton.cdiv(b, meta["WPB"]),)](x, mask8, w, pw, out, b, scale, L=length,
                                                   D=dim, **meta)
 
     run(pick("fwd", length, dim, precision, b, run, block_candidates(length, dim),
-             _interp_block_choice))
+             interp_block_choice))
     return out
 
 
@@ -488,40 +397,30 @@ def attention_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                              **long_meta(length, dim, precision))
     else:
         def run(cfg):
-            meta = _block_meta(cfg, length, precision)
+            meta = block_meta(cfg, length, precision)
             meta.pop("WB")
             _attn_bwd[(triton.cdiv(b, meta["WPB"]),)](x, mask8, w, pw, grad, dx, dh, b, scale,
                                                       L=length, D=dim, **meta)
 
         run(pick("bwd", length, dim, precision, b, run, block_candidates(length, dim),
-                 _interp_block_choice))
+                 interp_block_choice))
     return dx, weight_grad(x, pos, dh, precision)
-
-
-def weight_grad(x: torch.Tensor, pos: torch.Tensor, dh: torch.Tensor,
-                precision: str) -> torch.Tensor:
-    """dW = X_flat^T dH_flat (cuBLAS; TF32 only in mode "tf32", full float32 otherwise)
-    + P^T (sum_b dH_b) (float64): the P-split of the weight gradient."""
-    b, length, dim = x.shape
-    with cublas_tf32(precision == "tf32"):
-        dw = x.view(b * length, dim).T @ dh.view(b * length, dim)
-    return dw + position_weight_grad(pos, dh.sum(dim=0))
 
 
 def resource_specs(length: int, dim: int, precision: str,
                    layout: str = "auto") -> list[KernelSpec]:
     """Every kernel and configuration the launchers may run for windows of
     `length` x `dim` in `precision`: those of the layout `layout_for(length, layout)`, or
-    with layout "all" those of every layout that takes such windows (the split layout
-    of `attention_split.py` included), for the offline resource report."""
-    from .attention_split import split_resource_specs
-    from .attention_tiles import tile_resource_specs
-
+    with layout "all" those of every layout that takes such windows (the layouts added by
+    `register_layout_specs` included, e.g. the experimental split layout once
+    `fastattrec.kernels.experimental.attention_split` is imported), for the offline
+    resource report."""
     if layout == "all":
         if layout_for(length) == "long":
             return resource_specs(length, dim, precision, "long")
-        specs = block_resource_specs(length, dim, precision) + \
-            split_resource_specs(length, dim, precision)
+        specs = block_resource_specs(length, dim, precision)
+        for extra in _EXTRA_LAYOUT_SPECS.values():
+            specs = specs + extra(length, dim, precision)
         if layout_for(length) == "tiles":
             specs = tile_resource_specs(length, dim, precision) + specs
         return specs
@@ -543,21 +442,16 @@ def block_resource_specs(length: int, dim: int, precision: str) -> list[KernelSp
                         ("fwd", _attn_fwd), ("bwd", _attn_bwd))
 
 
-def paired_specs(candidates, length: int, dim: int, precision: str, fwd: tuple,
-                 bwd: tuple) -> list[KernelSpec]:
-    """A forward and a backward KernelSpec per candidate of a block-metadata layout (the
-    block and split layouts); `fwd`/`bwd` are (kind, kernel)."""
-    specs = []
-    for cfg in candidates:
-        meta = _block_meta(cfg, length, precision)
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        meta["INTERP"] = False
-        specs.append(KernelSpec(fwd[0], cfg, fwd[1], {"L": length, "D": dim, **meta},
-                                warps, stages))
-        meta.pop("WB")
-        specs.append(KernelSpec(bwd[0], cfg, bwd[1], {"L": length, "D": dim, **meta},
-                                warps, stages))
-    return specs
+LayoutSpecs = Callable[[int, int, str], list[KernelSpec]]  # (length, dim, precision) -> specs
+_EXTRA_LAYOUT_SPECS: dict[str, LayoutSpecs] = {}
+
+
+def register_layout_specs(name: str, specs: LayoutSpecs) -> None:
+    """List a further layout's kernels (one that takes the block layout's windows) in
+    `resource_specs(..., layout="all")`. Why a registry: such layouts live outside the
+    default path (`experimental/attention_split.py` registers itself when imported), and
+    this module must not import them. Registering a name again replaces its entry."""
+    _EXTRA_LAYOUT_SPECS[name] = specs
 
 
 # --------------------------------------------------------------------------------------
@@ -589,5 +483,6 @@ def short_term_attention_triton(x: torch.Tensor, mask: torch.Tensor, w: torch.Te
 
 
 __all__ = ["LAYOUTS", "MASKED_LOGIT", "attention_backward", "attention_forward",
-           "block_candidates", "chosen_configs", "layout_for", "resource_specs",
-           "set_autotune", "short_term_attention_triton", "weight_grad"]
+           "block_candidates", "block_resource_specs", "chosen_configs", "layout_for",
+           "long_meta", "register_layout_specs", "resource_specs", "set_autotune",
+           "short_term_attention_triton", "weight_grad"]

@@ -4,7 +4,7 @@ A program owns TW consecutive windows. For each position p the rows X[b0:b0+TW, 
 form a (TW, d) tile, so
 
 - the three d x d products are real matrix products on the tensor cores (in the mode's
-  precision, `precision._mm`): H_p = X_p W + PW_p, dX_p = dH_p W^T + p_bar_p g and the
+  precision, `precision.mm`): H_p = X_p W + PW_p, dX_p = dH_p W^T + p_bar_p g and the
   dW contribution X_p^T dH_p;
 - everything per window (the L(L+1)/2 distinct scores, the softmax, p_bar, dp_bar, dS,
   M = (dS + dS^T) / sqrt(d), dQ_p = sum_q M_pq Q_q, and out = sum_p p_bar_p X_p) is
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .launch import KernelSpec, interpreted, pick, sm_count
 from .position_terms import position_projection_fused, reduce_weight_grad
-from .precision import _mm
+from .precision import mm
 
 TILE_MAX_L = 8  # longer windows use the block layout (attention.py)
 MASKED = tl.constexpr(-4294967295.0)  # -(2^32) + 1, SPEC masked logit (-2^32 in float32)
@@ -91,7 +91,7 @@ def _product(a_ptr, a_row, a_ok, b_ptr, k_n, n0, acc,
         else:
             b = tl.load(b_ptr + k[:, None] * D + n[None, :],
                         mask=(k < D)[:, None] & (n < D)[None, :], other=0.0)
-        acc = _mm(a, b, acc, PREC, INTERP)
+        acc = mm(a, b, acc, PREC, INTERP)
     return acc
 
 
@@ -306,7 +306,7 @@ def _tile_bwd(x_ptr, mask_ptr, w_ptr, pw_ptr, g_ptr, dx_ptr, scratch_ptr, dwp_pt
                                      mask=(mcol < D)[:, None] & (wk < B)[None, :],
                                      other=0.0)  # (BM, BK) = X_p[t0:t0+BK, m0:m0+BM]^T
                         dhk = _rows(scr, pr * TW + tk, tk < TW, n0, D, BD)  # (BK, BD)
-                        acc = _mm(xt, dhk, acc, PREC, INTERP)
+                        acc = mm(xt, dhk, acc, PREC, INTERP)
                 _store_rows(dwp, mcol, mcol < D, n0, acc, D, BD)
         tl.debug_barrier()  # the next tile overwrites the scratch
 

@@ -1,7 +1,7 @@
 """What every launcher shares: argument checks, buffers and the choice of configuration.
 
 Each kernel layout (`attention_tiles.py`, `attention.py`'s blocks and long windows,
-`attention_split.py`) offers a few candidate configurations per (L, d); on CUDA each is
+`experimental/attention_split.py`) offers a few candidate configurations per (L, d); on CUDA each is
 timed once with `triton.testing.do_bench` and the fastest kept (`pick`); under
 TRITON_INTERPRET=1 a fixed one is used, since the interpreter's time says nothing.
 `benchmarks/kernel_resources.py` compiles every candidate offline and the test suite fails

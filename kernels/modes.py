@@ -1,7 +1,7 @@
 """The precision modes' names and properties, importable without Triton.
 
-What each mode computes is in `precision.py` (the kernels' `_mm`) and, as a numpy model
-of its rounding, in `emulation.py`.
+What each mode computes is in `precision.py` (the kernels' `mm`) and, as a numpy model
+of its rounding, in `experimental/emulation.py`.
 """
 
 from __future__ import annotations

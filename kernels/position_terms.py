@@ -34,15 +34,15 @@ BLOCK_W = 32  # columns of dW per program
 
 @triton.jit
 def _position_projection(pos_ptr, w_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    _projection_block(tl.program_id(0), tl.program_id(1), pos_ptr, w_ptr, out_ptr, D,
-                      BLOCK_N)
+    projection_block(tl.program_id(0), tl.program_id(1), pos_ptr, w_ptr, out_ptr, D,
+                     BLOCK_N)
 
 
 @triton.jit
-def _projection_block(row, block, pos_ptr, w_ptr, out_ptr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+def projection_block(row, block, pos_ptr, w_ptr, out_ptr, D: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """PW[row, block BLOCK_N : (block + 1) BLOCK_N] (also called by the training step's
-    prologue kernel, `step_prologue.py`)."""
+    prologue kernel, `experimental/step_prologue.py`)."""
     row = row.to(tl.int64)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = n < D
@@ -110,4 +110,5 @@ def resource_specs(dim: int) -> list[KernelSpec]:
                        {"D": dim, "BLOCK_M": BLOCK_M, "BLOCK_W": BLOCK_W}, num_warps=4)]
 
 
-__all__ = ["position_projection_fused", "reduce_weight_grad", "resource_specs"]
+__all__ = ["BLOCK_N", "position_projection_fused", "projection_block", "reduce_weight_grad",
+           "resource_specs"]

@@ -1,10 +1,10 @@
-"""Precision modes of the kernels' d x d matrix products, one `_mm` for every kernel.
+"""Precision modes of the kernels' d x d matrix products, one `mm` for every kernel.
 
 Modes (the `precision` argument of every launcher):
 
 - "ieee": float32 products on the FMA units; float32-level, slowest.
 - "tf32": one TF32 tensor-core product (10 explicit mantissa bits per operand); fast,
-  NOT float32-level (about 3e-3 relative error on dW, `emulation.py`).
+  NOT float32-level (about 3e-3 relative error on dW, `experimental/emulation.py`).
 - "tf32x3": 3xTF32 on tensor cores. Each float32 operand is split into hi = tf32(a) and
   lo = tf32(a - hi); a b ~ lo_a hi_b + hi_a lo_b + hi_a hi_b in float32 accumulation (the
   lo lo term is below float32 rounding). Float32-level at three tensor-core products.
@@ -46,14 +46,14 @@ def position_weight_grad(pos: torch.Tensor, dh_sum: torch.Tensor) -> torch.Tenso
 
 
 @triton.jit
-def _round_tf32(a):
+def round_tf32(a):
     """Round float32 to TF32 (ties away from zero, as cvt.rna.tf32.f32), kept as float32."""
     u = a.to(tl.uint32, bitcast=True)
     return ((u + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _round_bf16(a):
+def round_bf16(a):
     """Round float32 to bfloat16 (ties to even), kept as float32 (low 16 bits zero)."""
     u = a.to(tl.uint32, bitcast=True)
     u = u + 0x7FFF + ((u >> 16) & 1)
@@ -61,25 +61,25 @@ def _round_bf16(a):
 
 
 @triton.jit
-def _mm(a, b, acc, PREC: tl.constexpr, INTERP: tl.constexpr):
+def mm(a, b, acc, PREC: tl.constexpr, INTERP: tl.constexpr):
     """acc + a @ b in float32 accumulation, with the products in mode PREC."""
     if PREC == "ieee":
         acc = tl.dot(a, b, acc, input_precision="ieee")
     elif PREC == "tf32":
         acc = tl.dot(a, b, acc, input_precision="tf32")
     elif PREC == "tf32x3":
-        a_hi = _round_tf32(a)
-        b_hi = _round_tf32(b)
-        a_lo = _round_tf32(a - a_hi)
-        b_lo = _round_tf32(b - b_hi)
+        a_hi = round_tf32(a)
+        b_hi = round_tf32(b)
+        a_lo = round_tf32(a - a_hi)
+        b_lo = round_tf32(b - b_hi)
         acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
         acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
         acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
     else:  # bf16x3
-        a_hi = _round_bf16(a)
-        b_hi = _round_bf16(b)
-        a_lo = _round_bf16(a - a_hi)
-        b_lo = _round_bf16(b - b_hi)
+        a_hi = round_bf16(a)
+        b_hi = round_bf16(b)
+        a_lo = round_bf16(a - a_hi)
+        b_lo = round_bf16(b - b_hi)
         if INTERP:  # exact products of bf16-representable values, see the module docstring
             acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
             acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
@@ -93,5 +93,5 @@ def _mm(a, b, acc, PREC: tl.constexpr, INTERP: tl.constexpr):
     return acc
 
 
-__all__ = ["FLOAT32_LEVEL", "PRECISIONS", "TENSOR_CORE", "check_precision",
-           "position_projection", "position_weight_grad"]
+__all__ = ["FLOAT32_LEVEL", "PRECISIONS", "TENSOR_CORE", "check_precision", "mm",
+           "position_projection", "position_weight_grad", "round_bf16", "round_tf32"]

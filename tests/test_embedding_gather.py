@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastattrec.kernels.embedding_gather import gather_rows_
+from fastattrec.kernels.experimental.embedding_gather import gather_rows_
 
 from helpers import BOTH_FORMS as BACKENDS
 from helpers import DEVICE

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastattrec.kernels.embedding_scatter import (
+from fastattrec.kernels.experimental.embedding_scatter import (
     plan_segments,
     scatter_rows_,
     scatter_rows_torch_,

@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 triton = pytest.importorskip("triton")
 attention = pytest.importorskip("fastattrec.kernels.attention")
-attention_split = pytest.importorskip("fastattrec.kernels.attention_split")
+attention_split = pytest.importorskip("fastattrec.kernels.experimental.attention_split")
 attention_tiles = pytest.importorskip("fastattrec.kernels.attention_tiles")
 launch = pytest.importorskip("fastattrec.kernels.launch")
 launch.set_autotune(False)  # one compiled configuration per shape keeps CUDA runs short

@@ -5,13 +5,13 @@ In Triton's interpreter every `tl.dot` computes in float32, so a mode's rounding
 cannot be seen by running the kernel on a CPU. What can be checked here, and is:
 - the kernels' rounding helpers round exactly as the numpy model does (and as torch's
   bfloat16 conversion does);
-- `_mm` in each split mode computes the split formula (its rounded operands are rounded
+- `mm` in each split mode computes the split formula (its rounded operands are rounded
   in the kernel itself, so the interpreter sees them): equal to the numpy model of that
   formula, and measurably different from the plain float32 product;
 - the numpy model of each mode, run through the whole attention with the P-split, is
   float32-level against float64 for ieee, tf32x3 and bf16x3, and plain tf32 is not; and
   without the P-split bf16x3 is not float32-level either.
-On CUDA the same `_mm` test runs on the tensor cores.
+On CUDA the same `mm` test runs on the tensor cores.
 """
 
 import math
@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from fastattrec.kernels import FLOAT32_LEVEL, PRECISIONS, position_encoding
-from fastattrec.kernels.emulation import attention_emulated, matmul, round_bf16, round_tf32
+from fastattrec.kernels.experimental.emulation import (
+    attention_emulated,
+    matmul,
+    round_bf16,
+    round_tf32,
+)
 from fastattrec.kernels.reference import short_term_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +62,7 @@ def test_round_tf32_is_nearest_with_ten_mantissa_bits():
 
 
 # --------------------------------------------------------------------------------------
-# The kernels' `_mm` in each mode, against the numpy model of its formula
+# The kernels' `mm` in each mode, against the numpy model of its formula
 # --------------------------------------------------------------------------------------
 
 triton = pytest.importorskip("triton")
@@ -74,10 +79,10 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, ra_ptr, rb_ptr, M: tl.constexpr, K: tl.const
     n = tl.arange(0, N)
     a = tl.load(a_ptr + m[:, None] * K + k[None, :])
     b = tl.load(b_ptr + k[:, None] * N + n[None, :])
-    c = precision._mm(a, b, tl.zeros((M, N), dtype=tl.float32), PREC, INTERP)
+    c = precision.mm(a, b, tl.zeros((M, N), dtype=tl.float32), PREC, INTERP)
     tl.store(c_ptr + m[:, None] * N + n[None, :], c)
-    tl.store(ra_ptr + m[:, None] * K + k[None, :], precision._round_tf32(a))
-    tl.store(rb_ptr + m[:, None] * K + k[None, :], precision._round_bf16(a))
+    tl.store(ra_ptr + m[:, None] * K + k[None, :], precision.round_tf32(a))
+    tl.store(rb_ptr + m[:, None] * K + k[None, :], precision.round_bf16(a))
 
 
 def _run_mm(a: np.ndarray, b: np.ndarray, mode: str):

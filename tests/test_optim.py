@@ -223,7 +223,7 @@ def test_cuda_graph_replay_matches_keras_rule():
 
 def test_fused_kernel_zeroes_the_gradient_it_read():
     pytest.importorskip("triton")
-    from fastattrec.kernels.keras_adam import group_constants, keras_adam_
+    from fastattrec.kernels.experimental.keras_adam import group_constants, keras_adam_
     from fastattrec.optim import _fused_available
 
     if not _fused_available([torch.zeros(1)]):
@@ -243,7 +243,7 @@ def test_one_launch_takes_many_parameters_with_their_own_constants():
     above a block, an empty one, and per-parameter weight decay; each against the Keras
     rule in numpy over three steps."""
     pytest.importorskip("triton")
-    from fastattrec.kernels.keras_adam import BLOCK, group_constants, keras_adam_
+    from fastattrec.kernels.experimental.keras_adam import BLOCK, group_constants, keras_adam_
     from fastattrec.optim import _fused_available
 
     if not _fused_available([torch.zeros(1)]):

@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreted():
     pytest.skip("the kernel runs on CUDA or in the interpreter", allow_module_level=True)
 
-from fastattrec.kernels.pair_loss import pair_loss_, programs  # noqa: E402
+from fastattrec.kernels.experimental.pair_loss import pair_loss_, programs  # noqa: E402
 from fastattrec.model import batch_loss  # noqa: E402
 
 

@@ -14,9 +14,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreted():
     pytest.skip("the kernel runs on CUDA or in the interpreter", allow_module_level=True)
 
-from fastattrec.kernels.embedding_gather import gather_rows_  # noqa: E402
+from fastattrec.kernels.experimental.embedding_gather import gather_rows_  # noqa: E402
+from fastattrec.kernels.experimental.step_prologue import step_prologue_  # noqa: E402
 from fastattrec.kernels.position_terms import position_projection_fused  # noqa: E402
-from fastattrec.kernels.step_prologue import step_prologue_  # noqa: E402
 
 
 @pytest.mark.parametrize("d,length", [(100, 5), (7, 3), (130, 2)])

@@ -13,7 +13,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreted():
     pytest.skip("the kernel runs on CUDA or in the interpreter", allow_module_level=True)
 
-from fastattrec.kernels.step_tail import step_tail_  # noqa: E402
+from fastattrec.kernels.experimental.step_tail import step_tail_  # noqa: E402
 
 
 @pytest.mark.parametrize("inner", [True, False], ids=["inner", "dist"])
@@ -42,7 +42,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_partial_sums_are_added_in_float64():
-    from fastattrec.kernels.step_tail import step_tail_parts_
+    from fastattrec.kernels.experimental.step_tail import step_tail_parts_
 
     parts = np.random.default_rng(0).normal(size=700).astype(np.float32)  # 3 loop trips
     total = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
@@ -55,7 +55,7 @@ def test_partial_sums_are_added_in_float64():
 
 
 def test_optimiser_counters_are_counted_too():
-    from fastattrec.kernels.step_tail import step_tail_parts_
+    from fastattrec.kernels.experimental.step_tail import step_tail_parts_
 
     total = torch.zeros((), dtype=torch.float64, device=DEVICE)
     step = torch.tensor(0, device=DEVICE)

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelSpec
+from ..launch import KernelSpec
+
+MAX_COUNTERS = 4  # the optimiser's step counters one `step_tail_parts_` launch counts
 
 
 @triton.jit
@@ -44,9 +46,6 @@ def _step_tail_parts(part_ptr, n, sum_ptr, step_ptr, c0, c1, c2, c3,
         tl.store(c2, tl.load(c2) + 1.0)
     if COUNTERS > 3:
         tl.store(c3, tl.load(c3) + 1.0)
-
-
-MAX_COUNTERS = 4
 
 
 def step_tail_parts_(parts: torch.Tensor, loss_sum: torch.Tensor, step: torch.Tensor,

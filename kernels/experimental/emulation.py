@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .modes import PRECISIONS as MODES
+from ..modes import PRECISIONS as MODES
 
 
 def round_tf32(a: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .launch import interpreted, small_kernel_backend
+from ..launch import KernelSpec, interpreted, small_kernel_backend
 
 try:
     import triton
@@ -42,9 +42,9 @@ MAX_BLOCK_D = 128
 if triton is not None:
 
     @triton.jit
-    def _gather_block(block, out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr,
-                      flags_ptr, off1, off2, flag_row, n, d, FLAGS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def gather_block(block, out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr,
+                     flags_ptr, off1, off2, flag_row, n, d, FLAGS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Lookups [block BLOCK_N, (block + 1) BLOCK_N) of the step, all columns (also
         called by the training step's prologue kernel, `step_prologue.py`)."""
         r = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,8 +68,8 @@ if triton is not None:
     def _gather_rows(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, flags_ptr, off1,
                      off2, flag_row, n, d, FLAGS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
-        _gather_block(tl.program_id(0), out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr,
-                      t2_ptr, flags_ptr, off1, off2, flag_row, n, d, FLAGS, BLOCK_N, BLOCK_D)
+        gather_block(tl.program_id(0), out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr,
+                     t2_ptr, flags_ptr, off1, off2, flag_row, n, d, FLAGS, BLOCK_N, BLOCK_D)
 
 
 def _step_index(index: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
@@ -80,9 +80,11 @@ def _step_index(index: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
     return index.index_select(0, step.reshape(1).long())[0]
 
 
-def _check(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,
-           step: torch.Tensor | None, flags: torch.Tensor | None = None) -> None:
-    """ValueError with one sentence for arguments the gather cannot take."""
+def check_gather_args(out: torch.Tensor, tables: Sequence[torch.Tensor],
+                      index: torch.Tensor, step: torch.Tensor | None,
+                      flags: torch.Tensor | None = None) -> None:
+    """ValueError with one sentence for arguments the gather cannot take (also checked by
+    the training step's prologue, `step_prologue.py`)."""
     if flags is not None and (flags.shape != (index.shape[-1],) or flags.dtype not in (
             torch.bool, torch.uint8) or flags.device != index.device):
         raise ValueError(f"flags must be a bool or uint8 ({index.shape[-1]},) tensor on the "
@@ -112,7 +114,7 @@ def gather_rows_torch(out: torch.Tensor, tables: Sequence[torch.Tensor],
                       index: torch.Tensor, step: torch.Tensor | None = None,
                       flags: torch.Tensor | None = None, flag_row: int = 0) -> torch.Tensor:
     """`gather_rows_triton` in torch ops, on any device: out[i] = the flat row index[i]."""
-    _check(out, tables, index, step, flags)
+    check_gather_args(out, tables, index, step, flags)
     idx = _step_index(index, step).long()  # (N,)
     if flags is not None:
         flags.copy_(idx != flag_row)
@@ -137,7 +139,7 @@ def gather_rows_triton(out: torch.Tensor, tables: Sequence[torch.Tensor],
     (index[i] != flag_row): a training step's key mask comes out of the same launch.
     CUDA tensors, or CPU ones under TRITON_INTERPRET=1. Indices outside the flat space
     read the last table (callers keep them in range)."""
-    _check(out, tables, index, step, flags)
+    check_gather_args(out, tables, index, step, flags)
     if triton is None:
         raise RuntimeError("gather_rows_triton needs the triton package")
     if out.device.type != "cuda" and not interpreted():
@@ -186,11 +188,9 @@ def gather_rows_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch
     return gather_rows_torch(out, tables, index, step, flags, flag_row)
 
 
-def resource_specs(dim: int = 100) -> list:
+def resource_specs(dim: int = 100) -> list[KernelSpec]:
     """The kernel as a training step launches it (an int64 (T, N) index, the key mask
     as flags), for the offline report (benchmarks/kernel_resources.py)."""
-    from .launch import KernelSpec
-
     block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
     return [KernelSpec("gather_rows", (block_d,), _gather_rows,
                        {"FLAGS": True, "BLOCK_N": BLOCK_N, "BLOCK_D": block_d},
@@ -198,4 +198,6 @@ def resource_specs(dim: int = 100) -> list:
                                            "flags_ptr": "*u8", "flag_row": "i64"})]
 
 
-__all__ = ["BACKENDS", "gather_rows_", "gather_rows_torch", "gather_rows_triton"]
+__all__ = ["BACKENDS", "BLOCK_N", "MAX_BLOCK_D", "check_gather_args", "gather_block",
+           "gather_rows_", "gather_rows_torch", "gather_rows_triton", "launch_args", "programs",
+           "resource_specs"]

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import KernelSpec
+
 BLOCK = 1024
 SLOTS = 4  # parameters one launch updates
 # Layout of the per-group constants tensor (float64). 1 - b1 and 1 - b2 are computed on
@@ -113,10 +115,8 @@ def keras_adam_(params: list[torch.Tensor], grads: list[torch.Tensor],
         _keras_adam[(ends[-1],)](*args, *bounds, ZERO_GRAD=zero_grad, BLOCK=BLOCK)
 
 
-def resource_specs() -> list:
+def resource_specs() -> list[KernelSpec]:
     """The kernel as `keras_adam_` launches it (for benchmarks/kernel_resources.py)."""
-    from .launch import KernelSpec
-
     ptrs = {f"{a}{k}": "*fp32" for a in "pgmvs" for k in range(SLOTS)}
     ptrs.update({f"c{k}": "*fp64" for k in range(SLOTS)})
     return [KernelSpec("keras_adam", (BLOCK,), _keras_adam, {"ZERO_GRAD": False,

@@ -17,6 +17,10 @@ Precision: cuBLAS has no 3-pass mode, so in tf32x3 and bf16x3 its products run i
 float32 (TF32 only in mode "tf32"); the Triton part uses the mode as the other layouts do.
 Windows up to 64 rows (next power of two) only; longer ones use `attention.py`'s long
 kernels.
+
+Experimental: not measured to win on a GPU yet. It reaches the default path only through
+public names (`attention.py`, `block_layout.py`), and lists its kernels in
+`attention.resource_specs(..., layout="all")` by registering them when imported.
 """
 
 from __future__ import annotations
@@ -27,39 +31,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (
-    _block_meta,
-    _block_rows,
-    _block_softmax,
-    _interp_block_choice,
-    _load_rows,
-    _score_grad,
-    _store_short,
+from ..attention import layout_for, register_layout_specs, short_term_attention_triton
+from ..block_layout import (
+    block_meta,
+    block_rows,
+    block_score_grad,
+    block_softmax,
     cublas_tf32,
-    layout_for,
+    interp_block_choice,
+    load_rows,
     paired_specs,
-    short_term_attention_triton,
+    store_short,
     weight_grad,
 )
-from .launch import KernelSpec, check_inputs, checked_grad, mask_bytes, pick
-from .precision import _mm, check_precision, position_projection
+from ..launch import KernelSpec, check_inputs, checked_grad, mask_bytes, pick
+from ..precision import check_precision, mm, position_projection
 
 
 @triton.jit
-def _split_probs(h_ptr, pw_ptr, mask_ptr, b0, B, scale,
+def _split_probs(h_ptr, pw_ptr, mask_ptr, B, scale,
                  L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                  INTERP: tl.constexpr):
-    """Softmax matrix A of the block's windows from the saved projection Hx (+ P W)."""
-    wl, gw, grow, prow, row_ok, key_ok = _block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
+    """The program's block (first window b0): the softmax matrix A of its windows from the
+    saved projection Hx (+ P W), p_bar (BLOCK_R,) and the row bookkeeping; the prologue
+    both split kernels share."""
+    b0 = tl.program_id(0) * WPB
+    wl, gw, grow, prow, row_ok, key_ok = block_rows(mask_ptr, b0, B, L, WPB, BLOCK_R)
     s = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, D, BLOCK_D):
-        h = _load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
-        h += _load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
+        h = load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
+        h += load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
         q = tl.maximum(h, 0.0)
-        s = _mm(q, tl.trans(q), s, PREC, INTERP)
-    a, same = _block_softmax(s * scale, wl, row_ok, key_ok)
-    return a, wl, gw, grow, prow, row_ok, key_ok, same
+        s = mm(q, tl.trans(q), s, PREC, INTERP)
+    a, same = block_softmax(s * scale, wl, row_ok, key_ok)
+    p_bar = tl.sum(a, axis=0) / L  # column means within each window
+    return b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same
 
 
 @triton.jit
@@ -67,11 +74,10 @@ def _split_fwd(h_ptr, pw_ptr, x_ptr, mask_ptr, out_ptr, B, scale,
                L: tl.constexpr, D: tl.constexpr, WPB: tl.constexpr, WB: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                INTERP: tl.constexpr):
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
-        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
-    p_bar = tl.sum(a, axis=0) / L
-    _store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D)
+    """out[b] = p_bar_b^T X_b for the WPB windows of this program."""
+    b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
+        h_ptr, pw_ptr, mask_ptr, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
+    store_short(x_ptr, out_ptr, p_bar, wl, grow, row_ok, b0, B, D, WPB, WB, BLOCK_D)
 
 
 @triton.jit
@@ -80,21 +86,19 @@ def _split_bwd(h_ptr, pw_ptr, x_ptr, mask_ptr, g_ptr, dx_ptr, dh_ptr, B, scale,
                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                INTERP: tl.constexpr):
     """dH and the value path of dX (p_bar_j g_{w(j)}); dH W^T is added by cuBLAS."""
-    b0 = tl.program_id(0) * WPB
-    a, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
-        h_ptr, pw_ptr, mask_ptr, b0, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
-    p_bar = tl.sum(a, axis=0) / L
-    msym = _score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D, BLOCK_R,
-                       BLOCK_D)
+    b0, a, p_bar, wl, gw, grow, prow, row_ok, key_ok, same = _split_probs(
+        h_ptr, pw_ptr, mask_ptr, B, scale, L, D, WPB, BLOCK_R, BLOCK_D, PREC, INTERP)
+    msym = block_score_grad(a, x_ptr, g_ptr, grow, gw, row_ok, key_ok, same, scale, L, D,
+                            BLOCK_R, BLOCK_D)
     for n0 in range(0, D, BLOCK_D):
-        h = _load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
-        h += _load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
-        dq = _mm(msym, tl.maximum(h, 0.0), tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32),
-                 PREC, INTERP)
+        h = load_rows(h_ptr, grow, row_ok, n0, D, BLOCK_D)
+        h += load_rows(pw_ptr, prow, row_ok, n0, D, BLOCK_D)
+        dq = mm(msym, tl.maximum(h, 0.0), tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32),
+                PREC, INTERP)
         cols = n0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (cols < D)[None, :]
         tl.store(dh_ptr + grow[:, None] * D + cols[None, :], tl.where(h > 0, dq, 0.0), mask=ok)
-        value = p_bar[:, None] * _load_rows(g_ptr, gw, row_ok, n0, D, BLOCK_D)
+        value = p_bar[:, None] * load_rows(g_ptr, gw, row_ok, n0, D, BLOCK_D)
         tl.store(dx_ptr + grow[:, None] * D + cols[None, :], value, mask=ok)
 
 
@@ -107,7 +111,8 @@ def split_candidates(length: int, dim: int) -> list[tuple[int, int, int, int]]:
     return [(max(need, 32), 16, 8, 1)]
 
 
-def _projections(x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, precision: str):
+def _projections(x: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, precision: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hx = X_flat W in cuBLAS (TF32 in mode "tf32" only; full float32 for the float32-level
     modes, which cuBLAS has no 3-pass form of) and P W in float64 (the P-split)."""
     b, length, dim = x.shape
@@ -129,13 +134,13 @@ def split_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, pos: tor
     mask8 = mask_bytes(mask)
 
     def run(cfg):
-        meta = _block_meta(cfg, length, precision)
+        meta = block_meta(cfg, length, precision)
         grid = (triton.cdiv(b, meta["WPB"]),)
         _split_fwd[grid](hx, pw, x, mask8, out, b, 1.0 / math.sqrt(dim), L=length, D=dim,
                          **meta)
 
     run(pick("split_fwd", length, dim, precision, b, run, split_candidates(length, dim),
-             _interp_block_choice))
+             interp_block_choice))
     return out, hx
 
 
@@ -152,14 +157,14 @@ def split_backward(grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, w: t
     pw = position_projection(pos, w)
 
     def run(cfg):
-        meta = _block_meta(cfg, length, precision)
+        meta = block_meta(cfg, length, precision)
         meta.pop("WB")
         grid = (triton.cdiv(b, meta["WPB"]),)
         _split_bwd[grid](hx, pw, x, mask8, grad, dx, dh, b, 1.0 / math.sqrt(dim), L=length,
                          D=dim, **meta)
 
     run(pick("split_bwd", length, dim, precision, b, run, split_candidates(length, dim),
-             _interp_block_choice))
+             interp_block_choice))
     with cublas_tf32(precision == "tf32"):
         dx.view(b * length, dim).addmm_(dh.view(b * length, dim), w.T)  # dX += dH W^T
     return dx, weight_grad(x, pos, dh, precision)
@@ -192,3 +197,9 @@ def short_term_attention_split(x: torch.Tensor, mask: torch.Tensor, w: torch.Ten
     if layout_for(x.shape[1]) == "long":  # the long kernels of attention.py
         return short_term_attention_triton(x, mask, w, pos, precision)
     return _SplitAttention.apply(x, mask, w, pos, precision)
+
+
+register_layout_specs("split", split_resource_specs)
+
+__all__ = ["short_term_attention_split", "split_backward", "split_candidates", "split_forward",
+           "split_resource_specs"]

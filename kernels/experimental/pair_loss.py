@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelSpec
+from ..launch import KernelSpec
 
 BLOCK_B = 4  # samples per program (16 spilled; 4 with 4 warps: 96-167 registers, none spilled)
 MAX_DIM = 128  # rows held whole in registers (spill-free up to 128); wider: autograd step

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import interpreted, small_kernel_backend
+from ..launch import KernelSpec, interpreted, small_kernel_backend
 
 try:
     import triton
@@ -63,6 +63,42 @@ except ImportError:  # no Triton on this platform: only the torch path exists
 BACKENDS = ("auto", "triton", "torch")
 UNROLL = 4  # source rows loaded per loop trip (loads in flight; the adds stay in order)
 MAX_BLOCK_D = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _scatter_rows(out_ptr, src_ptr, order_ptr, rows_ptr, starts_ptr, count_ptr, step_ptr,
+                      n, d, ACCUMULATE: tl.constexpr, STEPPED: tl.constexpr,
+                      UNROLL: tl.constexpr, BLOCK_D: tl.constexpr):
+        # program (s, j): segment s, columns [j BLOCK_D, (j + 1) BLOCK_D)
+        s = tl.program_id(0)
+        if STEPPED:  # step `t` of a padded plan of several steps: its rows of the plan
+            t = tl.load(step_ptr).to(tl.int64)
+            order_ptr += t * n
+            rows_ptr += t * n
+            starts_ptr += t * (n + 1)
+            count_ptr += t
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < d
+        if s < tl.load(count_ptr):  # programs past the step's segment count do nothing
+            start = tl.load(starts_ptr + s)
+            end = tl.load(starts_ptr + s + 1)
+            acc = tl.full([BLOCK_D], -0.0, tl.float32)
+            for i in range(start, end, UNROLL):
+                # UNROLL independent loads, then the adds in position order; rows past
+                # the segment's end read -0.0, which leaves acc unchanged bit for bit.
+                for k in tl.static_range(UNROLL):
+                    ok = i + k < end
+                    p = tl.load(order_ptr + i + k, mask=ok, other=0)
+                    # cols < (d or 0): the column mask, empty past the end (one compare;
+                    # the interpreter mishandles a vector mask & a scalar one)
+                    x = tl.load(src_ptr + p * d + cols, mask=cols < tl.where(ok, d, 0),
+                                other=-0.0)
+                    acc = acc + x
+            dst = out_ptr + tl.load(rows_ptr + s) * d + cols
+            if ACCUMULATE:
+                acc = tl.load(dst, mask=cmask, other=0.0) + acc
+            tl.store(dst, acc, mask=cmask)
 
 
 @dataclass(frozen=True)
@@ -141,59 +177,6 @@ def plan_segments(index: torch.Tensor, n_rows: int, check: bool = True) -> Segme
     s = int(count[0])
     return SegmentPlan(order[0], rows[0, :s].contiguous(), starts[0, : s + 1].contiguous(),
                        count[0], n_rows)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _scatter_rows(out_ptr, src_ptr, order_ptr, rows_ptr, starts_ptr, count_ptr, step_ptr,
-                      n, d, ACCUMULATE: tl.constexpr, STEPPED: tl.constexpr,
-                      UNROLL: tl.constexpr, BLOCK_D: tl.constexpr):
-        # program (s, j): segment s, columns [j BLOCK_D, (j + 1) BLOCK_D)
-        s = tl.program_id(0)
-        if STEPPED:  # step `t` of a padded plan of several steps: its rows of the plan
-            t = tl.load(step_ptr).to(tl.int64)
-            order_ptr += t * n
-            rows_ptr += t * n
-            starts_ptr += t * (n + 1)
-            count_ptr += t
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        cmask = cols < d
-        if s < tl.load(count_ptr):  # programs past the step's segment count do nothing
-            start = tl.load(starts_ptr + s)
-            end = tl.load(starts_ptr + s + 1)
-            acc = tl.full([BLOCK_D], -0.0, tl.float32)
-            for i in range(start, end, UNROLL):
-                # UNROLL independent loads, then the adds in position order; rows past
-                # the segment's end read -0.0, which leaves acc unchanged bit for bit.
-                for k in tl.static_range(UNROLL):
-                    ok = i + k < end
-                    p = tl.load(order_ptr + i + k, mask=ok, other=0)
-                    # cols < (d or 0): the column mask, empty past the end (one compare;
-                    # the interpreter mishandles a vector mask & a scalar one)
-                    x = tl.load(src_ptr + p * d + cols, mask=cols < tl.where(ok, d, 0),
-                                other=-0.0)
-                    acc = acc + x
-            dst = out_ptr + tl.load(rows_ptr + s) * d + cols
-            if ACCUMULATE:
-                acc = tl.load(dst, mask=cmask, other=0.0) + acc
-            tl.store(dst, acc, mask=cmask)
-
-
-def resource_specs(dim: int = 100) -> list:
-    """The kernel as `scatter_rows_triton_` launches it for rows of `dim` floats, with a
-    single plan and with a step of an epoch's plan (for the offline report,
-    benchmarks/kernel_resources.py)."""
-    from .launch import KernelSpec
-
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
-    return [KernelSpec("scatter_rows", (block_d, stepped), _scatter_rows,
-                       {"ACCUMULATE": True, "STEPPED": stepped, "UNROLL": UNROLL,
-                        "BLOCK_D": block_d},
-                       num_warps=max(1, block_d // 128),
-                       types={f"{n}_ptr": "*i64" for n in ("order", "rows", "starts",
-                                                           "count", "step")})
-            for stepped in (False, True)]
 
 
 def _check(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
@@ -297,5 +280,19 @@ def scatter_rows_(out: torch.Tensor, src: torch.Tensor, plan: SegmentPlan,
     return scatter_rows_torch_(out, src, plan, accumulate, step)
 
 
-__all__ = ["BACKENDS", "SegmentPlan", "plan_segments", "scatter_rows_",
+def resource_specs(dim: int = 100) -> list[KernelSpec]:
+    """The kernel as `scatter_rows_triton_` launches it for rows of `dim` floats, with a
+    single plan and with a step of an epoch's plan (for the offline report,
+    benchmarks/kernel_resources.py)."""
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(dim))
+    return [KernelSpec("scatter_rows", (block_d, stepped), _scatter_rows,
+                       {"ACCUMULATE": True, "STEPPED": stepped, "UNROLL": UNROLL,
+                        "BLOCK_D": block_d},
+                       num_warps=max(1, block_d // 128),
+                       types={f"{n}_ptr": "*i64" for n in ("order", "rows", "starts",
+                                                           "count", "step")})
+            for stepped in (False, True)]
+
+
+__all__ = ["BACKENDS", "SegmentPlan", "plan_segments", "resource_specs", "scatter_rows_",
            "scatter_rows_torch_", "scatter_rows_triton_", "table_offsets"]

@@ -4,8 +4,8 @@ The fused training step (`fastattrec/training.py`, `EpochRunner._fused_step`) st
 two independent pieces of work: gathering the batch's table rows (and flagging the window
 slots that hold the padding item: the key mask), and the attention's position term P W.
 Neither is worth a launch of its own, so one grid does both: its first programs run the
-gather's blocks (`embedding_gather._gather_block`), the last ones P W's
-(`position_terms._projection_block`). Same code, same bits as the two separate kernels.
+gather's blocks (`embedding_gather.gather_block`), the last ones P W's
+(`position_terms.projection_block`). Same code, same bits as the two separate kernels.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import position_terms as pt
+from ..launch import KernelSpec
 from . import embedding_gather as eg
-from . import position_terms as pt
-from .launch import KernelSpec
 
 
 @triton.jit
@@ -28,12 +28,12 @@ def _step_prologue(out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr, flags_p
                    D: tl.constexpr, PW_BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if pid < gather_programs:
-        eg._gather_block(pid, out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr,
-                         flags_ptr, off1, off2, flag_row, n, d, FLAGS, BLOCK_N, BLOCK_D)
+        eg.gather_block(pid, out_ptr, index_ptr, step_ptr, t0_ptr, t1_ptr, t2_ptr,
+                        flags_ptr, off1, off2, flag_row, n, d, FLAGS, BLOCK_N, BLOCK_D)
     else:  # P W, one program per (position, block of columns)
         k = pid - gather_programs
         per_row = tl.cdiv(D, PW_BLOCK)
-        pt._projection_block(k // per_row, k % per_row, pos_ptr, w_ptr, pw_ptr, D, PW_BLOCK)
+        pt.projection_block(k // per_row, k % per_row, pos_ptr, w_ptr, pw_ptr, D, PW_BLOCK)
 
 
 def step_prologue_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: torch.Tensor,
@@ -41,7 +41,7 @@ def step_prologue_(out: torch.Tensor, tables: Sequence[torch.Tensor], index: tor
                    pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`gather_rows_(out, tables, index, step, flags=flags, flag_row=flag_row)` and
     P W (L, d) of pos (L, d) and w (d, d), in one launch; returns P W."""
-    eg._check(out, tables, index, step, flags)
+    eg.check_gather_args(out, tables, index, step, flags)
     length, dim = pos.shape
     if w.shape != (dim, dim) or out.shape[1] != dim:
         raise ValueError(f"pos (L, d), w (d, d) and the rows must share d, got "
