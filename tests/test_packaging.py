@@ -1,4 +1,5 @@
-"""The wheel holds `kernels/` as `fastattrec.kernels`, and it imports from anywhere."""
+"""The wheel holds `kernels/` as `fastattrec.kernels` (with its `experimental` subpackage),
+and it imports from anywhere."""
 
 import subprocess
 import sys
@@ -16,8 +17,17 @@ def test_wheel_file_list(tmp_path):
     for f in ("fastattrec/__init__.py", "fastattrec/cli.py", "fastattrec/model.py",
               "fastattrec/training.py", "fastattrec/evaluate.py", "fastattrec/data/prepare.py",
               "fastattrec/kernels/__init__.py", "fastattrec/kernels/reference.py",
-              "fastattrec/kernels/attention.py", "fastattrec/kernels/structured.py"):
+              "fastattrec/kernels/attention.py", "fastattrec/kernels/structured.py",
+              "fastattrec/kernels/block_layout.py", "fastattrec/kernels/attention_tiles.py",
+              "fastattrec/kernels/experimental/__init__.py",
+              "fastattrec/kernels/experimental/attention_split.py",
+              "fastattrec/kernels/experimental/embedding_scatter.py",
+              "fastattrec/kernels/experimental/emulation.py"):
         assert f in names, f
+    # the modules that moved to experimental/ are not shipped at their old paths
+    for old in ("attention_split", "emulation", "embedding_gather", "embedding_scatter",
+                "pair_loss", "step_prologue", "step_tail", "keras_adam"):
+        assert f"fastattrec/kernels/{old}.py" not in names, old
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fastattrec = fastattrec.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
