@@ -113,40 +113,33 @@ def with_contention(n: int, fn):
 
 
 def profile_epoch(data_dir: Path, device: str, threads: int) -> None:
-    """torch.profiler over the training steps of the default configuration."""
+    """torch.profiler over the training steps of the default configuration (the step
+    `fastattrec.training.build` makes, driven through the Step protocol)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fastattrec.data.dataset import load_prepared
     from fastattrec.kernels import resolve_backend
-    from fastattrec.training import EpochRunner, _build
+    from fastattrec.training import build
+    from fastattrec.training.step import run_epoch
 
     dev = torch.device(device)
-    cfg = TrainConfig(device=device, graph_steps=1)  # one step a replay: per-step counts
+    cfg = TrainConfig(device=device)
     data = DeviceData.from_prepared(load_prepared(data_dir), dev)
-    use_graph = cfg.compile and dev.type == "cuda"
-    model, _, opt, gens = _build(cfg, data, dev, resolve_backend(cfg.kernel, dev), use_graph)
-    runner = EpochRunner(model, opt, data, cfg)
-    if use_graph:
-        runner.capture()
-    runner.perm.copy_(torch.randperm(runner.n_train, generator=gens["shuffle"], device=dev))
-    runner.run()  # warm-up epoch
-    steps = runner.n_steps if dev.type == "cpu" else min(30, runner.n_steps)
+    b = build(cfg, data, dev, resolve_backend(cfg.kernel, dev))
+    step = b.step
+    step.samples.shuffle(b.gens["shuffle"])
+    run_epoch(step)  # warm-up epoch
+    steps = step.samples.n_steps if dev.type == "cpu" else min(30, step.samples.n_steps)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        if dev.type == "cpu":  # one whole epoch, as training runs it
-            runner.run()
-        else:
-            runner.step.zero_()
-            for _ in range(steps):
-                if runner.graph is not None:
-                    runner.graph.replay()
-                else:
-                    runner._step()
+        step.start_epoch()
+        for i in range(steps):  # on the CPU one whole epoch, as training runs it
+            step(i)
+        if dev.type == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    how = "hand-written step" if runner.manual else "autograd"
-    print(f"profile of {steps} training steps ({how} on {device}, "
+    print(f"profile of {steps} training steps ({step.describe()} on {device}, "
           f"{threads or torch.get_num_threads()} threads):")
     print(events.table(sort_by=sort, row_limit=25))
     if dev.type == "cuda":
@@ -215,12 +208,15 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict, int]]:
     """(label, TrainConfig overrides, epochs) of every configuration to time, in order."""
     base = args.baseline_epochs or args.epochs
     configs = [("fastattrec", dict(kernel="auto", compile=True), args.epochs)]
-    if args.device == "cuda":
-        configs += [(f"fastattrec {k} steps a graph", dict(kernel="auto", compile=True,
-                                                           graph_steps=k), args.epochs)
+    if args.device == "cuda":  # the two kernels --kernel auto chooses between, forced
+        configs += [(f"fastattrec --kernel {k}", dict(kernel=k, compile=True), args.epochs)
+                    for k in ("triton", "torch")]
+        configs += [(f"fastattrec {k} steps a graph (experimental)",
+                     dict(kernel="auto", compile=True, graph_steps=k), args.epochs)
                     for k in args.graph_steps]
         if args.one_scatter:
-            configs += [(f"fastattrec one scatter{f', {k} steps a graph' if k > 1 else ''}",
+            configs += [(f"fastattrec one scatter{f', {k} steps a graph' if k > 1 else ''} "
+                         "(experimental)",
                          dict(kernel="auto", compile=True, one_scatter=True, graph_steps=k),
                          args.epochs) for k in [1, *args.graph_steps]]
     if args.contention:

@@ -4,10 +4,12 @@
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine (the `device` tool's, say)
 #   bash benchmarks/gpu_check.sh dry-run    # CPU rehearsal: every step at tiny sizes
 # Order, most important first, each step under a timeout that never passes BUDGET
-# seconds: GPU name and copy bandwidth; the training step's tests on CUDA (the fused
-# one-scatter step against the default step, its kernels against their references);
-# torch.profiler kernel tables of 30 training steps (today's step, and the fused
-# one-scatter step: its kernels per step); the whole training at ML-1M size (3 epochs:
+# seconds: GPU name and copy bandwidth; the training step's tests on CUDA (the default
+# graph step, `--kernel auto`'s timing, the experimental fused one-scatter step against
+# the default step, its kernels against their references); torch.profiler kernel tables
+# of 30 training steps (the default graph step with the Triton kernel and with the
+# reference, the experimental fused step); `--kernel auto`'s on-device choice at ML-1M
+# size; the whole training at ML-1M size (3 epochs:
 # 1 and 16 steps a CUDA graph, with and without one scatter; then 40 epochs, evaluation
 # every 5, the fused step 16 steps a graph, twice: the second call warm); 20M
 # interactions (2 epochs, the fused step); then, while time is left, the attention
@@ -101,7 +103,8 @@ step "training-step tests on CUDA (issue 10: the fused one-scatter step and its 
 if [ "$MODE" = dry-run ]; then
   STEP_TESTS=(tests/test_step_tail.py tests/test_step_prologue.py tests/test_epoch_batches.py)
 else
-  STEP_TESTS=(tests/test_train_cuda.py tests/test_embedding_gather.py
+  STEP_TESTS=(tests/test_train_cuda.py tests/test_kernel_choice.py
+              tests/test_experimental_steps.py tests/test_embedding_gather.py
               tests/test_embedding_scatter.py tests/test_pair_loss.py
               tests/test_position_terms.py tests/test_step_prologue.py
               tests/test_step_tail.py tests/test_optim.py tests/test_epoch_batches.py)
@@ -110,7 +113,7 @@ run 120 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${STEP_TESTS[@]}" 
   | tee "$WORK/step_tests.txt" | grep -v DEBUG | tail -25
 note "training-step tests: $(grep -E '(passed|failed|error)' "$WORK/step_tests.txt" | tail -1)"
 
-step "torch.profiler: 30 training steps (CUDA-graph step, Triton kernel)"
+step "torch.profiler: 30 training steps (the graph step with each kernel; the experimental fused step)"
 run 90 $PY -P - "$MODE" "$WORK/profile.txt" <<'EOF' 2>&1 | tail -30
 import sys, tempfile
 from pathlib import Path
@@ -120,8 +123,7 @@ from fastattrec.batches import DeviceData
 from fastattrec.data.dataset import load_prepared
 from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
-from fastattrec.model import AttRec, AttRecConfig
-from fastattrec.training import EpochRunner, TrainConfig, make_optimizer
+from fastattrec.training import TrainConfig, build
 
 dry = sys.argv[1] == "dry-run"
 device = "cpu" if dry else "cuda"
@@ -131,40 +133,32 @@ synthesize(root / "r.dat", 300 if dry else 6040, 800 if dry else 3706,
 prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
 data = DeviceData.from_prepared(load_prepared(root / "data"), device)
 tables = []
-for one_scatter in (False, True):  # today's step, then all table gradients by one scatter
-    # (the dry run's CPU step is the hand-written one; kernel torch takes the rows path)
-    kernel = ("torch" if one_scatter else "structured") if dry else "triton"
-    cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024, graph_steps=1,
-                      one_scatter=one_scatter)
-    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, kernel=kernel)
-    model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).to(device)
-    if not dry:
-        model.compile_loss()
-    opt = make_optimizer(model, cfg, torch.device(device), capturable=not dry)
-    runner = EpochRunner(model, opt, data, cfg)
-    runner.start_epoch()  # (capture() also does it) the one-scatter step's batches
-    if not dry:
-        runner.capture()
-    def one():
-        if dry:
-            opt.zero_grad(set_to_none=True)
-            runner._step()
-        else:
-            runner.graph.replay()
+# the default step with each kernel --kernel auto chooses between, then the experimental
+# one-scatter step (the dry run's CPU default is the hand-written step; kernel torch
+# takes the rows path there)
+runs = [("triton", False), ("torch", False), ("triton", True)]
+if dry:
+    runs = [("structured", False), ("torch", True)]
+for kernel, one_scatter in runs:
+    cfg = TrainConfig(device=device, kernel=kernel, batch_size=1024, one_scatter=one_scatter)
+    b = build(cfg, data, torch.device(device), kernel)
+    step = b.step
+    step.samples.shuffle(b.gens["shuffle"])
+    step.start_epoch()
     steps = 3 if dry else 30  # the dry run rehearses the code, it measures nothing
-    for _ in range(2 if dry else 5):
-        one()
+    warm = 2 if dry else 5
+    for i in range(warm):
+        step(i)
     acts = [ProfilerActivity.CPU] + ([] if dry else [ProfilerActivity.CUDA])
     with profile(activities=acts) as prof:
-        for _ in range(steps):
-            one()
+        for i in range(warm, warm + steps):
+            step(i % step.samples.n_steps)
         if not dry:
             torch.cuda.synchronize()
     key = "self_cpu_time_total" if dry else "self_device_time_total"
     events = prof.key_averages()
     table = events.table(sort_by=key, row_limit=25)
-    name = ("one-scatter step (fused: runner.fused() = %s)" % runner.fused() if one_scatter
-            else "default step")
+    name = f"--kernel {kernel}{' one_scatter' if one_scatter else ''}: {step.describe()}"
     if dry:
         count = sum(e.count for e in events if e.key.startswith("aten::")) / steps
         table = f"{name}: aten operations per step: {count:.1f}\n" + table
@@ -183,6 +177,32 @@ if [ -s "$WORK/profile.txt" ]; then
   grep "per step" "$WORK/profile.txt" | sed 's/^/  /' >> "$SUMMARY"
 else
   note "profiler: no result"
+fi
+
+step "--kernel auto: the on-device choice (ML-1M size, 1 epoch)"
+run 90 $PY -P - "$MODE" "$WORK/kernel_choice.json" <<'EOF' 2>&1 | tail -8
+import json, sys, tempfile
+from pathlib import Path
+from fastattrec.data.prepare import PrepOptions, prepare
+from fastattrec.data.synth import synthesize
+from fastattrec.training import TrainConfig, train
+
+dry = sys.argv[1] == "dry-run"
+root = Path(tempfile.mkdtemp())
+synthesize(root / "r.dat", 300 if dry else 6040, 800 if dry else 3706,
+           20_000 if dry else 1_000_209, seed=0)
+prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
+res = train(root / "data", root / "run", TrainConfig(epochs=1, device="cpu" if dry else "cuda"))
+saved = json.loads((root / "run" / "config.json").read_text())
+out = {"backend": res.backend, "kernel_choice": saved.get("kernel_choice"),
+       "epoch_s": res.history[-1]["fit_time"]}
+Path(sys.argv[2]).write_text(json.dumps(out))
+print(out)
+EOF
+if [ -s "$WORK/kernel_choice.json" ]; then
+  note "--kernel auto: $(cat "$WORK/kernel_choice.json")"
+else
+  note "--kernel auto: no result"
 fi
 
 step "whole training: ML-1M size, 3 epochs, 1 and 16 steps a CUDA graph, with and without one scatter"

@@ -11,8 +11,7 @@ and `fastattrec --help` stay fast:
 """
 
 from fastattrec.errors import UserError
-
-__version__ = "0.1.0"
+from fastattrec.version import VERSION as __version__
 
 _API = ("prepare", "synthesize", "train", "resume", "load_run", "load_dataset", "Dataset",
         "Run")

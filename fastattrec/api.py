@@ -259,7 +259,7 @@ def save_evaluation(loaded, payload: dict) -> None:
 
 def load_run(path: str | Path) -> Run:
     """Open a run folder written by `train` / `fastattrec train` (finished or not)."""
-    from fastattrec.run_folder import read_run_config
+    from fastattrec.training.checkpoint import read_run_config
 
     path = _path("path", path)
     cfg = read_run_config(path)
@@ -282,7 +282,7 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
     `fastattrec train` with underscores (epochs=40, dim=100, maxlen=5, mode="inner",
     lr=1e-3, device="auto", ...; docs/spec.md §3). `distributed` is set by the command
     when torchrun launched it."""
-    from fastattrec.training import TrainConfig
+    from fastattrec.config import TrainConfig
     from fastattrec.training import train as run_training
 
     data_dir = data.path if isinstance(data, Dataset) else Path(data)
@@ -303,9 +303,9 @@ def resume(path: str | Path, *, epochs: int | None = None, device: str | None = 
            log: Log = _quiet, distributed: Any = None) -> Run:
     """Continue an interrupted run (same data and options; `epochs` may be raised; `data`
     if the dataset moved, which must have the run's fingerprint)."""
-    from fastattrec.run_folder import read_run_config
-    from fastattrec.training import TrainConfig
+    from fastattrec.config import TrainConfig
     from fastattrec.training import train as run_training
+    from fastattrec.training.checkpoint import read_run_config
 
     base = None
     if epochs is not None or device is not None:

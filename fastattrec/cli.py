@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from fastattrec import __version__
+from fastattrec.config import SEED_MAX
 from fastattrec.errors import UserError
+from fastattrec.version import VERSION as __version__
 
 # The same list as fastattrec.data.readers.FORMATS (a test checks), kept here so that
 # `--help` does not import Polars.
@@ -93,7 +94,7 @@ def main() -> None:
 @click.option("--items", default=3706, show_default=True, help="Number of items.")
 @click.option("--interactions", default=1_000_209, show_default=True,
               help="Total number of ratings (split over users with a heavy tail).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Random seed (same seed, same file).")
 @click.option("--clusters", type=int, default=None,
               help="Item clusters the users move between (default: items/40, 2..64).")
@@ -149,7 +150,7 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
               show_default=True,
               help="notebook: sample as the original notebook (raw integer item ids as table "
                    "rows, negatives from 1..max raw id, 101 test negatives with repeats).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Seed for every random draw.")
 @click.option("--streaming", is_flag=True,
               help="Run the plans on Polars' streaming engine (for logs larger than memory).")
@@ -192,73 +193,25 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
 
 
 def _train_options(f):
-    opts = [
-        click.option("--maxlen", default=5, show_default=True,
-                     help="L: items in the short-term window."),
-        click.option("--dim", default=100, show_default=True, help="d: embedding size."),
-        click.option("--mode", type=click.Choice(["inner", "dist"]), default="inner",
-                     show_default=True,
-                     help="inner: dot-product scores, log-sigmoid pair loss; dist: squared "
-                          "distances of norm-clipped embeddings, hinge loss with --gamma."),
-        click.option("--w", default=0.5, show_default=True,
-                     help="Weight of the long-term part (1-w for the short-term part)."),
-        click.option("--gamma", default=0.5, show_default=True, help="Margin of mode dist."),
-        click.option("--embed-reg", default=1e-6, show_default=True,
-                     help="lambda of the L2 term over the whole embedding tables."),
-        click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate."),
-        click.option("--batch-size", default=1024, show_default=True),
-        click.option("--epochs", default=40, show_default=True),
-        click.option("--eval-every", default=5, show_default=True,
-                     help="Test metrics every N epochs (and after the last)."),
-        click.option("-k", "k", default=10, show_default=True,
-                     help="K of HR@K / NDCG@K in the log and for early stopping."),
-        click.option("--seed", default=0, show_default=True,
-                     help="Seed for initialisation, shuffling and resampled negatives."),
-        click.option("--device", default="auto", show_default=True,
-                     help="cpu, cuda or auto (cuda when available)."),
-        click.option("--negatives", type=click.Choice(["fixed", "resample"]), default="fixed",
-                     show_default=True,
-                     help="fixed: the negatives drawn by prep, every epoch (the notebook); "
-                          "resample: fresh uniform negatives every epoch."),
-        click.option("--early-stop", default=0, show_default=True,
-                     help="Stop after N epochs without a better validation NDCG@K (full "
-                          "ranking of the validation targets); 0: never. best.pt keeps the "
-                          "best epoch."),
-        click.option("--kernel", type=click.Choice(["auto", "triton", "structured", "torch"]),
-                     default="auto", show_default=True,
-                     help="Short-term attention: triton (fused kernel, CUDA), structured "
-                          "(the kernel's algorithm in torch ops, hand-written backward), torch "
-                          "(the plain reference), auto (triton on CUDA, structured on CPU)."),
-        click.option("--precision", type=click.Choice(["ieee", "tf32", "tf32x3", "bf16x3"]),
-                     default="ieee", show_default=True,
-                     help="Triton kernel's d x d products (CUDA only): ieee float32 on FMA "
-                          "units; tf32x3 / bf16x3 split each operand in two and run three "
-                          "tensor-core products (emulated dW error 1e-6 / 3e-6 at training "
-                          "scale, float32-level); tf32, one tensor-core pass (about 2e-3 on "
-                          "dW). Not yet timed on a GPU."),
-        click.option("--compile/--no-compile", default=True, show_default=True,
-                     help="Fuse the training step with torch.compile. On CUDA the step is "
-                          "also captured as a CUDA graph and replayed. On CPU the step's "
-                          "arithmetic becomes generated C++ (a few seconds to compile, "
-                          "cached; then 1.5-1.8x faster per epoch on ML-100K); without a working "
-                          "compiler it runs uncompiled, with a warning."),
-        click.option("--graph-steps", default=1, show_default=True,
-                     type=click.IntRange(1, 4096),
-                     help="CUDA with --compile: training steps recorded in one CUDA graph "
-                          "and replayed together, so the host launches once per N steps "
-                          "(the epoch's remaining steps are one more graph; same results). "
-                          "Ignored on CPU, with --no-compile and under torchrun. Not yet "
-                          "timed on a GPU, hence 1 by default."),
-        click.option("--ndcg-log", type=click.Choice(["2", "e"]), default="2",
-                     show_default=True,
-                     help="NDCG's log base: 2 (standard) or e (the notebook's, 1.44x higher)."),
-        click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 1024),
-                     help="CPU threads for torch. 0: one per core that is not busy with "
-                          "other work when the run starts (beside a busy process, fewer "
-                          "threads are faster than waiting for a shared core). The number "
-                          "used is saved with the run and reused by --resume: results "
-                          "depend on it in the last bits."),
-    ]
+    """The `train` command's options, generated from `TrainConfig` (fastattrec/config.py):
+    every field marked for the command line, with its default, help, choices and bounds."""
+    from dataclasses import fields
+
+    from fastattrec.config import CLI_KERNELS, TrainConfig, flag_of
+
+    opts = []
+    for fl in fields(TrainConfig):
+        meta = fl.metadata
+        if not meta.get("cli"):
+            continue
+        decls = [flag_of(fl), fl.name] if meta.get("flag") else [flag_of(fl)]
+        kw: dict = {"default": fl.default, "show_default": True, "help": meta["help"]}
+        if isinstance(fl.default, bool):
+            decls = [f"{flag_of(fl)}/--no-{fl.name.replace('_', '-')}"]
+        elif meta.get("choices"):
+            choices = CLI_KERNELS if fl.name == "kernel" else meta["choices"]
+            kw["type"] = click.Choice(list(choices))
+        opts.append(click.option(*decls, **kw))
     for o in reversed(opts):
         f = o(f)
     return f

@@ -1,50 +1,36 @@
 """The AttRec module (docs/spec.md §2): embedding tables, scores and losses.
 
-The short-term interest comes from `fastattrec.kernels.short_term_attention`, which runs
-the fused Triton kernel on CUDA and the plain torch reference elsewhere; this module only
-gathers embeddings and combines them.
+The short-term interest comes from `fastattrec.kernels.short_term_attention` (the backend
+the run chose: the fused Triton kernel, the structured torch form or the plain reference);
+this module only gathers embeddings and combines them. The scores, the pair losses and the
+norm clipping are defined here once; the hand-written CPU step differentiates them.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastattrec.config import MODES, AttRecConfig
 from fastattrec.kernels import position_encoding, short_term_attention
 
-MODES = ("inner", "dist")
+__all__ = ["MODES", "AttRec", "AttRecConfig", "batch_loss", "clip_rows", "pair_scores",
+           "pair_terms", "reduce_batch"]
 
 
-@dataclass
-class AttRecConfig:
-    """Every hyper-parameter of the model (the notebook's defaults)."""
-
-    n_users: int  # table rows, padding row 0 included
-    n_items: int  # table rows, padding row 0 included
-    dim: int = 100
-    maxlen: int = 5
-    mode: str = "inner"
-    w: float = 0.5  # weight of the long-term part
-    gamma: float = 0.5  # margin in mode "dist"
-    embed_reg: float = 1e-6  # lambda of the whole-table L2 term
-    kernel: str = "auto"  # short-term attention backend: auto | triton | torch
-    precision: str = "ieee"  # Triton dot precision: ieee | tf32
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def clip_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tf.clip_by_norm(t, 1, axis=-1): rows longer than 1 scaled to length 1; with each
+    row's divisor max(1, |t|) and whether it moves with the row (|t| >= 1, counted at
+    exactly 1 as autograd's clamp counts it), which the hand-written backward needs."""
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    n = norm.clamp(min=1.0)
+    return t / n, n, norm >= 1.0
 
 
 def clip_rows(t: torch.Tensor) -> torch.Tensor:
     """tf.clip_by_norm(t, 1, axis=-1): rows longer than 1 scaled to length 1."""
-    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    return t / norm.clamp(min=1.0)
+    return clip_parts(t)[0]
 
 
 def pair_scores(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.Tensor,
@@ -73,7 +59,15 @@ def batch_loss(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.
     negative): mean of softplus(s_neg - s_pos) (= -log sigmoid(s_pos - s_neg)) over the
     valid samples for inner, sum of relu(s_pos - s_neg + gamma) for dist. A pure tensor
     function, so on CUDA torch.compile can fuse it into a couple of kernels."""
-    total = (pair_terms(pair_scores(u, e, e2, short, mode, w), mode, gamma) * valid).sum()
+    return reduce_batch(pair_terms(pair_scores(u, e, e2, short, mode, w), mode, gamma),
+                        valid, count, mode)
+
+
+def reduce_batch(terms: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                 mode: str) -> torch.Tensor:
+    """The batch loss from per-sample losses (B,): the mean over the `count` valid samples
+    for inner, their sum for dist; `valid` (B,) 0/1 masks a padded batch's padding."""
+    total = (terms * valid).sum()
     return total / count if mode == "inner" else total
 
 
@@ -99,6 +93,13 @@ class AttRec(nn.Module):
         """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
         training step is launch-bound; the first step pays the compilation)."""
         self._batch_loss = torch.compile(batch_loss, dynamic=False, fullgraph=True)
+
+    def uncompile_loss(self) -> None:
+        """Back to the eager loss (after a compiler failure): the same arithmetic."""
+        self._batch_loss = batch_loss
+
+    def loss_is_compiled(self) -> bool:
+        return self._batch_loss is not batch_loss
 
     def tables(self) -> list[nn.Parameter]:
         """The three embedding tables that carry the L2 term."""

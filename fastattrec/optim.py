@@ -15,6 +15,9 @@ eps / sqrt(1 - b2^t), so:
 - the capturable path (a CUDA graph, where no Python runs between replays) does the same
   arithmetic with device tensors and foreach kernels, the step count on the device.
 
+tests/test_optim.py checks both forms against the rule written out in float64. A Triton
+form of the capturable step lives apart, in `fastattrec.experimental.adam`.
+
 Both keep PyTorch's state layout (`step`, `exp_avg`, `exp_avg_sq`), so checkpoints move
 between them.
 """
@@ -26,6 +29,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from fastattrec.config import TrainConfig
 
 
 class KerasAdam(torch.optim.Adam):
@@ -42,11 +47,6 @@ class KerasAdam(torch.optim.Adam):
                          capturable=capturable, fused=None if capturable else fused,
                          foreach=False if not capturable else None)
         self.keras_eps = eps
-        # The device step zeroes every gradient it reads (`zeroes_grads` says whether it
-        # does): a training step whose gradients are written, not added, into buffers
-        # kept between steps then needs no zeroing launch of its own.
-        self.zero_grads_after = False
-        self._counters: list[torch.Tensor] = []  # the last fused device step's counters
         self._t: int | None = None  # steps taken so far (eager path), read once from state
         self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
@@ -63,27 +63,20 @@ class KerasAdam(torch.optim.Adam):
         super().add_param_group(param_group)
         self._moments = None  # (the constructor calls this before _moments exists)
 
+    # attributes beyond torch's optimiser state that copies and pickles keep (subclasses add)
+    copied = ("keras_eps",)
+
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy, pickle
-        return {**super().__getstate__(), "keras_eps": self.keras_eps,
-                "zero_grads_after": self.zero_grads_after}
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self.copied}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        eps = state.pop("keras_eps", None)
-        zero = state.pop("zero_grads_after", False)
+        kept = {k: state.pop(k) for k in self.copied if k in state}
         super().__setstate__(state)
-        self.keras_eps = self.defaults["eps"] if eps is None else eps
-        self.zero_grads_after = zero
-        self._counters = []
+        self.keras_eps = self.defaults["eps"]
+        self.__dict__.update(kept)
         self._t = None
         self._moments = None
-
-    def zeroes_grads(self) -> bool:
-        """True when each step leaves the gradients it read at zero: `zero_grads_after`
-        set, and every parameter updated by the fused device kernel."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        return (self.zero_grads_after and bool(self.defaults["capturable"])
-                and _fused_available(params))
 
     def _steps_taken(self) -> int:
         if self._t is None:  # once per run or resume: one read of the stored step count
@@ -98,7 +91,7 @@ class KerasAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         if self.defaults["capturable"]:
-            self._device_step(count_steps=True)
+            self._device_step()
             return loss
         t = self._steps_taken() + 1
         for g in self.param_groups:
@@ -151,62 +144,26 @@ class KerasAdam(torch.optim.Adam):
                                eps=g["eps"], maximize=False, grad_scale=None, found_inf=None)
         return True
 
-    @torch.no_grad()
-    def device_step(self, count_steps: bool = True) -> None:
-        """The capturable update (`step` of an optimiser made with capturable=True).
-        With count_steps=False, the parameters the fused kernel updated are not counted:
-        the caller adds 1 to each of `step_counters()` afterwards, before the next step
-        (the training step does it in its bookkeeping launch)."""
-        if not self.defaults["capturable"]:
-            raise RuntimeError("device_step needs an optimiser made with capturable=True")
-        self._device_step(count_steps)
-
-    def _device_step(self, count_steps: bool) -> None:
+    def _device_step(self) -> None:
         """The Keras update from device tensors only (safe to capture in a CUDA graph):
-        where Triton runs, one fused launch for the parameters of every group
-        (kernels/keras_adam.py) and one launch that counts the step; else foreach
-        operations per group."""
-        fused: list[tuple] = []  # (params, states, constants) of each group
+        foreach operations per group, the step count on the device."""
         for g in self.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            states = [self.state[p] for p in params]
-            if _fused_available(params):
-                from fastattrec.kernels.experimental.keras_adam import group_constants
-
-                key = "_keras_consts"
-                if key not in g or g[key].device != params[0].device:
-                    g[key] = group_constants(g["lr"], g["betas"], self.keras_eps,
-                                             g["weight_decay"], params[0].device)
-                fused.append((params, states, g[key]))
-                continue
+            states = [self._state_of(p) for p in params]
             self._foreach_update(g, params, [st["step"] for st in states],
                                  [st["exp_avg"] for st in states],
                                  [st["exp_avg_sq"] for st in states])
-        if fused:
-            from fastattrec.kernels.experimental.keras_adam import keras_adam_
 
-            params = [p for ps, _, _ in fused for p in ps]
-            states = [st for _, sts, _ in fused for st in sts]
-            steps = [st["step"] for st in states]
-            keras_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                        [st["exp_avg_sq"] for st in states], steps,
-                        [c for ps, _, c in fused for _ in ps], zero_grad=self.zero_grads_after)
-            self._counters = steps
-            if count_steps:
-                torch._foreach_add_(steps, 1.0)
-
-    def step_counters(self) -> list[torch.Tensor]:
-        """The step counters the last fused device step read (each parameter's "step"):
-        what `device_step(count_steps=False)` leaves to its caller to count."""
-        return list(self._counters)
+    def _state_of(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """p's Adam state, created at zero on p's device on its first step."""
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
 
     def _foreach_update(self, g: dict, params: list, steps: list, m: list, v: list) -> None:
         b1, b2 = g["betas"]
@@ -226,20 +183,21 @@ class KerasAdam(torch.optim.Adam):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        for g in sd["param_groups"]:  # derived device constants are not state
+        for g in sd["param_groups"]:  # derived device constants (experimental) are not state
             g.pop("_keras_consts", None)
         return sd
 
 
-def _fused_available(params: list[torch.Tensor]) -> bool:
-    """The Triton kernel runs here: CUDA float32 parameters with Triton installed, or
-    any float32 parameters under Triton's CPU interpreter (how the tests check it)."""
-    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
-        return False
-    try:
-        import triton  # noqa: F401
-
-        from fastattrec.kernels.launch import interpreted
-    except ImportError:  # no Triton on this platform
-        return False
-    return all(p.is_cuda for p in params) or interpreted()
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   capturable: bool, cls: type[KerasAdam] | None = None,
+                   **extra: Any) -> KerasAdam:
+    """Adam as docs/spec.md §3.1-3.2 (eps 1e-7, placed as in Keras); L2 on the tables as
+    weight decay 2*lambda. `capturable`: the step runs inside a CUDA graph; `cls` and
+    `extra`: a subclass and its options (the experimental Triton form)."""
+    groups = [
+        {"params": model.tables(), "weight_decay": 2.0 * cfg.embed_reg},
+        {"params": [model.proj], "weight_decay": 0.0},
+    ]
+    return (cls or KerasAdam)(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-7,
+                              capturable=capturable and device.type == "cuda", fused=True,
+                              **extra)

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastattrec.batches import DeviceData
+from fastattrec.config import AttRecConfig, TrainConfig
 from fastattrec.data.dataset import Prepared, fingerprint, load_prepared
 from fastattrec.errors import UserError
 from fastattrec.kernels import resolve_backend
-from fastattrec.model import AttRec, AttRecConfig
-from fastattrec.run_folder import (
+from fastattrec.model import AttRec
+from fastattrec.training.checkpoint import (
     BEST,
     BEST_KEYS,
     CHECKPOINT,
@@ -18,7 +19,7 @@ from fastattrec.run_folder import (
     load_checkpoint,
     read_run_config,
 )
-from fastattrec.training import TrainConfig, pick_device
+from fastattrec.training.system import pick_device
 
 
 @dataclass

@@ -22,35 +22,67 @@ import torch
 from .reference import MASKED_LOGIT
 
 
+def pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, I, K) x (B, J, K) -> (B, I, J), summed over K: inside torch.compile a broadcast
+    sum, which Inductor fuses into its loops; eagerly `bmm` (the broadcast would allocate
+    (B, I, J, K))."""
+    if torch.compiler.is_compiling():
+        return (a[:, :, None, :] * b[:, None, :, :]).sum(-1)
+    return torch.bmm(a, b.transpose(1, 2))
+
+
+def mix(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) x (B, L, d) -> (B, L, d), the batched product m q (fused as `pairwise`)."""
+    if torch.compiler.is_compiling():
+        return (m[:, :, :, None] * q[:, None, :, :]).sum(2)
+    return torch.bmm(m, q)
+
+
+def attend(x: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The attention after the projection: window rows x (B, L, d), key mask (B, L) and
+    h = (X + P) W (B, L, d) -> (B, d) short-term interest, and what `attend_backward`
+    needs. Callers project as suits them (the CPU step through the item table)."""
+    d = x.shape[-1]
+    q = torch.relu(h)
+    s = pairwise(q, q) * (1.0 / math.sqrt(d))  # (B, L, L), keys = queries
+    s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
+    a = torch.softmax(s, dim=-1)
+    p_bar = a.mean(dim=1)  # (B, L) column means
+    out = (p_bar[:, :, None] * x).sum(1)  # (B, d) = p_bar^T X
+    return out, (x, mask, h, q, a, p_bar)
+
+
+def attend_backward(saved: tuple, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From c = dL/dshort (B, d): dH (B, L, d), the gradient at h, and p_bar c^T (B, L, d),
+    the direct part of dX; then dX = dH W^T + p_bar c^T and dW = (X + P)^T dH."""
+    x, mask, h, q, a, p_bar = saved
+    l, d = x.shape[1], x.shape[2]
+    da = (x * c[:, None, :]).sum(-1) / l  # (B, L): dA_ij, the same for every i
+    rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
+    ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
+    m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
+    dh = mix(m, q) * (h > 0)  # (B, L, d)
+    return dh, p_bar[:, :, None] * c[:, None, :]
+
+
 def structured_forward(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
                        pos: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """(B, L, d) window rows -> (B, d) short-term interest, and what the backward needs."""
     b, l, d = x.shape
-    z = x + pos  # (B, L, d)
-    h = (z.reshape(b * l, d) @ w).reshape(b, l, d)  # one projection for Q and K
-    q = torch.relu(h)
-    s = torch.bmm(q, q.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
-    s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
-    a = torch.softmax(s, dim=-1)
-    p_bar = a.mean(dim=1)  # (B, L) column means
-    out = torch.bmm(p_bar[:, None, :], x)[:, 0]  # (B, d) = p_bar^T X
-    return out, (x, mask, w, z, h, a, p_bar)
+    z = (x + pos).reshape(b * l, d)  # (B·L, d)
+    h = (z @ w).reshape(b, l, d)  # one projection for Q and K
+    out, saved = attend(x, mask, h)
+    return out, (*saved, z, w)
 
 
 def structured_backward(saved: tuple, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dX (B, L, d) and dW (d, d) from dL/dshort (B, d); see the module docstring."""
-    x, mask, w, z, h, a, p_bar = saved
-    b, l, d = x.shape
-    grad = grad.contiguous()
-    da = torch.bmm(x, grad[:, :, None])[:, :, 0] / l  # (B, L): dA_ij, the same for every i
-    rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
-    ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
-    m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
-    dh = torch.bmm(m, torch.relu(h)) * (h > 0)  # (B, L, d)
+    *inner, z, w = saved
+    b, l, d = inner[0].shape
+    dh, direct = attend_backward(tuple(inner), grad.contiguous())
     dh_flat = dh.reshape(b * l, d)
-    dx = (dh_flat @ w.T).reshape(b, l, d) + p_bar[:, :, None] * grad[:, None, :]
-    dw = z.reshape(b * l, d).T @ dh_flat
-    return dx, dw
+    dx = (dh_flat @ w.T).reshape(b, l, d) + direct
+    return dx, z.T @ dh_flat
 
 
 class _StructuredAttention(torch.autograd.Function):

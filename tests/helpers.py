@@ -91,3 +91,14 @@ def kernel_available() -> bool:
 BOTH_FORMS = [pytest.param("triton", marks=pytest.mark.skipif(
     not kernel_available(), reason="the Triton kernel runs on CUDA or in the interpreter")),
     "torch"]
+
+
+def synthetic_dataset(root: Path, users: int, items: int, interactions: int, seed: int,
+                      clusters: int | None = None, test_negatives: int = 50) -> Path:
+    """A synthetic log (`fastattrec synth`'s generator) prepared into root/"data"."""
+    from fastattrec.data.prepare import PrepOptions, prepare
+    from fastattrec.data.synth import synthesize
+
+    synthesize(root / "r.dat", users, items, interactions, seed=seed, clusters=clusters)
+    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=test_negatives))
+    return root / "data"

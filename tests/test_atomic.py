@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from fastattrec.atomic import atomic_path, atomic_write_bytes
-from fastattrec.data.prepare import PrepOptions, prepare
-from fastattrec.data.synth import synthesize
 
-from helpers import cli
+from helpers import cli, synthetic_dataset
 
 OLD = b"old bytes\x00\x01 of the committed file\n"
 
@@ -103,9 +101,7 @@ main({args!r}, prog_name="fastattrec")
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("atomic")
-    synthesize(root / "r.dat", 60, 200, 3000, seed=3, clusters=6)
-    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=20))
-    return root / "data"
+    return synthetic_dataset(root, 60, 200, 3000, seed=3, clusters=6, test_negatives=20)
 
 
 def test_kill_in_the_middle_of_a_checkpoint_write_then_resume(data_dir, tmp_path):

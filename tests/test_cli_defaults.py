@@ -187,3 +187,42 @@ def test_help_states_the_defaults(flag):
             "--seed": "default: 0",
             "--compat": "default: none"}[flag]
     assert want in text
+
+
+def test_command_defaults_are_the_option_classes_defaults():
+    """The commands' defaults are not a second copy: `prep` and `train` defaults equal
+    PrepOptions' and TrainConfig's, and every command takes one seed range."""
+    from dataclasses import fields
+
+    import click
+
+    from fastattrec.cli import prep, synth, train
+    from fastattrec.config import SEED_MAX, TrainConfig
+    from fastattrec.data.prepare import PrepOptions
+
+    prep_opts = {p.name: p for p in prep.params if isinstance(p, click.Option)}
+    ctx = click.Context(prep)
+    checked = 0
+    for f in fields(PrepOptions):
+        if f.name in prep_opts and f.default is not dataclasses_missing():
+            assert prep_opts[f.name].get_default(ctx) == f.default, f.name
+            checked += 1
+    assert checked >= 5  # trans_score, test_negatives, compat, seed, streaming
+    train_opts = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    ctx = click.Context(train)
+    for f in fields(TrainConfig):
+        if f.metadata.get("cli"):
+            assert train_opts[f.name].get_default(ctx) == f.default, f.name
+    for cmd in (prep, synth, train):
+        seed = next(p for p in cmd.params if p.name == "seed")
+        if isinstance(seed.type, click.IntRange):
+            assert (seed.type.min, seed.type.max) == (0, SEED_MAX), cmd.name
+        else:  # train: checked by TrainConfig
+            assert next(f for f in fields(TrainConfig) if f.name == "seed").metadata[
+                "high"] == SEED_MAX
+
+
+def dataclasses_missing():
+    from dataclasses import MISSING
+
+    return MISSING

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastattrec import epoch_batches
-from fastattrec.epoch_batches import EpochBatches, lookups
+from fastattrec.experimental import epoch_batches
+from fastattrec.experimental.epoch_batches import EpochBatches, lookups
 
 N_USERS, N_ITEMS = 4, 6  # table rows, padding row 0 included
 

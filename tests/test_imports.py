@@ -232,3 +232,61 @@ def test_default_path_imports_no_experimental_module(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "EXPERIMENTAL []" in res.stdout, res.stdout
     assert "REGISTERED ['split_bwd', 'split_fwd']" in res.stdout, res.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The whole package: fastattrec/ with the mapped kernels/
+# --------------------------------------------------------------------------------------
+
+
+def package_modules() -> dict[str, Path]:
+    return {**module_files(ROOT / "fastattrec", "fastattrec"), **module_files(KERNELS, PACKAGE)}
+
+
+def test_the_package_has_no_import_circle_and_no_private_imports():
+    modules = package_modules()
+    assert {"fastattrec.training.loop", "fastattrec.experimental.steps",
+            f"{PACKAGE}.structured"} <= set(modules)
+    graph = import_graph(modules)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+    assert private_imports(modules) == []
+
+
+def test_only_the_build_hook_reaches_the_experimental_training_paths():
+    """fastattrec.experimental is imported by one place of the default code, the branch
+    of `fastattrec.training.build` taken when a run sets an experimental option."""
+    graph = import_graph(package_modules())
+    reach = sorted((m, t) for m, targets in graph.items() if ".experimental" not in m
+                   for t in targets if t.startswith("fastattrec.experimental"))
+    assert reach == [("fastattrec.training.build", "fastattrec.experimental.steps")], reach
+
+
+DEFAULT_RUN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    from fastattrec.data.prepare import PrepOptions, prepare
+    from fastattrec.data.synth import synthesize
+    from fastattrec.training import TrainConfig, train
+
+    root = Path(sys.argv[1])
+    synthesize(root / "r.dat", 40, 120, 1500, seed=1)
+    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=10))
+    experimental = sys.argv[2] == "1"
+    train(root / "data", root / "run", TrainConfig(epochs=1, dim=8, device="cpu",
+          compile=False, kernel="torch", one_scatter=experimental), log=lambda s: None)
+    print("LOADED", sorted(m for m in sys.modules
+                           if m.startswith("fastattrec") and ".experimental" in m))
+""")
+
+
+@pytest.mark.parametrize("experimental", [False, True])
+def test_a_default_run_loads_no_experimental_module(tmp_path, experimental):
+    """A whole CPU training run with the default options leaves every experimental module
+    unimported; the same run with one_scatter loads them (the check can fail)."""
+    res = subprocess.run([sys.executable, "-c", DEFAULT_RUN, str(tmp_path), str(int(experimental))],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("LOADED"))
+    assert (line == "LOADED []") != experimental, line

@@ -92,8 +92,8 @@ def test_initialisation_and_padding_row_trainable():
 def test_adam_weight_decay_equals_explicit_l2_gradient():
     """The trainer adds lambda * ||T||^2 through Adam's weight_decay = 2 lambda; one step
     must equal one step on the loss with the explicit term."""
-    from fastattrec.optim import KerasAdam
-    from fastattrec.training import TrainConfig, make_optimizer
+    from fastattrec.config import TrainConfig
+    from fastattrec.optim import KerasAdam, make_optimizer
 
     batch = (torch.tensor([1, 2]), torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([6, 7]),
              torch.tensor([8, 9]))

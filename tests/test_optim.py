@@ -36,12 +36,13 @@ def problem(seed: int = 0, steps: int = 12):
     return p0, q0, gp, gq
 
 
-def run_torch(p0, q0, gp, gq, capturable: bool, split: int | None = None, wd: float = 2e-6):
+def run_torch(p0, q0, gp, gq, capturable: bool, split: int | None = None, wd: float = 2e-6,
+              cls=KerasAdam):
     p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
     q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
 
     def make(params):
-        return KerasAdam([{"params": [params[0]], "weight_decay": wd},
+        return cls([{"params": [params[0]], "weight_decay": wd},
                           {"params": [params[1]], "weight_decay": 0.0}],
                          lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable, fused=True)
 
@@ -60,15 +61,16 @@ def run_torch(p0, q0, gp, gq, capturable: bool, split: int | None = None, wd: fl
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["fused-eps", "device-tensors"])
 @pytest.mark.parametrize("triton_kernel", [True, False], ids=["triton", "foreach"])
-def test_matches_keras_rule(capturable, triton_kernel, monkeypatch):
-    import fastattrec.optim as optim
+def test_matches_keras_rule(capturable, triton_kernel):
+    """Both forms of KerasAdam (eager fused with scaled eps; capturable foreach) and the
+    experimental Triton form of the capturable step, against the rule in numpy."""
+    from fastattrec.experimental.adam import TritonKerasAdam, fused_available
 
-    if not triton_kernel:
-        monkeypatch.setattr(optim, "_fused_available", lambda params: False)
-    elif capturable and not optim._fused_available([torch.zeros(1)]):
+    if triton_kernel and not fused_available([torch.zeros(1)]):
         pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
     p0, q0, gp, gq = problem()
-    p, q = run_torch(p0, q0, gp, gq, capturable)
+    p, q = run_torch(p0, q0, gp, gq, capturable,
+                     cls=TritonKerasAdam if triton_kernel else KerasAdam)
     np.testing.assert_allclose(p, keras_adam_numpy(p0, gp, 2e-6), rtol=2e-6, atol=1e-9)
     np.testing.assert_allclose(q, keras_adam_numpy(q0, gq, 0.0), rtol=2e-6, atol=1e-9)
 
@@ -92,15 +94,20 @@ def test_eager_step_is_pytorch_fused_adam_with_scaled_eps():
     np.testing.assert_array_equal(mine[1], q.detach().numpy())
 
 
-def test_the_eager_step_takes_its_own_fused_call():
-    """After the first step (which creates the state) the direct fused call runs, so the
-    test above compares it, not torch.optim.Adam.step, with PyTorch."""
+def test_the_eager_step_takes_its_own_fused_call(monkeypatch):
+    """After the first step (which creates the state, through torch.optim.Adam.step) the
+    direct fused call runs, so the test above compares it, not torch.optim.Adam.step,
+    with PyTorch."""
     p = torch.nn.Parameter(torch.zeros(3, 2))
     opt = KerasAdam([p], lr=LR, betas=(B1, B2), eps=EPS, fused=True)
-    for _ in range(2):
+    calls = []
+    real = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for _ in range(3):
         p.grad = torch.ones(3, 2)
         opt.step()
-    assert opt._moments is not None
+    assert calls == [1]  # the first step only
 
 
 def _eager(params, wd=2e-6):
@@ -223,10 +230,10 @@ def test_cuda_graph_replay_matches_keras_rule():
 
 def test_fused_kernel_zeroes_the_gradient_it_read():
     pytest.importorskip("triton")
+    from fastattrec.experimental.adam import fused_available
     from fastattrec.kernels.experimental.keras_adam import group_constants, keras_adam_
-    from fastattrec.optim import _fused_available
 
-    if not _fused_available([torch.zeros(1)]):
+    if not fused_available([torch.zeros(1)]):
         pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
     p0, _, gp, _ = problem(seed=5, steps=1)
     p, g = torch.from_numpy(p0.copy()).reshape(-1), torch.from_numpy(gp[0].copy()).reshape(-1)
@@ -243,10 +250,10 @@ def test_one_launch_takes_many_parameters_with_their_own_constants():
     above a block, an empty one, and per-parameter weight decay; each against the Keras
     rule in numpy over three steps."""
     pytest.importorskip("triton")
+    from fastattrec.experimental.adam import fused_available
     from fastattrec.kernels.experimental.keras_adam import BLOCK, group_constants, keras_adam_
-    from fastattrec.optim import _fused_available
 
-    if not _fused_available([torch.zeros(1)]):
+    if not fused_available([torch.zeros(1)]):
         pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
     rng = np.random.default_rng(11)
     sizes = [7, BLOCK, 0, BLOCK + 3, 2 * BLOCK + 1, 30]
@@ -273,18 +280,18 @@ def test_device_step_zeroes_the_gradients_it_read_when_asked(zero):
     one-scatter training step relies on it instead of zeroing its buffer), and
     zeroes_grads() says so; without it, or on the eager path, gradients are kept."""
     pytest.importorskip("triton")
-    from fastattrec.optim import _fused_available
+    from fastattrec.experimental.adam import TritonKerasAdam, fused_available
 
-    if not _fused_available([torch.zeros(1)]):
+    if not fused_available([torch.zeros(1)]):
         pytest.skip("the Triton kernel runs on CUDA or in the interpreter")
     p0, q0, gp, gq = problem(seed=6, steps=1)
     for capturable in (True, False):
         p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
         q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
-        opt = KerasAdam([{"params": [p], "weight_decay": 2e-6},
-                         {"params": [q], "weight_decay": 0.0}],
-                        lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable, fused=True)
-        opt.zero_grads_after = zero
+        opt = TritonKerasAdam([{"params": [p], "weight_decay": 2e-6},
+                               {"params": [q], "weight_decay": 0.0}],
+                              lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable,
+                              fused=True, zero_grads_after=zero)
         p.grad, q.grad = torch.from_numpy(gp[0].copy()), torch.from_numpy(gq[0].copy())
         opt.step()
         cleared = zero and capturable
@@ -297,10 +304,11 @@ def test_device_step_zeroes_the_gradients_it_read_when_asked(zero):
 def test_copies_keep_the_zeroing_flag_and_device_step_needs_capturable():
     import copy
 
+    from fastattrec.experimental.adam import TritonKerasAdam
+
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = KerasAdam([p], capturable=True)
-    opt.zero_grads_after = True
+    opt = TritonKerasAdam([p], capturable=True, zero_grads_after=True)
     dup = copy.deepcopy(opt)
     assert dup.zero_grads_after and dup.step_counters() == []
     with pytest.raises(RuntimeError, match="capturable=True"):
-        KerasAdam([p]).device_step()
+        TritonKerasAdam([p]).device_step()

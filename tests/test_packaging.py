@@ -15,7 +15,10 @@ def test_wheel_file_list(tmp_path):
     wheel = next(tmp_path.glob("fastattrec-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("fastattrec/__init__.py", "fastattrec/cli.py", "fastattrec/model.py",
-              "fastattrec/training.py", "fastattrec/evaluate.py", "fastattrec/data/prepare.py",
+              "fastattrec/config.py", "fastattrec/training/loop.py",
+              "fastattrec/training/step.py", "fastattrec/training/cpu_step.py",
+              "fastattrec/experimental/steps.py",
+              "fastattrec/evaluate.py", "fastattrec/data/prepare.py",
               "fastattrec/kernels/__init__.py", "fastattrec/kernels/reference.py",
               "fastattrec/kernels/attention.py", "fastattrec/kernels/structured.py",
               "fastattrec/kernels/block_layout.py", "fastattrec/kernels/attention_tiles.py",
@@ -28,6 +31,8 @@ def test_wheel_file_list(tmp_path):
     for old in ("attention_split", "emulation", "embedding_gather", "embedding_scatter",
                 "pair_loss", "step_prologue", "step_tail", "keras_adam"):
         assert f"fastattrec/kernels/{old}.py" not in names, old
+    for old in ("training", "run_folder", "cpu_step", "epoch_batches"):  # became packages
+        assert f"fastattrec/{old}.py" not in names, old
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fastattrec = fastattrec.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

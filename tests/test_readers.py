@@ -4,7 +4,8 @@ left behind."""
 import polars as pl
 import pytest
 
-from fastattrec.data.readers import ColumnNames, detect_format, read_ratings
+from fastattrec.data.ratings import read_ratings
+from fastattrec.data.readers import ColumnNames, detect_format
 from fastattrec.errors import UserError
 
 from helpers import cli, write

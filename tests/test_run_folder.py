@@ -15,7 +15,7 @@ from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.data.synth import synthesize
 from fastattrec.training import TrainConfig, train
 
-from helpers import cli, killed_cli
+from helpers import cli, killed_cli, synthetic_dataset
 
 SMALL = dict(dim=8, batch_size=128, eval_every=2, device="cpu", compile=False)
 ARGS = ("--dim", "8", "--batch-size", "128", "--eval-every", "2", "--device", "cpu",
@@ -25,9 +25,7 @@ ARGS = ("--dim", "8", "--batch-size", "128", "--eval-every", "2", "--device", "c
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("runfolder")
-    synthesize(root / "r.dat", 60, 200, 3000, seed=3, clusters=6)
-    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=20))
-    return root / "data"
+    return synthetic_dataset(root, 60, 200, 3000, seed=3, clusters=6, test_negatives=20)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +115,7 @@ def test_kill_between_checkpoint_and_logs_then_resume_is_exact(data_dir, finishe
     # write_logs: call 1 at the start, call k+1 after epoch k's checkpoint. Die before the
     # logs of epoch 3 are written: checkpoint.pt holds epoch 3, the logs epoch 2.
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.training:write_logs", nth=4, before=True)
+                   at="fastattrec.training.checkpoint:write_logs", nth=4, before=True)
     assert r.returncode == 137, r.stderr
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     csv_epochs, jsonl_epochs = log_epochs(run)
@@ -134,7 +132,7 @@ def test_kill_before_a_checkpoint_rename_keeps_logs_behind(data_dir, tmp_path):
     run = tmp_path / "run"
     # Die before epoch 2's checkpoint.pt is written (best.pt of epoch 2 may be there).
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.training:save_checkpoint", nth=2, before=True,
+                   at="fastattrec.training.checkpoint:save_checkpoint", nth=2, before=True,
                    match="checkpoint.pt")
     assert r.returncode == 137, r.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -158,7 +156,7 @@ def test_half_written_checkpoint_of_a_killed_run_is_cleaned_up(data_dir, tmp_pat
 def test_kill_before_the_first_checkpoint_can_be_resumed(data_dir, finished, tmp_path):
     run = tmp_path / "run"
     r = killed_cli("train", data_dir, "-o", run, "--epochs", "4", *ARGS,
-                   at="fastattrec.training:save_checkpoint", nth=1, before=True)
+                   at="fastattrec.training.checkpoint:save_checkpoint", nth=1, before=True)
     assert r.returncode == 137, r.stderr
     assert (run / "config.json").exists() and not (run / "checkpoint.pt").exists()
     msg = error_line(cli("train", data_dir, "-o", run, *ARGS))
@@ -178,7 +176,7 @@ def test_force_clears_the_old_run_first(data_dir, finished, tmp_path):
     (run / "notes.txt").write_text("mine")
     # Killed before the new run's first checkpoint: no old model may remain to be scored.
     r = killed_cli("train", data_dir, "-o", run, "--force", "--epochs", "1", *ARGS,
-                   at="fastattrec.training:save_checkpoint", nth=1, before=True)
+                   at="fastattrec.training.checkpoint:save_checkpoint", nth=1, before=True)
     assert r.returncode == 137, r.stderr
     for f in ("checkpoint.pt", "best.pt", "eval.json"):
         assert not (run / f).exists(), f
@@ -467,7 +465,8 @@ def test_options_edited_in_config_json_are_refused(finished, tmp_path):
     (("--seed", str(10**20)), "--seed must be between"),
     (("--threads", "100000"), "--threads"),
     (("--threads", "-1"), "--threads"),
-    (("--graph-steps", "0"), "--graph-steps"),
+    (("--batch-size", "0"), "--batch-size must be at least 1"),
+    (("--w", "1.5"), "--w must be between 0 and 1"),
 ])
 def test_option_errors_name_the_option(data_dir, tmp_path, args, expect):
     r = cli("train", data_dir, "-o", tmp_path / "run", *ARGS, *args)

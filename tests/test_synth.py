@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from fastattrec.data.readers import read_ratings
+from fastattrec.data.ratings import read_ratings
 from fastattrec.data.synth import synthesize
 
 from helpers import cli

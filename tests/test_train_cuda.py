@@ -1,66 +1,55 @@
-"""Training on CUDA: the CUDA-graph step against the eager step, and the Triton kernel
-against the torch reference inside the whole model. Skipped without a GPU."""
+"""Training on CUDA: the CUDA-graph step against the eager step, the experimental
+multi-step graphs and one-scatter chain against the default step, the Triton kernel
+against the torch reference inside the whole model, and `--kernel auto`'s timing.
+Skipped without a GPU."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from fastattrec.batches import DeviceData
 from fastattrec.data.dataset import load_prepared
-from fastattrec.data.prepare import PrepOptions, prepare
-from fastattrec.data.synth import synthesize
-from fastattrec.model import AttRec, AttRecConfig
-from fastattrec.training import EpochRunner, TrainConfig, make_optimizer, train
+from fastattrec.training import TrainConfig, build, train
+from fastattrec.training.step import CudaGraphStep, run_epoch
+
+from helpers import synthetic_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda")
-    synthesize(root / "r.dat", 300, 800, 30000, seed=5)
-    prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=50))
-    return root / "data"
+    return synthetic_dataset(root, 300, 800, 30000, seed=5, test_negatives=50)
 
 
-def same_start(data_dir, cfg: TrainConfig):
-    """A model (seed 0, compiled loss), its capturable optimiser and an epoch runner with
-    a fixed permutation: the same starting state on every call."""
+def same_start(data_dir, cfg: TrainConfig, kernel: str = "triton"):
+    """The run's model, optimiser and step (graph steps captured) from seed 0, with a
+    fixed permutation: the same starting state on every call."""
     data = DeviceData.from_prepared(load_prepared(data_dir), "cuda")
-    mcfg = AttRecConfig(n_users=data.n_users, n_items=data.n_items, mode=cfg.mode,
-                        kernel="triton")
-    model = AttRec(mcfg, generator=torch.Generator().manual_seed(0)).cuda()
-    model.compile_loss()
-    opt = make_optimizer(model, cfg, torch.device("cuda"), capturable=True)
-    runner = EpochRunner(model, opt, data, cfg)
-    runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
-                                     generator=torch.Generator("cuda").manual_seed(1)))
-    return model, opt, runner
+    b = build(cfg, data, CUDA, kernel)
+    b.step.samples.shuffle(torch.Generator("cuda").manual_seed(1))
+    return b
 
 
-@pytest.mark.parametrize("mode,graph_steps", [("inner", 1), ("dist", 1), ("inner", 3)])
-def test_graph_replay_equals_eager_steps(data_dir, mode, graph_steps):
-    """From the same state, three steps as replays of the captured graph (three of one
-    step, or one of three) and three eager steps give the same weights (same kernels,
-    same order: only launch mechanics differ)."""
-    cfg = TrainConfig(device="cuda", mode=mode, kernel="triton", batch_size=256,
-                      graph_steps=graph_steps)
+@pytest.mark.parametrize("mode", ["inner", "dist"])
+def test_graph_replay_equals_eager_steps(data_dir, mode):
+    """From the same state, three replays of the captured graph and three eager steps
+    give the same weights (same kernels, same order: only launch mechanics differ)."""
     runs = []
     for graphed in (True, False):
-        model, opt, runner = same_start(data_dir, cfg)
-        if graphed:
-            runner.capture()  # its warm-up steps are undone, but they advanced the counters
-        runner.step.zero_()
-        runner.loss_sum.zero_()
-        for _ in range(3 // graph_steps if graphed else 3):
-            if graphed:
-                runner.graphs[graph_steps].replay()
-            else:
-                opt.zero_grad(set_to_none=True)
-                runner._step()
+        cfg = TrainConfig(device="cuda", mode=mode, kernel="triton", batch_size=256,
+                          compile=graphed)
+        b = same_start(data_dir, cfg)
+        assert isinstance(b.step, CudaGraphStep) == graphed
+        b.step.start_epoch()
+        for i in range(3):
+            b.step(i)
         torch.cuda.synchronize()
-        runs.append((copy.deepcopy(model.state_dict()), float(runner.loss_sum)))
+        runs.append((copy.deepcopy(b.model.state_dict()), float(b.step.loss_sum)))
     (wa, la), (wb, lb) = runs
     assert la == pytest.approx(lb, rel=1e-5)
     for k in wa:
@@ -71,8 +60,8 @@ def test_graph_replay_equals_eager_steps(data_dir, mode, graph_steps):
 def test_whole_runs_agree(data_dir, tmp_path, graph_steps, one_scatter):
     """Graph + compiled loss vs eager over two epochs: Adam amplifies rounding where
     gradients are tiny, so whole runs agree in loss and metrics, not bit for bit. With 7
-    steps a graph, the epoch ends with a replay of the remaining steps; with one_scatter
-    the graphed step is the fused kernel chain."""
+    steps a graph (experimental), the epoch ends with a replay of the remaining steps;
+    with one_scatter the graphed step is the fused kernel chain."""
     common = dict(device="cuda", epochs=2, eval_every=2, kernel="triton", batch_size=256)
     a = train(data_dir, tmp_path / "graph",
               TrainConfig(compile=True, graph_steps=graph_steps, one_scatter=one_scatter,
@@ -93,29 +82,39 @@ def test_triton_model_matches_reference_model(data_dir, tmp_path):
     assert sa["HR@10"] == pytest.approx(sb["HR@10"], abs=0.02)
 
 
+def test_auto_kernel_is_timed_and_recorded(data_dir, tmp_path):
+    """--kernel auto on CUDA times both kernels inside the graph step and records them;
+    the run then is the run of the chosen kernel, and a resume keeps the choice."""
+    res = train(data_dir, tmp_path / "auto", TrainConfig(device="cuda", epochs=1,
+                                                         batch_size=256), log=print)
+    saved = json.loads((tmp_path / "auto" / "config.json").read_text())
+    choice = saved["kernel_choice"]
+    assert set(choice["seconds_per_step"]) == {"triton", "torch"}
+    assert choice["chosen"] == min(choice["seconds_per_step"],
+                                   key=choice["seconds_per_step"].get) == res.backend
+    forced = train(data_dir, tmp_path / "forced", TrainConfig(
+        device="cuda", epochs=1, batch_size=256, kernel=res.backend), log=print)
+    assert forced.history[-1]["train_loss"] == res.history[-1]["train_loss"]
+
+
 def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
-    """One epoch as replays of 7 steps and of the remainder equals the same epoch run
-    step by step eagerly from the same state: the same loss sum, weights to float
-    rounding, and every step taken once."""
-    cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, graph_steps=7)
+    """One epoch as replays of 7 steps and of the remainder (experimental) equals the
+    same epoch run step by step eagerly from the same state: the same loss sum, weights
+    to float rounding, and every step taken once."""
     runs = []
     for graphed in (True, False):
-        model, opt, runner = same_start(data_dir, cfg)
-        assert runner.n_steps % 7, "the epoch should end with a shorter replay"
+        cfg = TrainConfig(device="cuda", kernel="triton", batch_size=256, graph_steps=7,
+                          compile=graphed)
+        b = same_start(data_dir, cfg)
+        n = b.step.samples.n_steps
+        assert n % 7, "the epoch should end with a shorter replay"
         if graphed:
-            runner.capture()
-            assert sorted(runner.graphs) == sorted({7, runner.n_steps % 7})
-            total = runner.run()
-        else:
-            runner.step.zero_()
-            runner.loss_sum.zero_()
-            for _ in range(runner.n_steps):
-                opt.zero_grad(set_to_none=True)
-                runner._step()
-            total = runner.loss_sum
+            assert sorted(b.step.graphs) == sorted({7, n % 7})
+        total = run_epoch(b.step)
         torch.cuda.synchronize()
-        assert int(runner.step) == runner.n_steps
-        runs.append((copy.deepcopy(model.state_dict()), float(total)))
+        inner = b.step.inner if graphed else b.step
+        assert int(inner.counter) == n
+        runs.append((copy.deepcopy(b.model.state_dict()), float(total)))
     (wa, la), (wb, lb) = runs
     assert la == pytest.approx(lb, rel=1e-4)
     for k in wa:  # one Adam step moves a weight by about lr = 1e-3: far beyond these
@@ -126,27 +125,25 @@ def test_an_epoch_of_multi_step_replays_equals_eager_steps(data_dir):
                                                     (1, "dist", 256), (1, "inner", 32768)])
 def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps, mode, batch):
     """An epoch of CUDA-graph replays (1 or 7 steps each, plus the remainder) of the
-    one-scatter step (TrainConfig.one_scatter: the epoch's batches planned at its start,
-    the step a chain of Triton kernels without autograd: gather, attention, pairwise loss,
-    attention backward, scatter, Adam, bookkeeping) against the default one-step graph,
-    from the same state, over two epochs (the second with a new order). Both modes; and
-    an epoch of a single step (batch 32,768: the graph's warm-up must not step past it)."""
+    experimental one-scatter step (the epoch's batches planned at its start, the step a
+    chain of Triton kernels without autograd) against the default one-step graph, from
+    the same state, over two epochs (the second with a new order). Both modes; and an
+    epoch of a single step (batch 32,768: the graph's warm-up must not step past it)."""
+    from fastattrec.experimental.steps import FusedStep
+
     runs = []
     for one in (True, False):
         cfg = TrainConfig(device="cuda", kernel="triton", batch_size=batch, one_scatter=one,
                           graph_steps=graph_steps if one else 1, mode=mode)
-        model, _, runner = same_start(data_dir, cfg)
-        assert (runner.batches is not None) == one
+        b = same_start(data_dir, cfg)
+        assert isinstance(b.step.inner, FusedStep) == one
         if batch > 256:  # the case meant to have a single step has one
-            assert runner.n_steps == 1
-        assert runner.fused() == one  # on the GPU the one-scatter step is the kernel chain
-        runner.capture()
-        totals = [float(runner.run())]
-        runner.perm.copy_(torch.randperm(runner.n_train, device="cuda",
-                                         generator=torch.Generator("cuda").manual_seed(2)))
-        totals.append(float(runner.run()))
+            assert b.step.samples.n_steps == 1
+        totals = [float(run_epoch(b.step))]
+        b.step.samples.shuffle(torch.Generator("cuda").manual_seed(2))
+        totals.append(float(run_epoch(b.step)))
         torch.cuda.synchronize()
-        runs.append((copy.deepcopy(model.state_dict()), totals))
+        runs.append((copy.deepcopy(b.model.state_dict()), totals))
     (wa, la), (wb, lb) = runs
     assert la == pytest.approx(lb, rel=1e-4)
     for k in wa:

@@ -18,16 +18,17 @@ from typing import Any
 
 import polars as pl
 
-from fastattrec import __version__
 from fastattrec.atomic import atomic_dir, atomic_write_json
 from fastattrec.data import DATASET_KIND, FORMAT_VERSION
 from fastattrec.data.compressed import decompress_to
 from fastattrec.data.dataset import replaceable_dataset
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
-from fastattrec.data.readers import ColumnNames, check_file, read_ratings, sink_ratings
+from fastattrec.data.ratings import read_ratings, sink_ratings
+from fastattrec.data.readers import ColumnNames, check_file
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
 from fastattrec.errors import UserError
 from fastattrec.outputs import claim_output, file_sha256
+from fastattrec.version import VERSION as __version__
 
 COMPAT_MODES = ("none", "notebook")
 NOTEBOOK_TEST_NEGATIVES = 101

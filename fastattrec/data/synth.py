@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from fastattrec import __version__
 from fastattrec.atomic import atomic_path, atomic_write_json
 from fastattrec.errors import UserError
 from fastattrec.outputs import claim_output, file_sha256, read_json_dict
+from fastattrec.version import VERSION as __version__
 
 SYNTH_KIND = "fastattrec-synth"
 USERS_PER_CHUNK = 20_000

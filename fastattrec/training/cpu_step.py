@@ -16,12 +16,12 @@ Two rearrangements cut the arithmetic, both exact in real numbers (float roundin
   products run over E's V rows instead of B·L gathered ones: the forward E W, and in the
   backward, with S (V, d) the window slots' dH summed per item (one `index_add_`),
   dE += S W^T and dW = E^T S + P^T sum_b dH_b. Bigger catalogues use the gathered rows.
-- Inside torch.compile, the batched (L, L) products are written as broadcast sums, which
-  Inductor fuses into its loops; eagerly they stay `bmm` (the broadcast would allocate
-  (B, L, L, d)).
+- Inside torch.compile, the batched (L, L) products are broadcast sums, which Inductor
+  fuses into its loops (`kernels/structured.py`'s `pairwise` and `mix`).
 
-The maths is the model's (docs/spec.md §2.4-2.5), differentiated by hand; the short-term
-attention is the structured algorithm of `fastattrec.kernels.structured`. tests/
+The maths is the model's (docs/spec.md §2.4-2.5): the scores, pair losses and clipping are
+model.py's functions, the short-term attention is `fastattrec.kernels.structured.attend`
+with its backward; only the chain rule through the scores is written here. tests/
 test_cpu_step.py checks the loss and every gradient against autograd of the plain
 reference model, in both modes and both projection layouts, with padding, repeated items
 and masked samples.
@@ -29,22 +29,14 @@ and masked samples.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from fastattrec.kernels.reference import MASKED_LOGIT
-from fastattrec.model import AttRec
-
-
-def _clip(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows scaled to length <= 1 (as model.clip_rows), each row's divisor, and whether
-    the divisor moves with the row (|v| >= 1: at exactly 1, as autograd's clamp counts)."""
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    n = norm.clamp(min=1.0)
-    return v / n, n, norm >= 1.0
+from fastattrec.kernels.structured import attend, attend_backward
+from fastattrec.model import AttRec, clip_parts, pair_scores, pair_terms, reduce_batch
+from fastattrec.training.step import Samples
 
 
 def _clip_backward(vc: torch.Tensor, n: torch.Tensor, moves: torch.Tensor,
@@ -53,20 +45,6 @@ def _clip_backward(vc: torch.Tensor, n: torch.Tensor, moves: torch.Tensor,
     (g - vc <vc, g>) / |v| that removes the radial part."""
     radial = (vc * g).sum(-1, keepdim=True) * moves
     return (g - vc * radial) / n
-
-
-def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, I, K) x (B, J, K) -> (B, I, J), sum over K: fused when compiling, else bmm."""
-    if torch.compiler.is_compiling():
-        return (a[:, :, None, :] * b[:, None, :, :]).sum(-1)
-    return torch.bmm(a, b.transpose(1, 2))
-
-
-def _mix(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """(B, L, L) x (B, L, d) -> (B, L, d), the batched product m q."""
-    if torch.compiler.is_compiling():
-        return (m[:, :, :, None] * q[:, None, :, :]).sum(2)
-    return torch.bmm(m, q)
 
 
 class ManualStep:
@@ -167,29 +145,23 @@ class ManualStep:
         u = F.embedding(users, user_emb)  # (B, d)
         e = F.embedding(items, item_emb)  # (B, 2, d)
         e2 = F.embedding(items, item2_emb)  # (B, 2, d)
+        s = pair_scores(u, e, e2, short, cfg.mode, w)  # (B, 2) [positive, negative]
+        loss = reduce_batch(pair_terms(s, cfg.mode, cfg.gamma), valid, count, cfg.mode)
         if cfg.mode == "inner":
-            s = w * (u[:, None] * e2).sum(-1) + (1 - w) * (short[:, None] * e).sum(-1)
-            diff = s[:, 1] - s[:, 0]  # (B,)
-            loss = (F.softplus(diff) * valid).sum() / count
-            g = torch.sigmoid(diff) * valid / count  # d loss / d diff
+            g = torch.sigmoid(s[:, 1] - s[:, 0]) * valid / count  # d loss / d s_neg
             ds = torch.stack([-g, g], dim=1)[..., None]  # (B, 2, 1) d loss / d s
             du = w * (ds * e2).sum(1)
             de2 = w * ds * u[:, None]
             dshort = (1 - w) * (ds * e).sum(1)
             de = (1 - w) * ds * short[:, None]
         else:
-            uc, nu, mu = _clip(u)
-            ec, ne, me = _clip(e)
-            e2c, ne2, me2 = _clip(e2)
-            r_long = uc[:, None] - e2c  # (B, 2, d)
-            r_short = short[:, None] - ec
-            s = w * r_long.pow(2).sum(-1) + (1 - w) * r_short.pow(2).sum(-1)  # (B, 2)
-            margin = s[:, 0] - s[:, 1] + cfg.gamma
-            loss = (torch.relu(margin) * valid).sum()
-            g = (margin > 0).to(s.dtype) * valid
+            uc, nu, mu = clip_parts(u)
+            ec, ne, me = clip_parts(e)
+            e2c, ne2, me2 = clip_parts(e2)
+            g = ((s[:, 0] - s[:, 1] + cfg.gamma) > 0).to(s.dtype) * valid
             ds = torch.stack([g, -g], dim=1)[..., None]  # (B, 2, 1)
-            dlong = 2 * w * ds * r_long  # d loss / d r_long
-            dsh = 2 * (1 - w) * ds * r_short
+            dlong = 2 * w * ds * (uc[:, None] - e2c)  # d loss / d (u - e2)
+            dsh = 2 * (1 - w) * ds * (short[:, None] - ec)
             du = _clip_backward(uc, nu, mu, dlong.sum(1))
             de2 = _clip_backward(e2c, ne2, me2, -dlong)
             dshort = dsh.sum(1)
@@ -202,8 +174,8 @@ class ManualStep:
     @staticmethod
     def _attention(item_emb: torch.Tensor, proj: torch.Tensor, pos_enc: torch.Tensor,
                    windows: torch.Tensor, table: bool) -> tuple[torch.Tensor, tuple]:
-        """(B, L) windows -> (B, d) short-term interest, and what the backward needs
-        (the structured forward of kernels/structured.py, projected as `table` says)."""
+        """(B, L) windows -> (B, d) short-term interest, and what the backward needs:
+        the structured attention, projected as `table` says."""
         b, l = windows.shape
         d = proj.shape[0]
         mask = windows != 0  # (B, L)
@@ -214,30 +186,46 @@ class ManualStep:
         else:
             z = (x + pos_enc).reshape(b * l, d)  # (B·L, d)
             h = (z @ proj).reshape(b, l, d)
-        q = torch.relu(h)
-        s = _pairwise(q, q) * (1.0 / math.sqrt(d))  # (B, L, L), keys = queries
-        s = s.masked_fill(~mask[:, None, :], MASKED_LOGIT)
-        a = torch.softmax(s, dim=-1)
-        p_bar = a.mean(dim=1)  # (B, L) column means
-        out = (p_bar[:, :, None] * x).sum(1)  # (B, d) = p_bar^T X
-        return out, (x, mask, z, h, q, a, p_bar)
+        out, saved = attend(x, mask, h)
+        return out, (saved, z)
 
     @staticmethod
     def _attention_backward(saved: tuple, c: torch.Tensor, proj: torch.Tensor,
                             pos_enc: torch.Tensor, table: bool
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """From c = dL/dshort (B, d): the window slots' gradient rows and dw (see grads);
-        the chain rule of kernels/structured.py's module docstring."""
-        x, mask, z, h, q, a, p_bar = saved
-        b, l, d = x.shape
-        da = (x * c[:, None, :]).sum(-1) / l  # (B, L): dA_ij, the same for every i
-        rows = (a * da[:, None, :]).sum(-1, keepdim=True)  # (B, L, 1)
-        ds = (a * (da[:, None, :] - rows)).masked_fill(~mask[:, None, :], 0.0)
-        m = (ds + ds.transpose(1, 2)) * (1.0 / math.sqrt(d))  # (B, L, L)
-        dh = _mix(m, q) * (h > 0)  # (B, L, d)
-        direct = p_bar[:, :, None] * c[:, None, :]  # (B, L, d): d out / d X
+        """From c = dL/dshort (B, d): the window slots' gradient rows and dw (see grads)."""
+        inner, z = saved
+        dh, direct = attend_backward(inner, c)  # (B, L, d) each
+        b, l, d = dh.shape
         if table:
             dwin = torch.cat([dh, direct], dim=-1).reshape(b * l, 2 * d)
             return dwin, pos_enc.T @ dh.sum(0)  # P^T sum_b dH_b (d, d)
         dh_flat = dh.reshape(b * l, d)
         return dh_flat @ proj.T + direct.reshape(b * l, d), z.T @ dh_flat
+
+
+class CpuStep:
+    """The Step (fastattrec.training.step) of the CPU default: `ManualStep`'s loss and
+    gradients of batch i, then Adam. One process, the structured attention."""
+
+    def __init__(self, model: AttRec, opt: torch.optim.Optimizer, samples: Samples,
+                 compile: bool = True) -> None:
+        self.model, self.opt, self.samples = model, opt, samples
+        self.manual = ManualStep(model, compile=compile)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+
+    def start_epoch(self) -> None:
+        self.loss_sum.zero_()
+
+    def __call__(self, i: int) -> None:
+        smp = self.samples
+        b = smp.batch_at(i)
+        loss = self.manual.gathered(b.idx, smp.users, smp.windows, smp.targets, smp.negs,
+                                    b.valid, b.count)
+        self.opt.step()
+        inner = self.model.cfg.mode == "inner"
+        self.loss_sum += (loss.detach() * (b.count if inner else 1.0)).to(torch.float64)
+
+    def describe(self) -> str:
+        return ("hand-written, compiled by torch.compile" if self.manual.compiled
+                else "hand-written")

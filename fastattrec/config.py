@@ -1,0 +1,189 @@
+"""Every training option in one place: its default, help text, choices and bounds, and the
+one check of a value against them.
+
+Torch-free, so `fastattrec --help` stays fast. The `train` command's options are generated
+from `TrainConfig` (cli.py), the API's keyword arguments are its fields, and a saved run's
+config.json is one of them (`TrainConfig.from_dict`). `AttRecConfig` is the model's share
+of it (docs/spec.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from fastattrec.errors import UserError, shown
+
+MODES = ("inner", "dist")
+NEGATIVE_MODES = ("fixed", "resample")
+# The short-term attention backends (`fastattrec.kernels.BACKENDS`; a test keeps the two in
+# step). `structured` is what `auto` runs on the CPU; the command offers the other three.
+KERNELS = ("auto", "triton", "torch", "structured")
+CLI_KERNELS = ("auto", "triton", "torch")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")  # `fastattrec.kernels.PRECISIONS`
+DEVICES = ("auto", "cpu", "cuda")
+SEED_MAX = 2**63 - 3  # the largest seed whose shuffle and negatives seeds (+1, +2) fit int64
+
+
+def option(default: Any, help: str = "", *, choices: tuple | None = None,
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           flag: str | None = None, cli: bool = True, experimental: bool = False) -> Any:
+    """A dataclass field with what the command line and the check need to know.
+
+    `low`/`high`: inclusive bounds (`low_open`: the value must exceed `low`); `flag`: the
+    option's name when it is not --name-with-dashes; `cli`: offered by `fastattrec train`
+    (else API only); `experimental`: not measured to win yet, named at run start when set."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
+            "flag": flag, "cli": cli, "experimental": experimental}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the notebook's defaults); saved in config.json."""
+
+    maxlen: int = option(5, "L: items in the short-term window.", low=1)
+    dim: int = option(100, "d: embedding size.", low=1)
+    mode: str = option("inner", "inner: dot-product scores, log-sigmoid pair loss; dist: "
+                       "squared distances of norm-clipped embeddings, hinge loss with --gamma.",
+                       choices=MODES)
+    w: float = option(0.5, "Weight of the long-term part (1-w for the short-term part).",
+                      low=0.0, high=1.0)
+    gamma: float = option(0.5, "Margin of mode dist.")
+    embed_reg: float = option(1e-6, "lambda of the L2 term over the whole embedding tables.",
+                              low=0.0)
+    lr: float = option(1e-3, "Adam learning rate.", low=0.0, low_open=True)
+    batch_size: int = option(1024, "Training samples per step.", low=1)
+    epochs: int = option(40, "Epochs to train.", low=1)
+    eval_every: int = option(5, "Test metrics every N epochs (and after the last).", low=1)
+    k: int = option(10, "K of HR@K / NDCG@K in the log and for early stopping.", low=1,
+                    flag="-k")
+    seed: int = option(0, "Seed for initialisation, shuffling and resampled negatives.",
+                       low=0, high=SEED_MAX)
+    device: str = option("auto", "cpu, cuda (or cuda:N) or auto (cuda when available).")
+    negatives: str = option("fixed", "fixed: the negatives drawn by prep, every epoch (the "
+                            "notebook); resample: fresh uniform negatives every epoch.",
+                            choices=NEGATIVE_MODES)
+    early_stop: int = option(0, "Stop after N epochs without a better validation NDCG@K "
+                             "(full ranking of the validation targets); 0: never. best.pt "
+                             "keeps the best epoch.", low=0)
+    kernel: str = option("auto", "Short-term attention: triton (the fused kernel, CUDA), "
+                         "torch (the plain reference), auto (on CPU the hand-written step; "
+                         "on CUDA whichever of triton and torch runs the training step "
+                         "faster, timed on this GPU at the start and recorded in "
+                         "config.json).", choices=KERNELS)
+    precision: str = option("ieee", "Triton kernel's d x d products: ieee float32; tf32x3 / "
+                            "bf16x3 three tensor-core products each; tf32 one. Not yet timed "
+                            "on a GPU.", choices=PRECISIONS, cli=False, experimental=True)
+    compile: bool = option(True, "Fuse the training step with torch.compile. On CUDA the "
+                           "step is also captured as a CUDA graph and replayed. On CPU the "
+                           "step's arithmetic becomes generated C++ (a few seconds to "
+                           "compile, cached; then 1.5-1.8x faster per epoch on ML-100K); "
+                           "without a working compiler it runs uncompiled, with a warning.")
+    ndcg_log: str = option("2", "NDCG's log base: 2 (standard) or e (the notebook's, 1.44x "
+                           "higher).", choices=("2", "e"))
+    threads: int = option(0, "CPU threads for torch. 0: one per core that is not busy with "
+                          "other work when the run starts (beside a busy process, fewer "
+                          "threads are faster than waiting for a shared core). The number "
+                          "used is saved with the run and reused by --resume: results "
+                          "depend on it in the last bits.", low=0, high=1024)
+    graph_steps: int = option(1, "CUDA with compile: training steps recorded in one CUDA "
+                              "graph. Not yet timed on a GPU.", low=1, high=4096, cli=False,
+                              experimental=True)
+    one_scatter: bool = option(False, "Every table row by one gather and every table "
+                               "gradient by one deterministic scatter, planned per epoch; on "
+                               "CUDA with the Triton tile layout, the step as eight Triton "
+                               "launches. Not yet timed on a GPU.", cli=False,
+                               experimental=True)
+    data_dir: str = option("", "The prepared dataset (set by `train`).", cli=False)
+
+    def check(self) -> None:
+        """Explain the first bad option in one sentence (a UserError)."""
+        for f in fields(self):
+            check_value(f, getattr(self, f.name))
+
+    def experimental(self) -> list[str]:
+        """The experimental options this run sets away from their defaults."""
+        return [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                if f.metadata.get("experimental") and getattr(self, f.name) != f.default]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From a saved config.json's "train" part (unknown keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flag_of(f: Any) -> str:
+    """The command-line spelling of field `f`."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_value(f: Any, v: Any) -> None:
+    """Check value `v` of dataclass field `f` against its type, choices and bounds."""
+    meta, name = f.metadata, flag_of(f)
+    kind = type(f.default) if f.default is not MISSING else None
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise UserError(f"{name} must be true or false, got {shown(v)}.")
+        return
+    if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+        raise UserError(f"{name} must be an integer, got {shown(v)}.")
+    if kind is float:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise UserError(f"{name} must be a number, got {shown(v)}.")
+        if not math.isfinite(v):
+            raise UserError(f"{name} must be a finite number, got {v}.")
+    if kind is str and not isinstance(v, str):
+        raise UserError(f"{name} must be a string, got {shown(v)}.")
+    if meta.get("choices") and v not in meta["choices"]:
+        raise UserError(f"{name} must be one of {', '.join(meta['choices'])}, got {shown(v)}.")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None and not low <= v <= high:
+        raise UserError(f"{name} must be between {_num(low)} and {_num(high)}, got {v}.")
+    if low is not None and meta.get("low_open") and not v > low:
+        raise UserError(f"{name} must be positive, got {v}." if low == 0 else
+                        f"{name} must be more than {_num(low)}, got {v}.")
+    if low is not None and not v >= low:
+        raise UserError(f"{name} must not be negative, got {v}." if low == 0 else
+                        f"{name} must be at least {_num(low)}, got {v}.")
+
+
+def _num(x: float) -> str:
+    if x == SEED_MAX:
+        return "2^63 - 3"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass
+class AttRecConfig:
+    """Every hyper-parameter of the model (docs/spec.md §2); defaults as TrainConfig's."""
+
+    n_users: int  # table rows, padding row 0 included
+    n_items: int  # table rows, padding row 0 included
+    dim: int = TrainConfig.dim
+    maxlen: int = TrainConfig.maxlen
+    mode: str = TrainConfig.mode
+    w: float = TrainConfig.w  # weight of the long-term part
+    gamma: float = TrainConfig.gamma  # margin in mode "dist"
+    embed_reg: float = TrainConfig.embed_reg  # lambda of the whole-table L2 term
+    kernel: str = TrainConfig.kernel  # short-term attention backend (KERNELS)
+    precision: str = TrainConfig.precision  # Triton dot precision (PRECISIONS)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, n_users: int, n_items: int, kernel: str) -> AttRecConfig:
+        """The model of a run with options `cfg`, its kernel resolved to `kernel`."""
+        return cls(n_users=n_users, n_items=n_items, dim=cfg.dim, maxlen=cfg.maxlen,
+                   mode=cfg.mode, w=cfg.w, gamma=cfg.gamma, embed_reg=cfg.embed_reg,
+                   kernel=kernel, precision=cfg.precision)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
