@@ -1,6 +1,6 @@
 """Write-then-rename helpers so that no command ever leaves a half-written output behind.
 
-Temporaries are named `.NAME.tmp-XXXX` beside the output NAME, so the next command on the
+Temporaries are named `.NAME.tmp-XXXXXXXX` beside the output NAME, so the next command on the
 same output can recognise and remove what a killed one left (`outputs.remove_stale`).
 Write failures (full disk, read-only folder) become one `UserError` sentence naming the path.
 """
@@ -128,7 +128,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def scratch_file(beside: Path) -> Iterator[Path]:
-    """A temporary file named `.NAME.tmp-XXXX` next to `beside`, deleted at the end
+    """A temporary file named `.NAME.tmp-XXXXXXXX` next to `beside`, deleted at the end
     whatever happens (a killed process's copy is removed by the next command on NAME)."""
     beside = Path(beside)
     try:

@@ -10,8 +10,12 @@ downloaded archive) goes through `claim_output`:
    the kernel if the process dies), so a second command on the same output stops with one
    sentence instead of mixing two runs;
 3. under the lock, it removes the temporaries a killed command left (each temporary a
-   command creates is recorded in its lock file first, so only those are ever removed or
-   restored: a file of the user's that merely looks like one is left alone);
+   command creates is recorded in its lock file, so only those are ever removed or
+   restored: a file of the user's that merely looks like one is left alone). The lock
+   file is trusted only if it is a regular file of the current user's with no other
+   link, and of what it lists only names fastattrec gives this output's temporaries
+   (`is_temporary_of`) owned by the current user are touched: a planted or damaged list
+   can delete nothing else;
 4. with `force`, it checks that what is there is something fastattrec made (the caller's
    `made_by_us` test) before anything is replaced.
 """
@@ -25,14 +29,35 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from fastattrec.errors import UserError
 
-TMP_TAG = ".tmp-"  # temporaries are `.NAME.tmp-XXXX`, beside NAME (see atomic.py)
+TMP_TAG = ".tmp-"  # temporaries are `.NAME.tmp-XXXXXXXX`, beside NAME (see atomic.py)
 OLD_TAG = ".old-"  # a replaced output waiting to be deleted: `.NAME.old-PID`
+# The random part tempfile.mkstemp / mkdtemp give the temporaries: 8 characters of
+# tempfile's alphabet (lower-case letters, digits, underscore).
+_RANDOM = "[a-z0-9_]{8}"
+
+
+def is_temporary_of(target: Path, path: Path) -> bool:
+    """True when `path` is named as a temporary fastattrec makes for the output `target`
+    (both absolute): beside it `.NAME.tmp-XXXXXXXX` (also `.NAME.EXT.tmp-XXXXXXXX`, a
+    record such as NAME.synth.json written with it) or `.NAME.old-PID`; directly inside
+    it (a run folder's files) `.FILE.tmp-XXXXXXXX`. Nothing else, so a lock file's list
+    can only ever name this output's own temporaries."""
+    text = os.fspath(path)
+    if not os.path.isabs(text) or os.path.normpath(text) != text:
+        return False
+    path, tmp = Path(text), re.escape(TMP_TAG)
+    if path.parent == target.parent:
+        name = re.escape(target.name)
+        return bool(re.fullmatch(rf"\.{name}(\.[^/]+)?{tmp}{_RANDOM}", path.name) or
+                    re.fullmatch(rf"\.{name}{re.escape(OLD_TAG)}[0-9]+", path.name))
+    return path.parent == target and bool(re.fullmatch(rf"\.[^/]+{tmp}{_RANDOM}", path.name))
 
 
 def lock_path(target: Path) -> Path:
@@ -78,9 +103,11 @@ _held_guard = threading.Lock()
 def exclusive_lock(target: Path) -> Iterator[list[Path]]:
     """Hold `.NAME.lock` beside `target` for the duration; refuse if another process does.
 
-    First deals with the temporaries that a killed earlier holder recorded in the lock
-    file (`record_temporary`, `remove_stale`) and yields what it removed or restored. The
-    lock file is removed on release. A process that obtains the
+    The lock file is opened without following a symbolic link and used only if it is a
+    regular file of the current user's with no other link (`_check_lock_file`), so a
+    planted file or link is never written. Then deals with the temporaries that a killed
+    earlier holder recorded in it (`record_temporary`, `remove_stale`) and yields what it
+    removed or restored. The lock file is removed on release. A process that obtains the
     lock checks that the file it locked is still the one at the path (a releasing process
     may just have removed it), so two processes never both believe they hold it."""
     import fcntl
@@ -91,12 +118,15 @@ def exclusive_lock(target: Path) -> Iterator[list[Path]]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(path.parent, e) from None
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as e:
+            _check_lock_file(path, None)  # a link or another user's file: say which
             raise write_error(path.parent, e) from None
         try:
+            _check_lock_file(path, os.fstat(fd))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = _read_holder(fd)
@@ -106,11 +136,11 @@ def exclusive_lock(target: Path) -> Iterator[list[Path]]:
                 raise UserError(f"{target} is in use by another fastattrec command{who}; wait "
                                 f"for it to finish or choose another output.") from None
             raise write_error(path, e) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        except BaseException:
+            os.close(fd)
+            raise
+        mine = os.fstat(fd)
+        if _same_file(path, mine):
             break
         os.close(fd)  # locked a file that its previous holder had just removed: retry
     try:
@@ -127,51 +157,89 @@ def exclusive_lock(target: Path) -> Iterator[list[Path]]:
     finally:
         with _held_guard:
             _held.pop(target, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if _same_file(path, mine):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         os.close(fd)
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    """True when the entry at `path` (not followed) is the file `st` describes."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _check_lock_file(path: Path, st: os.stat_result | None) -> None:
+    """Refuse a lock file fastattrec cannot trust: a symbolic link, not a regular file,
+    another user's, or one with other hard links (writing it would change another file).
+    `st` is the open file's status; None checks the entry at `path` (after a failed
+    open) and returns quietly when it is missing or looks fine."""
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+    if stat.S_ISLNK(st.st_mode):
+        why = "it is a symbolic link"
+    elif not stat.S_ISREG(st.st_mode):
+        why = "it is not a regular file"
+    elif st.st_uid != os.geteuid():
+        why = f"it belongs to another user (uid {st.st_uid})"
+    elif st.st_nlink > 1:
+        why = "it has other hard links"
+    else:
+        return
+    fix = "remove it" if st.st_uid == os.geteuid() else "have its owner remove it"
+    raise UserError(f"{path} is not a lock file fastattrec can use ({why}); {fix} or choose "
+                    f"another output.")
 
 
 def record_temporary(tmp: Path) -> None:
     """Note `tmp` in the lock file of the output it belongs to (held by this process), so
     that if the process is killed, the next command on that output removes it, and only
-    it. A temporary beside an output NAME is `.NAME.tmp-*` (or `.NAME.old-*`); one inside
-    an output folder (a run's checkpoint) belongs to that folder."""
+    it. Only a name `is_temporary_of` accepts for a held output is recorded."""
     tmp = absolute(tmp)
     with _held_guard:
-        owner = next((fd for target, fd in _held.items()
-                      if target in tmp.parents or (tmp.parent == target.parent and
-                                                   tmp.name.startswith(f".{target.name}."))),
+        owner = next((fd for target, fd in _held.items() if is_temporary_of(target, tmp)),
                      None)
         if owner is not None:
-            os.write(owner, f"{tmp}\n".encode())
+            os.write(owner, os.fsencode(tmp) + b"\n")
 
 
 def _recorded(fd: int) -> list[Path]:
-    """The temporaries listed in a lock file (after its first line, the holder's pid)."""
+    """The paths listed in a lock file (after its first line, the holder's pid)."""
     try:
         size = os.fstat(fd).st_size
-        text = os.pread(fd, size, 0).decode(errors="replace") if size else ""
+        data = os.pread(fd, size, 0) if size else b""
     except OSError:
         return []
-    return [Path(line) for line in text.splitlines()[1:] if line.strip()]
+    return [Path(os.fsdecode(line)) for line in data.split(b"\n")[1:]
+            if line.strip() and b"\0" not in line]
 
 
 def _read_holder(fd: int) -> str:
+    """The holder's process id from the lock file's first line, or "" if it holds none."""
     try:
-        return os.pread(fd, 32, 0).decode(errors="replace").strip()
+        first = os.pread(fd, 32, 0).split(b"\n", 1)[0].strip()
     except OSError:
         return ""
+    return first.decode() if re.fullmatch(rb"[0-9]{1,10}", first) else ""
 
 
 def remove_stale(target: Path, recorded: Iterable[Path]) -> list[Path]:
     """Deal with the temporaries a killed command recorded (call under the lock): a
     replaced output moved aside (`.NAME.old-*`) is put back if NAME itself is missing (a
     kill between the two renames of a replacement: it is the only complete copy); every
-    other recorded temporary is deleted. Returns what was removed or restored."""
+    other recorded temporary is deleted. A listed path that is not named as one of
+    `target`'s temporaries (`is_temporary_of`), or that is not the current user's, is
+    ignored. Returns what was removed or restored."""
     target = absolute(target)
     done: list[Path] = []
-    recorded = [Path(p) for p in recorded if Path(p).exists() or Path(p).is_symlink()]
+    recorded = [Path(p) for p in recorded
+                if is_temporary_of(target, Path(p)) and _owned_by_me(Path(p))]
     olds = [p for p in recorded if p.parent == target.parent
             and p.name.startswith(f".{target.name}{OLD_TAG}")]
     if olds and not target.exists() and not target.is_symlink():
@@ -182,6 +250,14 @@ def remove_stale(target: Path, recorded: Iterable[Path]) -> list[Path]:
         _remove(p)
         done.append(p)
     return done
+
+
+def _owned_by_me(p: Path) -> bool:
+    """`p` exists (not followed) and belongs to the current user."""
+    try:
+        return os.lstat(p).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _remove(p: Path) -> None:

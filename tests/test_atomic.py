@@ -1,9 +1,10 @@
-"""`fastattrec.atomic.atomic_path`: writes go to a temporary `.NAME.tmp-XXXX` beside the
+"""`fastattrec.atomic.atomic_path`: writes go to a temporary `.NAME.tmp-XXXXXXXX` beside the
 target and reach the target only by a rename on success, so a failure, or a kill in the
 middle of a checkpoint write, leaves the old file whole (README "Usage", docs/formats.md
 §2: checkpoint.pt is the commit point)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,9 @@ def test_the_yielded_path_is_a_temporary_beside_the_target(tmp_path):
     with atomic_path(p) as t:
         assert t != p and t.resolve() != p.resolve()
         assert t.parent == p.parent
-        assert t.name.startswith(".out.bin.tmp-") and len(t.name) > len(".out.bin.tmp-")
+        # The exact name docs/formats.md §3 gives: the clean-up after a kill removes only
+        # names of this form.
+        assert re.fullmatch(r"\.out\.bin\.tmp-[a-z0-9_]{8}", t.name), t.name
         t.write_bytes(b"new")
         assert p.read_bytes() == OLD  # nothing reaches the target before the rename
         assert beside(p) == [t.name]

@@ -262,7 +262,7 @@ def test_recorded_temporaries_are_cleaned_and_the_only_copy_kept(tmp_path):
     target = tmp_path / "t"
     aside = tmp_path / ".t.old-123"
     write(aside / "meta.json", "{}")
-    partial = write(tmp_path / ".t.tmp-abc" / "x", "partial").parent
+    partial = write(tmp_path / ".t.tmp-abcd_123" / "x", "partial").parent
     # What a killed holder leaves: its pid, then each temporary it created.
     lock_path(target).write_text(f"999\n{partial}\n{aside}\n")
     with exclusive_lock(target) as done:
