@@ -35,6 +35,31 @@ def _path(name: str, value: Any) -> Path:
     return Path(value)
 
 
+def _data(name: str, value: Any) -> Path:
+    """A prepared dataset given as a `Dataset` or as its folder's path."""
+    return value.path if isinstance(value, Dataset) else _path(name, value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):  # "no" is true to Python: refuse anything but a bool
+        raise UserError(f"{name} must be True or False, got {shown(value)}.")
+    return value
+
+
+def _text(name: str, value: Any, optional: bool = False) -> str | None:
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise UserError(f"{name} must be text{' or None' if optional else ''}, got "
+                        f"{shown(value)}.")
+    return value
+
+
+def _log(name: str, value: Any) -> Log:
+    if not callable(value):
+        raise UserError(f"{name} must be a function taking one message (such as print), got "
+                        f"{shown(value)}.")
+    return value
+
+
 def _int(name: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
     if type(value) is not int or not low <= value <= high:  # noqa: E721 - no bool, no float
         raise UserError(f"{name} must be a whole number from {low} to {high}, got "
@@ -93,6 +118,14 @@ def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
     from fastattrec.data.readers import ColumnNames
 
     source, out = _path("source", source), _path("out", out)
+    for name, v in (("format", format), ("compat", compat)):
+        _text(name, v)
+    for name, v in (("user_col", user_col), ("item_col", item_col), ("time_col", time_col),
+                    ("rating_col", rating_col)):
+        _text(name, v, optional=True)
+    _flag("streaming", streaming)
+    _flag("force", force)
+    _log("log", log)
     if test_negatives is not None:
         _int("test_negatives", test_negatives, 1)
     if trans_score is not None:
@@ -113,6 +146,7 @@ def synthesize(out: str | Path, *, users: int = 6040, items: int = 3706,
     from fastattrec.data.synth import synthesize as synth
 
     out = _path("out", out)
+    _flag("force", force)
     for name, v, low in (("users", users, 1), ("items", items, 2),
                          ("interactions", interactions, 1), ("seed", seed, 0)):
         _int(name, v, low)
@@ -152,14 +186,13 @@ class Run:
 
     def evaluate(self, protocol: str = "both", ks: Sequence[int] = (1, 5, 10, 20),
                  ndcg_log: str | None = None, checkpoint: str = "auto", device: str = "auto",
-                 baseline: bool = True, data: str | Path | None = None,
+                 baseline: bool = True, data: Dataset | str | Path | None = None,
                  save: bool = True) -> pl.DataFrame:
         """Test metrics of the model (and the popularity baseline): one row per (model,
         protocol), columns HR@K, NDCG@K per K and MRR (docs/spec.md §4). With `save`, also
         written to eval.json in the run folder (when no other command holds it)."""
         from fastattrec.data.dataset import fingerprint
         from fastattrec.evaluate import PROTOCOLS, ModelRanker, PopularityRanker, evaluate
-        from fastattrec.runs import load_run as open_run
 
         if protocol not in PROTOCOLS:
             raise UserError(f"protocol must be one of {', '.join(PROTOCOLS)}, got "
@@ -171,16 +204,18 @@ class Run:
         ks = sorted(set(_int("-k", k, 1, 10**9) for k in ks))
         if not ks:
             raise UserError("ks is empty; give at least one cut-off, such as [10].")
-        loaded = open_run(self.path, checkpoint, device, data)
+        _flag("baseline", baseline)
+        _flag("save", save)
+        loaded = _open(self.path, checkpoint, device, data)
         ndcg_log = ndcg_log or loaded.cfg.ndcg_log
+        maxlen = loaded.model.cfg.maxlen  # the checkpoint's own, which config.json matches
         t = time.perf_counter()
-        results = {"AttRec": evaluate(ModelRanker(loaded.model), loaded.data,
-                                      loaded.cfg.maxlen, protocol, ks, ndcg_log)}
+        results = {"AttRec": evaluate(ModelRanker(loaded.model), loaded.data, maxlen,
+                                      protocol, ks, ndcg_log)}
         seconds = time.perf_counter() - t
         if baseline:
             pop = PopularityRanker(loaded.data.item_popularity())
-            results["popularity"] = evaluate(pop, loaded.data, loaded.cfg.maxlen, protocol,
-                                             ks, ndcg_log)
+            results["popularity"] = evaluate(pop, loaded.data, maxlen, protocol, ks, ndcg_log)
         frame = metrics_frame(results, ks).with_columns(
             pl.lit(loaded.checkpoint).alias("checkpoint"), pl.lit(loaded.epoch).alias("epoch"))
         self.last_evaluation = {"checkpoint": loaded.checkpoint, "epoch": loaded.epoch,
@@ -194,24 +229,25 @@ class Run:
     def recommend(self, users: Iterable[Any] | None = None, k: int = 10,
                   checkpoint: str = "auto", device: str = "auto",
                   titles: str | Path | pl.DataFrame | None = None,
-                  data: str | Path | None = None) -> pl.DataFrame:
+                  data: Dataset | str | Path | None = None) -> pl.DataFrame:
         """Top-k unseen items per user (raw ids; None: every user) from their latest
         window: columns raw_user, rank, raw_item, score (and title with `titles`, a
         MovieLens movies.dat or a frame of raw_item, title). A user with fewer than k
         unseen items gets only those."""
         import torch
 
-        from fastattrec.recommend import dense_users, read_titles, recommend_frame
-        from fastattrec.runs import load_run as open_run
+        from fastattrec.recommend import check_titles, dense_users, read_titles, recommend_frame
 
         _int("-k", k, 1, 10**9)
         if users is not None and (isinstance(users, str | bytes | int)
                                   or not isinstance(users, Iterable)):
             raise UserError(f"users must be a list of raw user ids (or None for every user), "
                             f"got {shown(users)}.")
-        if titles is not None and not isinstance(titles, pl.DataFrame):
-            titles = read_titles(Path(titles))
-        loaded = open_run(self.path, checkpoint, device, data)
+        if isinstance(titles, pl.DataFrame):
+            check_titles(titles)
+        elif titles is not None:
+            titles = read_titles(_path("titles", titles))
+        loaded = _open(self.path, checkpoint, device, data)
         dev = loaded.data.device
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
@@ -225,6 +261,15 @@ class Run:
     def __repr__(self) -> str:
         done = self._history[-1]["epoch"] if self._history else 0
         return f"Run({str(self.path)!r}: {done}/{self.options['epochs']} epochs)"
+
+
+def _open(path: Path, checkpoint: Any, device: Any, data: Any):
+    """The run's model and data (runs.load_run), its arguments checked first."""
+    from fastattrec.runs import load_run as open_run
+
+    _text("checkpoint", checkpoint)
+    _text("device", device)
+    return open_run(path, checkpoint, device, None if data is None else _data("data", data))
 
 
 def metrics_frame(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> pl.DataFrame:
@@ -285,7 +330,10 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
     from fastattrec.config import TrainConfig
     from fastattrec.training import train as run_training
 
-    data_dir = data.path if isinstance(data, Dataset) else Path(data)
+    data_dir, out = _data("data", data), _path("out", out)
+    _flag("force", force)
+    _flag("progress", progress)
+    _log("log", log)
     try:
         cfg = TrainConfig(**options)
     except TypeError:
@@ -293,7 +341,7 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
         unknown = sorted(set(options) - set(TrainConfig.__dataclass_fields__))
         raise UserError(f"unknown training option(s) {', '.join(unknown)}; the options are: "
                         f"{known}.") from None
-    res = run_training(data_dir, Path(out), cfg, log=log, progress=progress, force=force,
+    res = run_training(data_dir, out, cfg, log=log, progress=progress, force=force,
                        distributed=distributed)
     return Run(res.run_dir, asdict(cfg), res.history)
 
@@ -307,16 +355,22 @@ def resume(path: str | Path, *, epochs: int | None = None, device: str | None = 
     from fastattrec.training import train as run_training
     from fastattrec.training.checkpoint import read_run_config
 
+    path = _path("path", path)
+    if epochs is not None:
+        _int("epochs", epochs, 1, 10**9)
+    if device is not None:
+        _text("device", device)
+    data = None if data is None else _data("data", data)
+    _flag("progress", progress)
+    _log("log", log)
     base = None
     if epochs is not None or device is not None:
-        saved = dict(read_run_config(Path(path))["train"])
+        saved = dict(read_run_config(path)["train"])
         saved.update({k: v for k, v in (("epochs", epochs), ("device", device))
                       if v is not None})
         base = TrainConfig.from_dict(saved)
-    if isinstance(data, Dataset):
-        data = data.path
-    res = run_training(None if data is None else Path(data), Path(path), base, resume=True,
-                       log=log, progress=progress, distributed=distributed)
+    res = run_training(data, path, base, resume=True, log=log, progress=progress,
+                       distributed=distributed)
     run = load_run(res.run_dir)
     run._history = res.history
     return run

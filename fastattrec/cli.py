@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from fastattrec.config import SEED_MAX
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, quoted
 from fastattrec.version import VERSION as __version__
 
 # The same list as fastattrec.data.readers.FORMATS (a test checks), kept here so that
@@ -43,6 +43,108 @@ def _user_errors(fn):
 
 
 _PATH_ERRNOS = {13, 20, 21, 28, 30, 122}  # EACCES ENOTDIR EISDIR ENOSPC EROFS EDQUOT
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
+
+
+def _interruptible(snapshot, report):
+    """Ctrl-C or SIGTERM during the command: instead of click's bare "Aborted!", print what
+    was kept and how to go on (`report(state, **kwargs)`, where `state` is what
+    `snapshot(**kwargs)` saw before the command began), then exit with status 130 (SIGINT)
+    or 143 (SIGTERM). Only rank 0 of a torchrun launch speaks."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            import os
+            import signal
+
+            def terminate(signum, frame):  # noqa: ANN001, ARG001
+                raise _Terminated
+
+            state = snapshot(**kwargs)
+            try:
+                previous = signal.signal(signal.SIGTERM, terminate)
+            except ValueError:  # not the main thread: SIGTERM keeps its default
+                previous = None
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt as e:
+                if os.environ.get("RANK", "0") == "0":
+                    click.echo(report(state, **kwargs), err=True)
+                sys.exit(143 if isinstance(e, _Terminated) else 130)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+
+        return wrapper
+
+    return deco
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """Identity of a file (inode, mtime): a file written again, by rename, is another."""
+    try:
+        st = Path(path).stat()
+    except (OSError, TypeError):
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def _prep_snapshot(out_dir: Path, **_) -> tuple[int, int] | None:
+    return _stamp(Path(out_dir) / "meta.json")
+
+
+def _prep_interrupted(before, out_dir: Path, **_) -> str:
+    """What an interrupted `prep` left: the dataset is written under a temporary name that
+    is removed on the way out, so the output is the old one, or none, or the new one
+    complete (when the interrupt came after it was renamed into place)."""
+    now = _stamp(Path(out_dir) / "meta.json")
+    if now != before and now is not None:
+        return f"interrupted after {quoted(out_dir)} was written: it is complete."
+    if before is None:
+        return (f"interrupted: nothing was written to {quoted(out_dir)} (the unfinished copy "
+                f"was removed); run the same command again.")
+    return (f"interrupted: the dataset already in {quoted(out_dir)} is untouched (the "
+            f"unfinished copy was removed); run the same command again.")
+
+
+def _train_snapshot(run_dir: Path | None, resume_dir: Path | None, **_):
+    run = resume_dir or run_dir
+    return None if run is None else _stamp(Path(run) / "config.json")
+
+
+def _train_interrupted(before, run_dir: Path | None, resume_dir: Path | None, **_) -> str:
+    """What an interrupted `train` kept: the last committed epoch (checkpoint.pt), or
+    nothing, and the command that goes on."""
+    from fastattrec.training.checkpoint import CHECKPOINT, CONFIG, committed_epoch
+
+    run = resume_dir or run_dir
+    if run is None:
+        return "interrupted."
+    config = Path(run) / CONFIG
+    now = _stamp(config)
+    if now is None or (resume_dir is None and now == before):
+        kept = ("the run already there is untouched" if now is not None else
+                "nothing was written to it" if before is None else
+                "the old run's files were removed (--force) and nothing of the new one "
+                "was saved")
+        return (f"interrupted before training started: {kept} ({quoted(run)}); run the same "
+                f"command again.")
+    again = f"`fastattrec train --resume {quoted(run)}`"
+    epoch = committed_epoch(Path(run))
+    if epoch is None:
+        return (f"interrupted before the first epoch was saved: {quoted(run)} keeps only "
+                f"the run's options (config.json); start it over with {again}.")
+    from fastattrec.outputs import read_json_dict
+
+    train = (read_json_dict(config) or {}).get("train")
+    total = train.get("epochs") if isinstance(train, dict) else None
+    of = f" of {total}" if isinstance(total, int) else ""
+    return (f"interrupted: {quoted(Path(run) / CHECKPOINT)} keeps epoch {epoch}{of}, the last "
+            f"one completed; continue with {again}.")
 
 
 def _log(msg: str) -> None:
@@ -119,8 +221,9 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
     t = time.perf_counter()
     synthesize(output, users=users, items=items, interactions=interactions, seed=seed,
                clusters=clusters, switch=switch, force=force)
-    click.echo(f"wrote {output}: {interactions:,} ratings, {users:,} users, {items:,} items "
-               f"({time.perf_counter() - t:.1f} s); its record: {output}.synth.json")
+    click.echo(f"wrote {quoted(output)}: {interactions:,} ratings, {users:,} users, {items:,} "
+               f"items ({time.perf_counter() - t:.1f} s); its record: "
+               f"{quoted(str(output) + '.synth.json')}")
 
 
 @main.command()
@@ -157,6 +260,7 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--force", is_flag=True,
               help="Replace OUT_DIR if it is a prepared dataset (its meta.json says so), only "
                    "once the new one is complete; never anything else, nor the input.")
+@_interruptible(_prep_snapshot, _prep_interrupted)
 @_user_errors
 def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
          trans_score, test_negatives, compat, seed, streaming, force) -> None:
@@ -222,16 +326,20 @@ def _train_options(f):
 @click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path),
               help="Run folder: config.json, checkpoints, log.csv, metrics.jsonl, curves.png.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
-              help="Continue the interrupted run in this folder (same data and options; "
-                   "--epochs may be raised). A run stopped before its first checkpoint starts "
+              help="Continue the interrupted run in this folder (same data and options: "
+                   "an option repeated with the run's value is fine; --epochs may be raised "
+                   "and --device changed). A run stopped before its first checkpoint starts "
                    "over. DATA_DIR may be given if the dataset moved: it must be the same "
-                   "dataset (same fingerprint).")
+                   "dataset (same fingerprint). Ctrl-C prints the epoch kept and this "
+                   "command.")
 @click.option("--force", is_flag=True,
               help="Replace the run in RUN_DIR (a folder `fastattrec train` made): its "
-                   "checkpoints, logs and eval.json are removed first; other files stay.")
+                   "checkpoints, logs and eval.json are removed first; other files stay. Not "
+                   "with --resume.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch [default: when writing to a terminal].")
 @_train_options
+@_interruptible(_train_snapshot, _train_interrupted)
 @_user_errors
 def train(data_dir, run_dir, resume_dir, force, progress, **opts) -> None:
     """Train AttRec on a prepared dataset (DATA_DIR from `fastattrec prep`).
@@ -260,16 +368,11 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     if resume_dir is not None:
         if run_dir is not None and Path(run_dir) != Path(resume_dir):
             raise UserError("give either -o RUN_DIR for a new run or --resume RUN_DIR, not both.")
-
-        ctx = click.get_current_context()
-        changed = {
-            k: v for k, v in opts.items()
-            if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
-        }
-        if set(changed) - {"epochs", "device"}:
-            names = ", ".join("--" + c.replace("_", "-") for c in changed)
-            raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
-                            f"change (got {names}).")
+        if force:
+            raise UserError("--force starts a new run over an old one and --resume continues "
+                            "it; give one of them (to replace the run: fastattrec train "
+                            "DATA_DIR -o RUN_DIR --force).")
+        changed = _resume_changes(resume_dir, opts)
         run = api.resume(resume_dir, epochs=changed.get("epochs"), device=changed.get("device"),
                          data=data_dir, progress=progress, log=log, distributed=dist)
     else:
@@ -286,7 +389,27 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
         _print_metrics(api.metrics_frame({"AttRec": last[-1]["test"]}, ks),
                        f"test metrics after epoch {last[-1]['epoch']} "
                        f"({last[-1]['kernel']} kernel)")
-    click.echo(f"run saved in {run.path}")
+    click.echo(f"run saved in {quoted(run.path)}")
+
+
+def _resume_changes(resume_dir: Path, opts: dict) -> dict:
+    """The options given on the command line with --resume. Repeating the run's own value
+    is accepted; a different value is refused, except for --epochs and --device."""
+    from fastattrec.config import TrainConfig, flag_of
+    from fastattrec.training.checkpoint import read_run_config
+
+    ctx = click.get_current_context()
+    given = {k: v for k, v in opts.items()
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    saved = read_run_config(resume_dir)["train"]
+    other = [k for k, v in given.items()
+             if k not in ("epochs", "device") and (k not in saved or saved[k] != v)]
+    if other:
+        flags = {f.name: flag_of(f) for f in TrainConfig.__dataclass_fields__.values()}
+        names = ", ".join(f"{flags[k]} {given[k]} (the run's: {saved.get(k)})" for k in other)
+        raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
+                        f"change (got {names}).")
+    return given
 
 
 def _print_metrics(frame, title: str) -> None:
@@ -341,7 +464,7 @@ def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_b
 
 
 def _eval_title(run_dir, ev: dict) -> str:
-    return (f"{run_dir} ({ev['checkpoint']} checkpoint, epoch {ev['epoch']}; NDCG log base "
+    return (f"{quoted(run_dir)} ({ev['checkpoint']} checkpoint, epoch {ev['epoch']}; NDCG log base "
             f"{ev['ndcg_log']}; model evaluated in {ev['seconds']:.3f} s)")
 
 
@@ -387,12 +510,13 @@ def recommend(run_dir, raw_user, all_users, k, movies, output, force, checkpoint
                           what="recommendations file that `fastattrec recommend` wrote",
                           inputs=[run_dir]) as out:
             if out.is_dir():
-                raise UserError(f"-o {output} is a folder; give a file name such as "
-                                f"{Path(output) / 'recommendations.parquet'}.")
+                raise UserError(f"-o {quoted(output)} is a folder; give a file name such as "
+                                f"{quoted(Path(output) / 'recommendations.parquet')}.")
             frame = run.recommend(None, k, checkpoint, device, movies, data_dir)
             write_recommendations(frame, out)
         n_users = frame.get_column("raw_user").n_unique()
-        click.echo(f"wrote {frame.height:,} recommendations for {n_users:,} users to {output}")
+        click.echo(f"wrote {frame.height:,} recommendations for {n_users:,} users to "
+                   f"{quoted(output)}")
         return
     frame = run.recommend([raw_user], k, checkpoint, device, movies, data_dir)
     click.echo(f"top {frame.height} for user {raw_user}:"
@@ -430,9 +554,7 @@ def download(name, dest, url, md5, force) -> None:
 
     path = fetch(name, dest, url, md5, progress, force)
     bar.close()
-    from fastattrec.errors import quoted
-
-    click.echo(f"{name} ready: {path}\nnext: fastattrec prep {quoted(path)} -o "
+    click.echo(f"{name} ready: {quoted(path)}\nnext: fastattrec prep {quoted(path)} -o "
                f"{quoted(Path(dest) / (name + '-prep'))}")
 
 

@@ -17,12 +17,37 @@ def shown(value: object, limit: int = 60) -> str:
     text = text.encode("ascii", "backslashreplace").decode()
     text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
     text = text if len(text) <= limit else text[:limit] + "..."
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    return text if numeric else repr(text)
+    bare = value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    return text if bare else repr(text)
 
 
 def quoted(path: object) -> str:
-    """A path as it must be typed in a shell command of a hint."""
+    """A path as it must be typed in a shell, and as messages print it: unchanged when
+    plain, in single quotes when it holds spaces or shell characters, and in bash's
+    `$'...'` form with escapes when it holds a newline or another unprintable character,
+    so that a message stays one line and the path can still be pasted."""
     import shlex
 
-    return shlex.quote(str(path))
+    text = str(path)
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_escape(c) for c in text) + "'"
+
+
+def _escape(c: str) -> str:
+    """One character inside bash's `$'...'`: printable as itself, the rest as escapes (a
+    byte that was not UTF-8 in a file name, which Python holds as a surrogate, as that
+    byte)."""
+    n = ord(c)
+    if c in "\\'":
+        return "\\" + c
+    if c.isprintable():
+        return c
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if 0xDC80 <= n <= 0xDCFF:
+        return f"\\x{n - 0xDC00:02x}"
+    return f"\\x{n:02x}" if n < 0x80 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}

@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from fastattrec.atomic import atomic_path
-from fastattrec.errors import UserError, shown
+from fastattrec.errors import UserError, quoted, shown
 from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
 
@@ -29,7 +29,7 @@ def top_k(run: LoadedRun, users: torch.Tensor, k: int,
         g = ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone()  # (b, I)
         if not bool(torch.isfinite(g[:, data.item_valid]).all()):
             raise UserError(f"the model's scores are not finite numbers (its weights overflow "
-                            f"when combined) in {run.run_dir}; this checkpoint cannot rank "
+                            f"when combined) in {quoted(run.run_dir)}; this checkpoint cannot rank "
                             f"items — train again with a lower --lr.")
         g[:, ~data.item_valid] = -math.inf
         n = data.lengths[u]
@@ -83,7 +83,7 @@ def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
     missing = [v for v, d in zip(raw_ids, found.get_column("dense"), strict=True) if d is None]
     if missing:
         raise UserError(f"user {shown(missing[0])} is not in the prepared data "
-                        f"({run.prepared.path}); users with one interaction are dropped.")
+                        f"({quoted(run.prepared.path)}); users with one interaction are dropped.")
     return found.get_column("dense").to_numpy().astype(np.int64)
 
 
@@ -100,33 +100,46 @@ def read_titles(movies: Path) -> pl.DataFrame:
     movies = Path(movies)
     hint = "give MovieLens' movies.dat (MovieID::Title::Genres) with --movies"
     if not movies.exists():
-        raise UserError(f"{movies} does not exist; {hint}.")
+        raise UserError(f"{quoted(movies)} does not exist; {hint}.")
     if movies.is_dir():
-        raise UserError(f"{movies} is a folder; {hint}.")
+        raise UserError(f"{quoted(movies)} is a folder; {hint}.")
     if not movies.is_file():
-        raise UserError(f"{movies} is not a regular file (a pipe or device); {hint}.")
+        raise UserError(f"{quoted(movies)} is not a regular file (a pipe or device); {hint}.")
     try:
         text = movies.read_bytes().decode("latin-1")
     except OSError as e:
-        raise UserError(f"cannot read {movies} ({e.strerror}); {hint}.") from None
+        raise UserError(f"cannot read {quoted(movies)} ({e.strerror}); {hint}.") from None
     ids, titles, first = [], [], {}
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split("::")
         if len(parts) != 3 or not parts[0].strip().lstrip("-").isdigit():
-            raise UserError(f"{movies}, line {n}: expected 'MovieID::Title::Genres' but found "
-                            f"{shown(line)}; {hint}.")
+            raise UserError(f"{quoted(movies)}, line {n}: expected 'MovieID::Title::Genres' "
+                            f"but found {shown(line)}; {hint}.")
         movie = int(parts[0])
         if movie in first:
-            raise UserError(f"{movies}, line {n}: MovieID {movie} already appeared on line "
+            raise UserError(f"{quoted(movies)}, line {n}: MovieID {movie} already appeared on line "
                             f"{first[movie]}; each movie needs one line.")
         first[movie] = n
         ids.append(movie)
         titles.append(parts[1])
     if not ids:
-        raise UserError(f"{movies} holds no titles; {hint}.")
+        raise UserError(f"{quoted(movies)} holds no titles; {hint}.")
     return pl.DataFrame({"raw_item": ids, "title": titles})
+
+
+def check_titles(titles: pl.DataFrame) -> None:
+    """A titles frame given in Python: one row per raw_item, with a title column."""
+    missing = [c for c in ("raw_item", "title") if c not in titles.columns]
+    if missing:
+        raise UserError(f"titles lacks column(s) {', '.join(missing)} (it has "
+                        f"{shown(', '.join(titles.columns) or 'none')}); give a frame of "
+                        f"raw_item and title, or the path of MovieLens' movies.dat.")
+    if titles.get_column("raw_item").is_duplicated().any():
+        first = titles.filter(pl.col("raw_item").is_duplicated()).get_column("raw_item")[0]
+        raise UserError(f"titles has raw_item {shown(first)} more than once; give each item "
+                        f"one title.")
 
 
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,

@@ -112,3 +112,70 @@ def test_odd_api_arguments_are_user_errors(run, call, tmp_path, monkeypatch):
     with pytest.raises(UserError):
         call(run)
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.dat").exists()
+
+
+# ---- issue 20 (D10): arguments are checked where they enter the API ---------------------
+
+@pytest.mark.parametrize("call,name", [
+    (lambda run, src: fa.train(None, "out"), "data"),
+    (lambda run, src: fa.train(run.data, None), "out"),
+    (lambda run, src: fa.train(run.data, "out", log=5), "log"),
+    (lambda run, src: fa.train(run.data, "out", progress="yes"), "progress"),
+    (lambda run, src: run.evaluate(device=0), "device"),
+    (lambda run, src: run.evaluate(checkpoint=5), "checkpoint"),
+    (lambda run, src: run.evaluate(data=5), "data"),
+    (lambda run, src: run.evaluate(baseline="no"), "baseline"),
+    (lambda run, src: run.evaluate(save="no"), "save"),
+    (lambda run, src: run.recommend(users=[1], device=0), "device"),
+    (lambda run, src: run.recommend(users=[1], data=5), "data"),
+    (lambda run, src: run.recommend(users=[1], titles=pl.DataFrame({"a": [1]})), "titles"),
+    (lambda run, src: run.recommend(users=[1], titles=pl.DataFrame({"raw_item": [1]})),
+     "titles"),
+    (lambda run, src: run.recommend(users=[1], titles=5), "titles"),
+    (lambda run, src: fa.prepare(src, "out", log=5), "log"),
+    (lambda run, src: fa.prepare(src, "out", streaming="no"), "streaming"),
+    (lambda run, src: fa.prepare(src, "out", format=5), "format"),
+    (lambda run, src: fa.prepare(src, "out", user_col=5), "user_col"),
+    (lambda run, src: fa.resume(run.path, epochs=1.5), "epochs"),
+    (lambda run, src: fa.resume(run.path, device=0), "device"),
+    (lambda run, src: fa.resume(run.path, data=5), "data"),
+])
+def test_each_refused_argument_is_named(run, call, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    eval_json = (run.path / "eval.json").read_bytes() if (run.path / "eval.json").exists() \
+        else None
+    with pytest.raises(UserError, match=rf"^{name} must be|^{name} lacks|^{name} has"):
+        call(run, src)
+    assert not (tmp_path / "out").exists()
+    after = (run.path / "eval.json").read_bytes() if (run.path / "eval.json").exists() else None
+    assert after == eval_json
+
+
+def test_force_must_be_a_bool_and_a_string_replaces_nothing(run, tmp_path):
+    src = write(tmp_path / "r.dat", TINY_ML1M)
+    data = fa.prepare(src, tmp_path / "data", test_negatives=2)
+    meta = (data.path / "meta.json").read_bytes()
+    with pytest.raises(UserError, match="^force must be True or False, got 'no'"):
+        fa.prepare(src, data.path, test_negatives=2, seed=5, force="no")
+    assert (data.path / "meta.json").read_bytes() == meta
+    ckpt = (run.path / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserError, match="^force must be True or False"):
+        fa.train(run.data, run.path, force="no", epochs=1)
+    assert (run.path / "checkpoint.pt").read_bytes() == ckpt
+    synth = fa.synthesize(tmp_path / "s.dat", users=5, items=5, interactions=20)
+    text = synth.read_bytes()
+    with pytest.raises(UserError, match="^force must be True or False"):
+        fa.synthesize(synth, users=6, items=5, interactions=20, force=1)
+    assert synth.read_bytes() == text
+
+
+def test_a_dataset_object_is_taken_wherever_a_path_is(run):
+    by_path = run.evaluate(ks=[10], protocol="sampled", data=str(run.data.path), save=False)
+    by_object = run.evaluate(ks=[10], protocol="sampled", data=run.data, save=False)
+    assert by_object.equals(by_path)
+    assert run.recommend(users=[1], k=3, data=run.data).equals(run.recommend(users=[1], k=3))
+    titles = pl.DataFrame({"raw_item": run.recommend(users=[1], k=3)["raw_item"],
+                           "title": ["a", "b", "c"]})
+    recs = run.recommend(users=[1], k=3, titles=titles)
+    assert recs.get_column("title").to_list() == ["a", "b", "c"]

@@ -556,3 +556,104 @@ def test_train_negative_that_is_the_users_own_item_is_refused(data_dir, tmp_path
     users.with_columns(pl.lit(users.get_column("raw_user")[0]).alias("raw_user")).write_parquet(
         ds2 / "users.parquet")
     assert "do not agree" in error_line(cli("train", ds2, "-o", tmp_path / "run2", *ARGS))
+
+
+# ---- issue 20: the checkpoint's model, resume rules, interruptions, odd places ----------
+
+@pytest.mark.parametrize("key,value", [("maxlen", 50), ("maxlen", 10**12), ("dim", 100),
+                                       ("mode", "dist")])
+def test_model_options_edited_in_config_json_are_refused(finished, tmp_path, key, value):
+    """The checkpoint's own model_config is the truth: an edited train.maxlen used to make
+    evaluate crash on a size mismatch (or allocate terabytes)."""
+    run = copy_run(finished, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    was = cfg["train"][key]
+    cfg["train"][key] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+    flag = "--" + key
+    for args in (("evaluate", run), ("recommend", run, "--user", "1")):
+        msg = error_line(cli(*args))
+        assert f"config.json says {flag} {value} but the model in" in msg
+        assert f"was trained with {flag} {was}" in msg and f"set train.{key} back" in msg
+
+
+def test_a_checkpoint_whose_model_config_is_impossible_is_refused(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck["model_config"]["maxlen"] = 0
+    torch.save(ck, run / "checkpoint.pt")
+    msg = error_line(cli("evaluate", run, "--checkpoint", "last"))
+    assert "checkpoint.pt holds a model configuration" in msg and "--maxlen" in msg
+
+
+def test_resume_refuses_fewer_epochs_than_done(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    config = (run / "config.json").read_bytes()
+    msg = error_line(cli("train", "--resume", run, "--epochs", "1"))
+    assert msg.endswith(f"fewer than the 4 epochs {run} has done; give --epochs 4 or more.")
+    assert (run / "config.json").read_bytes() == config  # not rewritten to 1 epoch
+
+
+def test_resume_with_force_is_refused(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    msg = error_line(cli("train", "--resume", run, "--force"))
+    assert "--force" in msg and "--resume" in msg and "give one of them" in msg
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+
+def test_resume_accepts_the_runs_own_option_values(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", data_dir, "-o", run, "--epochs", "1", *ARGS).exit_code == 0
+    r = cli("train", "--resume", run, "--epochs", "2", *ARGS)  # the same options again
+    assert r.exit_code == 0, r.output
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    msg = error_line(cli("train", "--resume", run, "--epochs", "3", *ARGS[:-1], "--dim", "9"))
+    assert "only --epochs and --device may change (got --dim 9 (the run's: 8))" in msg
+
+
+def test_a_full_disk_while_saving_a_checkpoint_says_so(data_dir, tmp_path, monkeypatch):
+    """torch's zip writer reports a short write as 'unexpected pos'; with no space left
+    the message says so (the disk is simulated: half the file written, then nothing)."""
+    import shutil
+
+    real_save = torch.save
+
+    def short_write(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2240 "
+                           "vs 2134")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9,
+                                                                                  4096))
+    msg = error_line(cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "1", *ARGS))
+    assert "no space left on device (0.0 MiB free, the checkpoint needs about" in msg
+    assert f"fastattrec train --resume {tmp_path / 'run'}" in msg
+    assert "enforce fail" not in msg
+    assert not list((tmp_path / "run").glob(".*.tmp-*"))
+
+
+def test_more_threads_than_cores_is_warned_about(data_dir, tmp_path, monkeypatch):
+    import fastattrec.training.system as system
+
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match="--threads 8 is more than the 2 cores") as seen:
+            r = cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "1", "--threads",
+                    "8", *ARGS)
+        assert r.exit_code == 0, r.output
+        assert len([w for w in seen if "more than the" in str(w.message)]) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_paths_with_a_newline_are_printed_on_one_line(data_dir, tmp_path):
+    odd = tmp_path / "new\nline"
+    for args in (("evaluate", odd), ("train", odd, "-o", tmp_path / "run", *ARGS),
+                 ("train", "--resume", odd)):
+        r = cli(*args)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "$'" + str(tmp_path) + "/new\\nline'" in r.output

@@ -83,9 +83,10 @@ def replaceable_dataset(path: Path) -> bool:
         return False
     extra = foreign_files(path, FILES)
     if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise UserError(f"{path} is a prepared dataset but also holds {shown}, which fastattrec "
-                        f"did not write; move them out before --force, or choose another -o.")
+        names = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UserError(f"{quoted(path)} is a prepared dataset but also holds {names}, which "
+                        f"fastattrec did not write; move them out before --force, or choose "
+                        f"another -o.")
     return True
 
 
@@ -101,32 +102,32 @@ def read_meta(path: Path) -> dict[str, Any]:
     """Read and check `meta.json`, or explain why `path` is not a prepared dataset."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; run `fastattrec prep INPUT -o "
+        raise UserError(f"{quoted(path)} does not exist; run `fastattrec prep INPUT -o "
                         f"{quoted(path)}` to create it.")
     if not path.is_dir():
-        raise UserError(f"{path} is a file; give the folder that `fastattrec prep` wrote.")
+        raise UserError(f"{quoted(path)} is a file; give the folder that `fastattrec prep` wrote.")
     missing = [f for f in FILES if not (path / f).exists()]
     if missing:
         raise UserError(
-            f"{path} is not a prepared dataset (missing {', '.join(missing)}); give the "
+            f"{quoted(path)} is not a prepared dataset (missing {', '.join(missing)}); give the "
             f"folder that `fastattrec prep` wrote."
         )
-    again = f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`"
+    again, file = _again(path), quoted(path / "meta.json")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path / 'meta.json'} is unreadable ({e}); {again}.") from None
+        raise UserError(f"{file} is unreadable ({e}); {again}.") from None
     if not isinstance(meta, dict):
-        raise UserError(f"{path / 'meta.json'} holds a JSON {type(meta).__name__}, not the "
+        raise UserError(f"{file} holds a JSON {type(meta).__name__}, not the "
                         f"object fastattrec writes; {again}.")
     version = meta.get("format_version")
     if isinstance(version, str | bool):
-        raise UserError(f"{path / 'meta.json'} gives format_version as {shown(version)}, but "
+        raise UserError(f"{file} gives format_version as {shown(version)}, but "
                         f"fastattrec writes the number {FORMAT_VERSION}: the file was edited "
                         f"or written by another tool; {again}.")
     if version != FORMAT_VERSION:
         raise UserError(
-            f"{path / 'meta.json'} says dataset format {version!r}, this fastattrec reads format "
+            f"{file} says dataset format {version!r}, this fastattrec reads format "
             f"{FORMAT_VERSION}; {again}."
         )
     problems = [k for k, kind in _META_KEYS.items() if not isinstance(meta.get(k), kind)]
@@ -136,8 +137,16 @@ def read_meta(path: Path) -> dict[str, Any]:
         if not _is_int(params.get("test_negatives_per_user")):
             problems.append("params.test_negatives_per_user")
     if problems:
-        raise UserError(f"{path / 'meta.json'} lacks or garbles {', '.join(problems)}; "
-                        f"{again}.")
+        raise UserError(f"{file} lacks or garbles {', '.join(problems)}; {again}.")
+    if params["test_negatives_per_user"] < 1:
+        raise UserError(f"{file} gives params.test_negatives_per_user as 0, so every test "
+                        f"target would rank first against no negatives (HR@K 1.0); prepare "
+                        f"it again with `fastattrec prep INPUT -o {quoted(path)} --force "
+                        f"--test-negatives 100`.")
+    for key, least in _COUNT_LEAST.items():
+        if counts[key] < least:
+            raise UserError(f"{file} gives counts.{key} as {counts[key]}, but a prepared "
+                            f"dataset has at least {least}; {again}.")
     return meta
 
 
@@ -147,64 +156,126 @@ def _is_int(v: Any) -> bool:
 
 _META_KEYS = {"counts": dict, "params": dict, "source": dict}
 _COUNT_KEYS = ("item_rows", "users", "items", "interactions")
+# The least each count can be: one user with two interactions of one item; the padding row.
+_COUNT_LEAST = {"item_rows": 2, "users": 1, "items": 1, "interactions": 2}
 
 
 def load_prepared(path: Path) -> Prepared:
-    """Load a prepared dataset folder into numpy arrays."""
+    """Load a prepared dataset folder into numpy arrays, after checking every column of
+    every file against meta.json and the other files (one sentence naming the file)."""
     path = Path(path)
     meta = read_meta(path)
-    try:
-        seq = pl.read_parquet(path / "sequences.parquet")
-        users = pl.read_parquet(path / "users.parquet")
-        items = pl.read_parquet(path / "items.parquet")
-        test = pl.read_parquet(path / "test_negatives.parquet")
-        _check_columns(path, {"sequences.parquet": (seq, ("item", "neg")),
-                              "users.parquet": (users, ("user", "raw_user", "offset", "length")),
-                              "items.parquet": (items, ("item", "raw_item")),
-                              "test_negatives.parquet": (test, ("user", "neg"))})
-    except (OSError, pl.exceptions.PolarsError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} holds a damaged Parquet file ({first}); prepare it again "
-                        f"with `fastattrec prep INPUT -o {quoted(path)} --force`.") from None
-    n_test_users = int((users.get_column("length") >= 2).sum())
+    frames = {name: _read_parquet(path, name, cols) for name, cols in _COLUMNS.items()}
+    for name, frame in frames.items():
+        _check_values(path, name, frame)
+    seq, users = frames["sequences.parquet"], frames["users.parquet"]
+    items, test = frames["items.parquet"], frames["test_negatives.parquet"]
+    counts, rows = meta["counts"], meta["counts"]["item_rows"]
     n_neg = int(meta["params"]["test_negatives_per_user"])
-    test_negs = test.get_column("neg").to_numpy().astype(np.int32)
     lengths = users.get_column("length").to_numpy().astype(np.int64)
-    offsets = users.get_column("offset").to_numpy()
-    rows = meta["counts"]["item_rows"]
-    consistent = (
-        test_negs.shape[0] == n_test_users * n_neg
-        and int(lengths.sum()) == seq.height
-        and bool((lengths >= 2).all())
-        and np.array_equal(offsets, np.cumsum(lengths) - lengths)
-        and users.height == meta["counts"]["users"]
-        and seq.height == meta["counts"]["interactions"]
-        and _in_range(seq.get_column("item").to_numpy(), rows)
-        and _in_range(seq.get_column("neg").to_numpy(), rows)
-        and _in_range(test_negs, rows)
-    )
-    consistent = consistent and _ids_valid(users, items, rows)
-    if consistent:
-        consistent = _negatives_valid(
-            test_negs.reshape(n_test_users, n_neg), seq.get_column("item").to_numpy(),
-            seq.get_column("neg").to_numpy(), lengths, rows,
-            bool(meta["params"].get("test_negatives_distinct", True)))
-    if not consistent:
-        raise UserError(f"{path}: its files do not agree with each other or with meta.json "
-                        f"(ids out of range, or negatives that are a user's own items); "
-                        f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`.")
+    offsets = users.get_column("offset").to_numpy().astype(np.int64)
+    seq_items = seq.get_column("item").to_numpy()
+    seq_negs = seq.get_column("neg").to_numpy()
+    test_negs = test.get_column("neg").to_numpy()
+    n_test_users = int((lengths >= 2).sum())
+    for name, frame, key, what in (("users.parquet", users, "users", "users"),
+                                   ("items.parquet", items, "items", "items"),
+                                   ("sequences.parquet", seq, "interactions", "interactions")):
+        if frame.height != counts[key]:
+            _disagree(path, f"{name} has {frame.height:,} rows but meta.json counts "
+                            f"{counts[key]:,} {what}")
+    if not ((lengths >= 2).all() and int(lengths.sum()) == seq.height
+            and np.array_equal(offsets, np.cumsum(lengths) - lengths)):
+        _disagree(path, "users.parquet's offset and length columns do not cut "
+                        "sequences.parquet into the users' sequences (each at least 2 long)")
+    for name, col, ids in (("sequences.parquet", "item", seq_items),
+                           ("sequences.parquet", "neg", seq_negs),
+                           ("test_negatives.parquet", "neg", test_negs),
+                           ("items.parquet", "item", items.get_column("item").to_numpy())):
+        if not _in_range(ids, rows):
+            _disagree(path, f"{name} column {col} holds ids outside 1..{rows - 1} "
+                            f"(meta.json counts.item_rows is {rows})")
+    if test.height != n_test_users * n_neg or not np.array_equal(
+            test.get_column("user").to_numpy(),
+            np.repeat(np.flatnonzero(lengths >= 2) + 1, n_neg)):
+        _disagree(path, f"test_negatives.parquet has {test.height:,} rows but meta.json's "
+                        f"params.test_negatives_per_user {n_neg} for {n_test_users:,} users "
+                        f"needs {n_test_users * n_neg:,}, users in id order")
+    test_negs = test_negs.astype(np.int32).reshape(n_test_users, n_neg)
+    if not _ids_valid(users, items, rows):
+        _disagree(path, "users.parquet or items.parquet repeats an id (or users are not "
+                        "numbered 1..U in order)")
+    if not _negatives_valid(test_negs, seq_items, seq_negs, lengths, rows,
+                            bool(meta["params"].get("test_negatives_distinct", True))):
+        _disagree(path, "a negative is one of its user's own items, or a user's test "
+                        "negatives repeat")
     return Prepared(
         path=path,
         meta=meta,
-        items=seq.get_column("item").to_numpy().astype(np.int32),
-        negs=seq.get_column("neg").to_numpy().astype(np.int32),
-        offsets=users.get_column("offset").to_numpy().astype(np.int64),
-        lengths=users.get_column("length").to_numpy().astype(np.int32),
-        test_negs=test_negs.reshape(n_test_users, n_neg),
+        items=seq_items.astype(np.int32),
+        negs=seq_negs.astype(np.int32),
+        offsets=offsets,
+        lengths=lengths.astype(np.int32),
+        test_negs=test_negs,
         raw_users=users.get_column("raw_user"),
         raw_items=items.get_column("raw_item"),
         item_rows=items.get_column("item").to_numpy().astype(np.int32),
     )
+
+
+# The columns of each file; every one but raw_user and raw_item holds whole numbers.
+_COLUMNS = {"sequences.parquet": ("item", "neg"),
+            "users.parquet": ("user", "raw_user", "offset", "length"),
+            "items.parquet": ("item", "raw_item"),
+            "test_negatives.parquet": ("user", "neg")}
+
+
+def _again(path: Path) -> str:
+    return f"prepare it again with `fastattrec prep INPUT -o {quoted(path)} --force`"
+
+
+def _disagree(path: Path, why: str) -> None:
+    raise UserError(f"{quoted(path)}: its files do not agree with each other or with "
+                    f"meta.json ({why}); {_again(path)}.")
+
+
+def _read_parquet(path: Path, name: str, cols: tuple[str, ...]) -> pl.DataFrame:
+    """One file of the dataset, its columns checked; one sentence when it cannot be read
+    (permission denied, damaged) or lacks a column."""
+    file = path / name
+    try:
+        open(file, "rb").close()  # the system's own words for an unreadable file
+        frame = pl.read_parquet(file)
+    except OSError as e:
+        why = e.strerror or str(e).split(" (os error")[0]
+        raise UserError(f"cannot read {quoted(file)} ({why.lower()}); give fastattrec read "
+                        f"access to it, or {_again(path)}.") from None
+    except pl.exceptions.PolarsError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{quoted(file)} is a damaged Parquet file ({first}); "
+                        f"{_again(path)}.") from None
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise UserError(f"{quoted(file)} lacks column(s) {', '.join(missing)}; "
+                        f"{_again(path)}.")
+    return frame.select(cols)
+
+
+def _check_values(path: Path, name: str, frame: pl.DataFrame) -> None:
+    """No empty (null) value anywhere, whole numbers in every id, offset and length
+    column (a float column would be cut to integers silently)."""
+    for col in frame.columns:
+        series = frame.get_column(col)
+        nulls = series.null_count()
+        if nulls:
+            first = int(series.is_null().arg_max())
+            raise UserError(f"{quoted(path / name)} has {nulls:,} empty (null) value(s) in "
+                            f"column {col}, the first in row {first + 1:,}; fastattrec never "
+                            f"writes one, so the file was edited: {_again(path)}.")
+        if not col.startswith("raw_") and not series.dtype.is_integer():
+            raise UserError(f"{quoted(path / name)} column {col} holds {series.dtype}, not "
+                            f"whole numbers; fastattrec writes Int32/Int64 there, so the "
+                            f"file was edited: {_again(path)}.")
 
 
 def _in_range(ids: np.ndarray, rows: int) -> bool:
@@ -241,11 +312,3 @@ def _negatives_valid(test_negs: np.ndarray, items: np.ndarray, negs: np.ndarray,
     hit = np.searchsorted(seen, asked)
     hit = np.minimum(hit, seen.shape[0] - 1)
     return seen.size == 0 or not (seen[hit] == asked).any()
-
-
-def _check_columns(path: Path, frames: dict[str, tuple[pl.DataFrame, tuple[str, ...]]]) -> None:
-    for name, (frame, cols) in frames.items():
-        missing = [c for c in cols if c not in frame.columns]
-        if missing:
-            raise UserError(f"{path / name} lacks column(s) {', '.join(missing)}; prepare it "
-                            f"again with `fastattrec prep INPUT -o {quoted(path)} --force`.")

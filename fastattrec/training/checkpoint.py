@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,30 +57,31 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     hint = f"train one with `fastattrec train DATA_DIR -o {quoted(run_dir)}`"
     if not run_dir.exists():
-        raise UserError(f"{run_dir} does not exist; {hint}.")
+        raise UserError(f"{quoted(run_dir)} does not exist; {hint}.")
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run folder; {hint}.")
+        raise UserError(f"{quoted(run_dir)} is a file, not a run folder; {hint}.")
     path = run_dir / CONFIG
     if not path.exists():
-        raise UserError(f"{run_dir} has no {CONFIG}, so it is not a fastattrec run; {hint}.")
+        raise UserError(f"{quoted(run_dir)} has no {CONFIG}, so it is not a fastattrec run; "
+                        f"{hint}.")
     cfg = read_json_dict(path)
     if cfg is None or not isinstance(cfg.get("train"), dict):
-        raise UserError(f"{path} is damaged (not the JSON object fastattrec writes); the run "
-                        f"cannot be read — start it again with `fastattrec train DATA_DIR -o "
-                        f"{quoted(run_dir)} --force`.")
+        raise UserError(f"{quoted(path)} is damaged (not the JSON object fastattrec writes); "
+                        f"the run cannot be read — start it again with `fastattrec train "
+                        f"DATA_DIR -o {quoted(run_dir)} --force`.")
     version = cfg.get("run_format_version", RUN_FORMAT_VERSION)
     if type(version) is not int:  # noqa: E721 - bool and str are not versions
-        raise UserError(f"{path} gives run_format_version as {shown(version)}, but fastattrec "
-                        f"writes the number {RUN_FORMAT_VERSION}: the file was edited; start "
-                        f"the run again with --force.")
+        raise UserError(f"{quoted(path)} gives run_format_version as {shown(version)}, but "
+                        f"fastattrec writes the number {RUN_FORMAT_VERSION}: the file was "
+                        f"edited; start the run again with --force.")
     if version != RUN_FORMAT_VERSION:
-        raise UserError(f"{run_dir} has run format {version}, this fastattrec reads format "
+        raise UserError(f"{quoted(run_dir)} has run format {version}, this fastattrec reads format "
                         f"{RUN_FORMAT_VERSION}; use the fastattrec version that made it.")
     data = cfg.get("data", {})
     if not isinstance(data, dict) or not isinstance(data.get("path", ""), str) or \
             not isinstance(cfg["train"].get("data_dir", ""), str):
-        raise UserError(f"{path} is damaged (its data path is not text); start the run again "
-                        f"with --force.")
+        raise UserError(f"{quoted(path)} is damaged (its data path is not text); start the "
+                        f"run again with --force.")
     return cfg
 
 
@@ -96,20 +98,32 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict
         first = first if len(first) <= 160 else first[:157].rsplit(" ", 1)[0] + "..."
         why = ("it asks to rebuild Python objects other than tensors, which fastattrec never "
                "writes, so it is refused as unsafe" if unsafe else f"it is damaged: {first}")
-        raise UserError(f"{path} cannot be loaded ({why}); use a checkpoint that "
+        raise UserError(f"{quoted(path)} cannot be loaded ({why}); use a checkpoint that "
                         f"fastattrec wrote, or start the run again with --force.") from None
     if not isinstance(state, dict) or any(k not in state for k in keys):
-        raise UserError(f"{path} is not a fastattrec checkpoint (keys missing); use one that "
-                        f"fastattrec wrote, or start the run again with --force.")
+        raise UserError(f"{quoted(path)} is not a fastattrec checkpoint (keys missing); use "
+                        f"one that fastattrec wrote, or start the run again with --force.")
     problem = _malformed(state)
     if problem:
-        raise UserError(f"{path} is not a checkpoint fastattrec wrote ({problem}); use one "
+        raise UserError(f"{quoted(path)} is not a checkpoint fastattrec wrote ({problem}); use one "
                         f"that fastattrec wrote, or start the run again with --force.")
     bad = [k for k, v in state["model"].items() if not bool(torch.isfinite(v).all())]
     if bad:
-        raise UserError(f"{path} holds non-finite weights ({', '.join(bad)}); the run "
+        raise UserError(f"{quoted(path)} holds non-finite weights ({', '.join(bad)}); the run "
                         f"diverged — start it again with a lower --lr.")
     return state
+
+
+def committed_epoch(run_dir: Path) -> int | None:
+    """The epoch that checkpoint.pt holds, the run's last committed one (None: no readable
+    checkpoint); for saying what an interrupted run kept, so the weights are not read."""
+    try:
+        state = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=True,
+                           mmap=True)
+    except Exception:  # noqa: BLE001 - missing, damaged or refused: nothing usable is kept
+        return None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return epoch if type(epoch) is int else None  # noqa: E721 - no bool
 
 
 def _malformed(state: dict[str, Any]) -> str:
@@ -203,14 +217,46 @@ def plot_curves(run_dir: Path, history: list[dict]) -> bool:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save through a temporary file and an atomic rename; a failed write (full
-    disk, read-only folder) is one sentence naming the file."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as e:  # torch reports a failed write as a RuntimeError
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"cannot write {path} ({first}); check free space and "
-                            f"permissions of {path.parent}.") from None
+    disk, read-only folder) is one sentence naming the file. torch reports a full disk
+    as a RuntimeError from its zip writer ("unexpected pos"), so the free space is asked
+    for while the partial file is still there: less than the tensors need is a full disk."""
+    free = None
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                torch.save(payload, tmp)
+            except RuntimeError:
+                free = _free_bytes(path.parent)
+                raise
+    except RuntimeError as e:  # the temporary file is gone by now
+        need = _tensor_bytes(payload)
+        if free is not None and free < need + (1 << 20):
+            raise UserError(f"cannot write {quoted(path)}: no space left on device "
+                            f"({free / 2**20:,.1f} MiB free, the checkpoint needs about "
+                            f"{need / 2**20:,.1f} MiB); free some space there, then continue "
+                            f"with `fastattrec train --resume {quoted(path.parent)}`.") from None
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"cannot write {quoted(path)} ({first}); check free space and "
+                        f"permissions of {quoted(path.parent)}.") from None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Bytes free to this user on the file system of `folder` (None when unknown)."""
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: what its file needs, at least."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _to_host(obj: Any) -> Any:
@@ -284,7 +330,7 @@ def open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resu
     if (run_dir / CHECKPOINT).exists():
         ckpt = load_checkpoint(run_dir / CHECKPOINT)
     else:
-        log(f"{run_dir} has no checkpoint yet (interrupted before its first epoch ended); "
+        log(f"{quoted(run_dir)} has no checkpoint yet (interrupted before its first epoch ended); "
             f"starting it over with its saved options")
     base = dict(ckpt["config"] if ckpt is not None else saved["train"])
     if data_dir is not None:  # the dataset moved: check_same_data checks it is the same
@@ -293,9 +339,13 @@ def open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resu
         resumed = TrainConfig.from_dict(base)
         resumed.check()
     except (TypeError, UserError) as e:
-        raise UserError(f"{run_dir / CONFIG} holds options this fastattrec cannot use "
+        raise UserError(f"{quoted(run_dir / CONFIG)} holds options this fastattrec cannot use "
                         f"({str(e).rstrip('.')}); start the run again with --force.") from None
     if cfg is not None:  # only the epoch count and the device may change on resume
+        done = ckpt["epoch"] if ckpt is not None else 0
+        if cfg.epochs < done:
+            raise UserError(f"--epochs {cfg.epochs} is fewer than the {done} epochs "
+                            f"{quoted(run_dir)} has done; give --epochs {done} or more.")
         resumed.epochs, resumed.device = cfg.epochs, cfg.device
     return resumed, ckpt, saved
 
@@ -306,9 +356,9 @@ def check_same_data(run_dir: Path, data_dir: Path, meta: dict, saved: dict,
     fp = fingerprint(meta)
     recorded = (ckpt or {}).get("data_fingerprint") or saved.get("data", {}).get("fingerprint")
     if saved and recorded and recorded != fp:
-        raise UserError(f"{data_dir} is not the dataset {run_dir} started on (it was prepared "
-                        f"again or from other input: fingerprint {fp[:12]} vs {recorded[:12]}); "
-                        f"restore that dataset, or start a new run.")
+        raise UserError(f"{quoted(data_dir)} is not the dataset {quoted(run_dir)} started on "
+                        f"(it was prepared again or from other input: fingerprint {fp[:12]} vs "
+                        f"{recorded[:12]}); restore that dataset, or start a new run.")
     return fp
 
 
@@ -323,13 +373,13 @@ def claim_run(run_dir: Path, data_dir: Path | None, resume: bool, force: bool,
             yield
         return
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file; give a folder for the run with -o.")
+        raise UserError(f"{quoted(run_dir)} is a file; give a folder for the run with -o.")
     with claim_output(run_dir, force=force, made_by_us=is_run_folder, what="run folder",
                       inputs=[data_dir], log=log, allow_existing=not force):
         if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
             hint = " or --resume it" if is_run_folder(run_dir) else ""
-            raise UserError(f"{run_dir} already exists and is not empty; choose another -o, "
-                            f"pass --force to replace the run{hint}.")
+            raise UserError(f"{quoted(run_dir)} already exists and is not empty; choose "
+                            f"another -o, pass --force to replace the run{hint}.")
         yield
 
 

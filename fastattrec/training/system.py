@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -13,6 +14,8 @@ from fastattrec.errors import UserError, shown
 
 def pick_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a user error."""
+    if not isinstance(name, str):
+        raise UserError(f"--device must be cpu, cuda or auto, got {shown(name)}.")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -88,10 +91,26 @@ def keep_freed_memory() -> bool:
 
 
 def set_threads(n: int) -> int:
-    """Use `n` CPU threads for torch; 0 picks `free_cores()`. Returns the number used."""
+    """Use `n` CPU threads for torch; 0 picks `free_cores()`. Returns the number used.
+    More threads than cores is slower (every parallel region waits for the threads that
+    have no core), so asking for that is warned about, once."""
+    cores = usable_cores()
+    if n > cores:
+        warnings.warn(f"--threads {n} is more than the {cores} cores this process may use; "
+                      f"that is slower than {cores} threads (each parallel step waits for "
+                      f"threads without a core) — give --threads {cores} or fewer, or 0 to "
+                      f"choose.", stacklevel=2)
     n = n or free_cores()
     torch.set_num_threads(n)
     return n
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), busy or not."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def free_cores() -> int:
@@ -102,10 +121,7 @@ def free_cores() -> int:
     scheduled (measured on 2 cores beside one busy process: 2 threads 3-5x slower than
     idle, 1 thread about 1.5x). The count of other runnable threads is read from
     /proc/loadavg (the minimum of a few samples, so a passing blip does not count)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     samples = []
     for _ in range(5):
         try:
