@@ -256,7 +256,9 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX),
               help="Seed for every random draw.")
 @click.option("--streaming", is_flag=True,
-              help="Run the plans on Polars' streaming engine (for logs larger than memory).")
+              help="Run the plans on Polars' streaming engine. It still holds about 4.5x "
+                   "the log's size in memory (2.5 GB for a 538 MB log), so it does not "
+                   "make a log larger than memory fit.")
 @click.option("--force", is_flag=True,
               help="Replace OUT_DIR if it is a prepared dataset (its meta.json says so), only "
                    "once the new one is complete; never anything else, nor the input.")
@@ -291,6 +293,7 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("rows read", f"{c['rows_read']:,}"),
         ("rows below --trans-score", f"{c['rows_read'] - c['rows_after_trans_score']:,}"),
         ("users dropped (1 item)", f"{c['dropped_users']:,}"),
+        ("ids read as (user, item)", "{user}, {item}".format(**ds.meta["source"]["id_types"])),
         ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
     click.echo(_table(rows, f"prepared {out_dir}"))

@@ -11,6 +11,18 @@ import pytest
 
 from helpers import cli
 
+ML1M = "1::10::5::100\n1::20::3::50\n2::10::4::10\n2::30::4::11\n"
+
+
+def _zip(path, entries):
+    """A zip archive of `entries` (name -> text; a name ending in / is a folder entry)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in entries.items():
+            if name.endswith("/"):
+                z.mkdir(name.rstrip("/"))
+            else:
+                z.writestr(name, text)
+
 
 @pytest.fixture()
 def server(tmp_path):
@@ -22,6 +34,10 @@ def server(tmp_path):
         z.writestr("ml-100k/README", "fixture\n")
     (root / "ml-100k.zip").write_bytes(buf.getvalue())
     (root / "junk.zip").write_bytes(b"not a zip")
+    # A re-zipped folder (the top folder holds a folder of its own name), and an archive
+    # whose ratings.dat is a folder.
+    _zip(root / "rezipped.zip", {"ml-1m/ml-1m/ratings.dat": ML1M, "ml-1m/ml-1m/README": "x\n"})
+    _zip(root / "folder.zip", {"ml-1m/ratings.dat/": "", "ml-1m/ratings.dat/part-0": ML1M})
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -114,3 +130,31 @@ def test_md5_must_look_like_one_and_hints_are_quoted(tmp_path, server):
     odd = tmp_path / "odd dir"
     r = cli("download", "ml-100k", "--dir", odd, "--url", f"{url}/ml-100k.zip", "--md5", md5)
     assert r.exit_code == 0 and f"'{odd}/ml-100k/u.data'" in r.output
+
+
+def test_a_rezipped_folder_holding_a_folder_of_its_own_name_unpacks(tmp_path, server):
+    url, _ = server
+    dest = tmp_path / "data"
+    md5 = hashlib.md5((tmp_path / "www" / "rezipped.zip").read_bytes()).hexdigest()
+    r = cli("download", "ml-1m", "--dir", dest, "--url", f"{url}/rezipped.zip", "--md5", md5)
+    assert r.exit_code == 0, r.output
+    # The single top folder is flattened once: ml-1m/ml-1m/ratings.dat -> ml-1m/ratings.dat
+    # under DEST/ml-1m.
+    got = dest / "ml-1m" / "ml-1m" / "ratings.dat"
+    assert got.read_text() == ML1M
+    assert str(got) in r.output
+    assert sorted(p.name for p in (dest / "ml-1m").iterdir()) == [
+        ".fastattrec-download.json", "ml-1m"]
+    assert cli("prep", got, "-o", tmp_path / "p", "--test-negatives", "1").exit_code == 0
+
+
+def test_an_archive_whose_ratings_file_is_a_folder_is_refused(tmp_path, server):
+    url, _ = server
+    dest = tmp_path / "data"
+    md5 = hashlib.md5((tmp_path / "www" / "folder.zip").read_bytes()).hexdigest()
+    r = cli("download", "ml-1m", "--dir", dest, "--url", f"{url}/folder.zip", "--md5", md5)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: {url}/folder.zip unpacked with ratings.dat as a folder, not a file; is it "
+        f"the right archive?")
+    assert not dest.exists() or sorted(dest.iterdir()) == []

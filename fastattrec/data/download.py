@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import urllib.error
 import urllib.request
 import zipfile
@@ -44,7 +45,7 @@ def download(name: str, dest: Path, url: str | None = None, md5: str | None = No
                       what="MovieLens folder that `fastattrec download` made",
                       allow_existing=True) as folder:
         if folder.exists() and not force:
-            found = sorted(folder.rglob(ratings)) if folder.is_dir() else []
+            found = ratings_files(folder, ratings) if folder.is_dir() else []
             if found and made_by_download(folder):
                 return found[0]
             if found:
@@ -62,7 +63,14 @@ def download(name: str, dest: Path, url: str | None = None, md5: str | None = No
                 files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
                 atomic_write_json(tmp / MARKER, {"dataset": name, "url": url, "md5": want,
                                                  "files": files})
-    return sorted(folder.rglob(ratings))[0]
+    return ratings_files(folder, ratings)[0]
+
+
+def ratings_files(folder: Path, ratings: str) -> list[Path]:
+    """The files named `ratings` under `folder` (folders of that name are not), the
+    shallowest first."""
+    return sorted((p for p in Path(folder).rglob(ratings) if p.is_file()),
+                  key=lambda p: (len(p.parts), str(p)))
 
 
 def made_by_download(folder: Path) -> bool:
@@ -114,10 +122,16 @@ def _unpack(archive: Path, into: Path, url: str, ratings: str) -> None:
     except zipfile.BadZipFile:
         raise UserError(f"{url} is not a zip archive; check --url.") from None
     # GroupLens archives hold one top folder named like the dataset; flatten it if present.
+    # It is renamed aside first, since it may hold a child of its own name (a re-zipped
+    # `ml-1m/ml-1m/`), which could not be moved onto it.
     inner = list(into.iterdir())
     if len(inner) == 1 and inner[0].is_dir():
-        for p in list(inner[0].iterdir()):
+        top = inner[0].rename(into / f".flatten-{secrets.token_hex(8)}")
+        for p in list(top.iterdir()):
             p.rename(into / p.name)
-        inner[0].rmdir()
-    if not list(into.rglob(ratings)):
+        top.rmdir()
+    if not ratings_files(into, ratings):
+        if any(p.is_dir() for p in into.rglob(ratings)):
+            raise UserError(f"{url} unpacked with {ratings} as a folder, not a file; is it "
+                            f"the right archive?")
         raise UserError(f"{url} unpacked without a {ratings}; is it the right archive?")

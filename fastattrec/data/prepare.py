@@ -92,6 +92,7 @@ def prepare(
         before = _identity(source)
         sha256 = file_sha256(source)
         raw, scan, rows_read = _read_log(source, tmp, opts)
+        id_types = _id_types(raw)
         if not opts.streaming:
             _same_source(source, before)  # the frame in memory is what was hashed
         step("splitting users")
@@ -120,7 +121,7 @@ def prepare(
         _same_source(source, before)  # (streaming reads the source until here)
         atomic_write_json(tmp / "meta.json", _meta(source, scan.fmt, opts, n_test_neg,
                                                    ids.universe, counts, sha256,
-                                                   before[0]))
+                                                   before[0], id_types))
     seconds = time.perf_counter() - t0
     steps.append(("done", seconds))
     return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
@@ -314,6 +315,13 @@ def _write_tables(tmp: Path, out_dir: Path, seq: pl.DataFrame, train_negs: pl.Da
     (tmp / "_canonical.parquet").unlink(missing_ok=True)
 
 
+def _id_types(raw: pl.LazyFrame) -> dict[str, str]:
+    """How the user and item ids were read: "integer" or "string" (ratings.py decides)."""
+    schema = raw.collect_schema()
+    return {col: "integer" if schema[col].is_integer() else "string"
+            for col in ("user", "item")}
+
+
 def _identity(source: Path) -> tuple[int, int, int]:
     """(size, mtime_ns, inode): changes whenever the file is rewritten or replaced."""
     st = source.stat()
@@ -333,7 +341,8 @@ def _same_source(source: Path, before: tuple[int, int, int]) -> None:
 
 
 def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: int,
-          counts: dict[str, int], sha256: str, size: int) -> dict[str, Any]:
+          counts: dict[str, int], sha256: str, size: int, id_types: dict[str, str]
+          ) -> dict[str, Any]:
     """meta.json: versions, the source's identity, every parameter, the counts."""
     return {
         "kind": DATASET_KIND,
@@ -344,6 +353,7 @@ def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: 
             "size": size,
             "sha256": sha256,
             "format": fmt,
+            "id_types": id_types,
         },
         "params": {
             "format": opts.fmt,

@@ -153,10 +153,12 @@ def _refuse_binary(path: Path, fmt: str) -> None:
 
 
 def _movielens_scan(path: Path, fmt: str) -> Scan:
+    """The fixed MovieLens layouts; ids are read as text (ratings.py types them from the
+    whole column, so `01` and `1` stay two ids)."""
     if fmt == "ml-1m":
         # `::` is two one-byte separators with an empty field between them.
         names = ("user", "_s1", "item", "_s2", "rating", "_s3", "time")
-        types = [pl.Int64, pl.String, pl.Int64, pl.String, pl.Float64, pl.String, pl.Int64]
+        types = [pl.String, pl.String, pl.String, pl.String, pl.Float64, pl.String, pl.Int64]
         lf = pl.scan_csv(
             path, separator=":", has_header=False, quote_char=None,
             schema=dict(zip(names, types, strict=True)),
@@ -165,7 +167,7 @@ def _movielens_scan(path: Path, fmt: str) -> Scan:
         return Scan(lf, fmt, True, "::", 4, 0, ("user", "item", "rating", "time"))
     if fmt == "ml-100k":
         names = ("user", "item", "rating", "time")
-        types = [pl.Int64, pl.Int64, pl.Float64, pl.Int64]
+        types = [pl.String, pl.String, pl.Float64, pl.Int64]
         lf = pl.scan_csv(
             path, separator="\t", has_header=False, quote_char=None,
             schema=dict(zip(names, types, strict=True)),
@@ -174,7 +176,7 @@ def _movielens_scan(path: Path, fmt: str) -> Scan:
         return Scan(lf, fmt, True, "\t", 4, 0, names)
     # ml-20m / ml-25m ratings.csv: userId,movieId,rating,timestamp with a header line.
     names = ("user", "item", "rating", "time")
-    types = [pl.Int64, pl.Int64, pl.Float64, pl.Int64]
+    types = [pl.String, pl.String, pl.Float64, pl.Int64]
     lf = pl.scan_csv(
         path, separator=",", has_header=True, quote_char=None,
         new_columns=list(names), schema=dict(zip(names, types, strict=True)),
@@ -283,7 +285,10 @@ def _table_scan(path: Path, fmt: str, cols: ColumnNames) -> Scan:
     if fmt == "parquet":
         lf = pl.scan_parquet(path, row_index_name="_line", row_index_offset=1).select(select)
     else:
-        overrides = {rating: pl.Float64} if rating is not None else {}
+        # Ids as text: inferred as integers, `01` and `1` would become one id.
+        overrides = {user: pl.String, item: pl.String}
+        if rating is not None:
+            overrides[rating] = pl.Float64
         lf = pl.scan_csv(
             path, separator=sep, has_header=True, infer_schema_length=10000,
             schema_overrides=overrides, row_index_name="_line", row_index_offset=2,
