@@ -325,8 +325,9 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
           **options: Any) -> Run:
     """Train AttRec on a prepared dataset into the run folder `out`. Options are those of
     `fastattrec train` with underscores (epochs=40, dim=100, maxlen=5, mode="inner",
-    lr=1e-3, device="auto", ...; docs/spec.md §3). `distributed` is set by the command
-    when torchrun launched it."""
+    lr=1e-3, device="auto", ...; docs/spec.md §3); `preset="quality"` changes the
+    starting values of those not given (fastattrec.config.PRESETS). `distributed` is set
+    by the command when torchrun launched it."""
     from fastattrec.config import TrainConfig
     from fastattrec.training import train as run_training
 
@@ -335,7 +336,7 @@ def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
     _flag("progress", progress)
     _log("log", log)
     try:
-        cfg = TrainConfig(**options)
+        cfg = TrainConfig.of_preset(**options)
     except TypeError:
         known = ", ".join(sorted(set(TrainConfig.__dataclass_fields__) - {"data_dir"}))
         unknown = sorted(set(options) - set(TrainConfig.__dataclass_fields__))

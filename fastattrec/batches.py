@@ -101,8 +101,11 @@ class DeviceData:
         keep = self.row_pos <= self.lengths[self.row_user] - 2
         return torch.bincount(self.items[keep], minlength=self.n_items).to(torch.float32)
 
-    def sample_negatives(self, generator: torch.Generator) -> torch.Tensor:
-        """(N,) fresh negatives for every row, uniform over the items the user never saw.
+    def sample_negatives(self, generator: torch.Generator, per_row: int = 1,
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) fresh negatives for every row, uniform over the items the user never saw;
+        (N, per_row) with `per_row` > 1 (drawn independently, with replacement); only for
+        the flat rows `rows` (R,) when given.
 
         Exact and loop-free: with a user's distinct seen items v_0 < v_1 < ... (0-based)
         and c_j = v_j - j, the r-th unseen item is r + #{j : c_j <= r}; one searchsorted
@@ -116,10 +119,21 @@ class DeviceData:
         j = torch.arange(keys.shape[0], device=self.device) - first
         cs = keys - j  # u * stride + c_j, nondecreasing
         seen = torch.bincount(users, minlength=self.n_users)  # distinct seen per user
-        unseen = universe - seen[self.row_user]  # (N,)
-        u = torch.rand(self.row_user.shape[0], generator=generator, device=self.device,
-                       dtype=torch.float64)
+        row_user = self.row_user if rows is None else self.row_user[rows]  # (R,)
+        unseen = universe - seen[row_user]  # (R,)
+        shape = (row_user.shape[0],) if per_row == 1 else (row_user.shape[0], per_row)
+        u = torch.rand(shape, generator=generator, device=self.device, dtype=torch.float64)
+        if per_row > 1:
+            row_user, unseen = row_user[:, None].expand(shape), unseen[:, None]
         r = torch.minimum((u * unseen).long(), unseen - 1)
-        start = torch.searchsorted(cs, self.row_user * stride)
-        below = torch.searchsorted(cs, self.row_user * stride + r, right=True) - start
+        start = torch.searchsorted(cs, (row_user * stride).contiguous())
+        below = torch.searchsorted(cs, (row_user * stride + r).contiguous(), right=True) - start
         return r + below + 1
+
+    def shared_negatives(self, generator: torch.Generator, steps: int, n: int) -> torch.Tensor:
+        """(steps, n) negatives shared by every sample of a step: uniform over all items
+        (a negative may be a sample's own item; the loss masks one equal to its target)."""
+        items = torch.nonzero(self.item_valid).flatten()  # (I,) real item rows
+        pick = torch.randint(items.shape[0], (steps, n), generator=generator,
+                             device=self.device)
+        return items[pick]

@@ -382,7 +382,7 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
         if data_dir is None or run_dir is None:
             raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
         run = api.train(data_dir, run_dir, force=force, progress=progress, log=log,
-                        distributed=dist, **opts)
+                        distributed=dist, **_given(opts))  # the rest: the preset's
     if not main_proc:
         return
     last = [h for h in run._history if "test" in h]
@@ -395,15 +395,20 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     click.echo(f"run saved in {quoted(run.path)}")
 
 
+def _given(opts: dict) -> dict:
+    """The options of `opts` given on the command line (not click's defaults)."""
+    ctx = click.get_current_context()
+    return {k: v for k, v in opts.items()
+            if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+
+
 def _resume_changes(resume_dir: Path, opts: dict) -> dict:
     """The options given on the command line with --resume. Repeating the run's own value
     is accepted; a different value is refused, except for --epochs and --device."""
     from fastattrec.config import TrainConfig, flag_of
     from fastattrec.training.checkpoint import read_run_config
 
-    ctx = click.get_current_context()
-    given = {k: v for k, v in opts.items()
-             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = _given(opts)
     saved = read_run_config(resume_dir)["train"]
     other = [k for k, v in given.items()
              if k not in ("epochs", "device") and (k not in saved or saved[k] != v)]
@@ -430,10 +435,14 @@ def _print_metrics(frame, title: str) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--protocol", type=click.Choice(["sampled", "full", "both"]), default="both",
+@click.option("--protocol", type=click.Choice(["sampled", "full", "both", "sasrec"]),
+              default="both",
               show_default=True,
-              help="sampled: the target against its user's test negatives (the notebook); "
-                   "full: against every item the user has not had before.")
+              help="sampled: the target against its user's test negatives drawn by prep "
+                   "(distinct, fixed; the notebook); full: against every item the user has "
+                   "not had before; both: those two; sasrec: the SASRec paper's, against "
+                   "100 negatives drawn with replacement from the items the user never "
+                   "rated (seeded, the same on every evaluation).")
 @click.option("-k", "ks", multiple=True, type=int, default=(1, 5, 10, 20), show_default=True,
               help="Cut-offs K for HR@K and NDCG@K (repeat the option).")
 @click.option("--ndcg-log", type=click.Choice(["2", "e"]), default=None,

@@ -16,13 +16,24 @@ from typing import Any
 from fastattrec.errors import UserError, shown
 
 MODES = ("inner", "dist")
-NEGATIVE_MODES = ("fixed", "resample")
+NEGATIVE_MODES = ("fixed", "resample", "shared")
+# training objectives (docs/spec.md §2.5): the notebook's pair losses, then the ones that
+# take N negatives per positive, and the full softmax over every item
+OBJECTIVES = ("pair", "bce", "gbce", "sampled-softmax", "softmax")
 # The short-term attention backends (`fastattrec.kernels.BACKENDS`; a test keeps the two in
 # step). `structured` is what `auto` runs on the CPU; the command offers the other three.
 KERNELS = ("auto", "triton", "torch", "structured")
 CLI_KERNELS = ("auto", "triton", "torch")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")  # `fastattrec.kernels.PRECISIONS`
 DEVICES = ("auto", "cpu", "cuda")
+# Starting values for the options a run does not set (`TrainConfig.of_preset`): the
+# notebook's (the field defaults), and the settings chosen on real MovieLens-100K by
+# validation NDCG@10 under full ranking, with early stopping (docs/RESULTS.md).
+PRESETS: dict[str, dict] = {
+    "notebook": {},
+    "quality": dict(objective="sampled-softmax", n_negatives=16, negatives="resample",
+                    epochs=200, early_stop=5, eval_every=200),
+}
 SEED_MAX = 2**63 - 3  # the largest seed whose shuffle and negatives seeds (+1, +2) fit int64
 
 
@@ -63,8 +74,27 @@ class TrainConfig:
                        low=0, high=SEED_MAX)
     device: str = option("auto", "cpu, cuda (or cuda:N) or auto (cuda when available).")
     negatives: str = option("fixed", "fixed: the negatives drawn by prep, every epoch (the "
-                            "notebook); resample: fresh uniform negatives every epoch.",
-                            choices=NEGATIVE_MODES)
+                            "notebook); resample: fresh negatives every epoch, uniform over "
+                            "each user's unseen items; shared: every epoch, N items per "
+                            "batch shared by all its samples (uniform over all items; a "
+                            "negative equal to a sample's target is masked), which makes "
+                            "hundreds of negatives cheap.", choices=NEGATIVE_MODES)
+    objective: str = option("pair", "Training loss (docs/spec.md §2.5). pair: the "
+                            "notebook's (inner: -log sigmoid(s+ - s-); dist: hinge with "
+                            "--gamma); bce: binary cross-entropy over the target and N "
+                            "negatives; gbce: bce with the target's probability raised to "
+                            "beta (gSASRec; --gbce-t); sampled-softmax: softmax over the "
+                            "target and N negatives; softmax: over every item (one score "
+                            "per item and sample each step: fine up to tens of thousands "
+                            "of items).", choices=OBJECTIVES)
+    n_negatives: int = option(1, "N: negatives per positive (more than 1 needs --negatives "
+                              "resample or shared; the softmax objective uses none).",
+                              low=1, high=100_000)
+    gbce_t: float = option(0.75, "gbce's calibration t in [0, 1]: 0 is plain bce, 1 "
+                           "calibrates the scores to the full-softmax probabilities.",
+                           low=0.0, high=1.0)
+    dropout: float = option(0.0, "Dropout rate on the user and window-item embeddings "
+                            "during training (0: off, the notebook).", low=0.0, high=0.9)
     early_stop: int = option(0, "Stop after N epochs without a better validation NDCG@K "
                              "(full ranking of the validation targets); 0: never. best.pt "
                              "keeps the best epoch.", low=0)
@@ -96,17 +126,43 @@ class TrainConfig:
                                "CUDA with the Triton tile layout, the step as eight Triton "
                                "launches. Not yet timed on a GPU.", cli=False,
                                experimental=True)
+    preset: str = option("notebook", "Starting values of every option not given: notebook "
+                         "(the defaults shown here) or quality (the sampled softmax over 16 "
+                         "fresh negatives per positive, up to 200 epochs with early stopping "
+                         "after 5 without a better validation NDCG; chosen on MovieLens-100K "
+                         "validation metrics, docs/RESULTS.md).", choices=tuple(PRESETS))
     data_dir: str = option("", "The prepared dataset (set by `train`).", cli=False)
 
     def check(self) -> None:
         """Explain the first bad option in one sentence (a UserError)."""
         for f in fields(self):
             check_value(f, getattr(self, f.name))
+        if self.n_negatives > 1 and self.negatives == "fixed":
+            raise UserError(f"--n-negatives {self.n_negatives} needs fresh negatives: add "
+                            f"--negatives resample (or shared); prep stored one per sample.")
+        if self.n_negatives > 1 and self.objective == "softmax":
+            raise UserError("--objective softmax scores every item and takes no negatives; "
+                            "drop --n-negatives.")
+
+    def default_step(self) -> bool:
+        """Whether the CPU's hand-written step computes this run's loss: the notebook's
+        objective, one negative, no dropout (else the step is autograd's)."""
+        return (self.objective == "pair" and self.n_negatives == 1
+                and self.negatives != "shared" and self.dropout == 0.0)
 
     def experimental(self) -> list[str]:
         """The experimental options this run sets away from their defaults."""
         return [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
                 if f.metadata.get("experimental") and getattr(self, f.name) != f.default]
+
+    @classmethod
+    def of_preset(cls, **given: Any) -> TrainConfig:
+        """The options `given`, the rest from preset `given["preset"]` (default notebook),
+        then from the field defaults. Unknown names raise TypeError (as the constructor)."""
+        name = given.get("preset", "notebook")
+        if name not in PRESETS:
+            raise UserError(f"--preset must be one of {', '.join(PRESETS)}, got {shown(name)}.")
+        return cls(**{**PRESETS[name], **given})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -173,6 +229,11 @@ class AttRecConfig:
     embed_reg: float = TrainConfig.embed_reg  # lambda of the whole-table L2 term
     kernel: str = TrainConfig.kernel  # short-term attention backend (KERNELS)
     precision: str = TrainConfig.precision  # Triton dot precision (PRECISIONS)
+    objective: str = TrainConfig.objective  # training loss (OBJECTIVES)
+    n_negatives: int = TrainConfig.n_negatives  # negatives per positive (gbce's beta)
+    gbce_t: float = TrainConfig.gbce_t
+    dropout: float = TrainConfig.dropout  # on user and window embeddings, training only
+    shared_negatives: bool = False  # negatives shared by a batch: one equal to a target is masked
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -183,7 +244,9 @@ class AttRecConfig:
         """The model of a run with options `cfg`, its kernel resolved to `kernel`."""
         return cls(n_users=n_users, n_items=n_items, dim=cfg.dim, maxlen=cfg.maxlen,
                    mode=cfg.mode, w=cfg.w, gamma=cfg.gamma, embed_reg=cfg.embed_reg,
-                   kernel=kernel, precision=cfg.precision)
+                   kernel=kernel, precision=cfg.precision, objective=cfg.objective,
+                   n_negatives=cfg.n_negatives, gbce_t=cfg.gbce_t, dropout=cfg.dropout,
+                   shared_negatives=cfg.negatives == "shared")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,10 @@ from fastattrec.batches import DeviceData
 from fastattrec.model import AttRec
 
 DEFAULT_KS = (1, 5, 10, 20)
-PROTOCOLS = ("sampled", "full", "both")
+PROTOCOLS = ("sampled", "full", "both", "sasrec")
+# the SASRec paper's sampled protocol: 100 negatives per test user, uniform with
+# replacement over the items the user never rated, drawn at evaluation (seeded)
+SASREC_NEGATIVES = 100
 
 
 class Ranker(Protocol):
@@ -93,12 +96,15 @@ def _chunks(n: int, size: int):
 
 @torch.no_grad()
 def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 8192,
-                  users: tuple[int, int] | None = None) -> torch.Tensor:
-    """(U_test,) ranks of each test target among that user's test negatives (only test
-    users lo..hi-1 with `users=(lo, hi)`)."""
+                  users: tuple[int, int] | None = None,
+                  negs: torch.Tensor | None = None) -> torch.Tensor:
+    """(U_test,) ranks of each test target among that user's test negatives (prep's, or
+    `negs` (U_test, n)); only test users lo..hi-1 with `users=(lo, hi)`. A negative that
+    scores the same as the target counts against it (once per copy)."""
+    negs = data.test_negs if negs is None else negs
     lo_u, hi_u = users or (0, data.test_rows.shape[0])
     out = []
-    n_cand = 1 + data.test_negs.shape[1]
+    n_cand = 1 + negs.shape[1]
     # With a moderate catalogue one matrix product against every item and a gather beats
     # gathering (B, 1 + n) embedding rows; both give the same scores.
     via_all = data.n_items <= 64 * n_cand
@@ -109,7 +115,7 @@ def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 81
         rows = data.test_rows[lo:hi]
         who = data.row_user[rows]
         windows = data.windows_before(rows, maxlen)  # (B, L)
-        cand = torch.cat([data.items[rows][:, None], data.test_negs[lo:hi]], dim=1)  # (B, 1+n)
+        cand = torch.cat([data.items[rows][:, None], negs[lo:hi]], dim=1)  # (B, 1+n)
         if via_all:
             g = ranker.goodness_all(who, windows).gather(1, cand)
         else:
@@ -157,7 +163,8 @@ def full_ranks(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int
 def evaluate(ranker: Ranker, data: DeviceData, maxlen: int, protocol: str = "both",
              ks: Sequence[int] = DEFAULT_KS, ndcg_log: str = "2",
              dist=None) -> dict[str, dict]:
-    """Test metrics under the sampled and/or full-ranking protocol. With `dist` (a
+    """Test metrics under the sampled and/or full-ranking protocol ("both": the two), or
+    the SASRec paper's sampled protocol ("sasrec", `sasrec_negatives`). With `dist` (a
     fastattrec.distributed.Distributed) each process ranks its share of the users and the
     ranks are gathered, so every process returns the same metrics."""
     if protocol not in PROTOCOLS:
@@ -172,7 +179,21 @@ def evaluate(ranker: Ranker, data: DeviceData, maxlen: int, protocol: str = "bot
     if protocol in ("full", "both"):
         ranks = full_ranks_of(ranker, data, data.test_rows, maxlen, dist)
         res["full"] = metrics_from_ranks(ranks, ks, ndcg_log)
+    if protocol == "sasrec":
+        lo, hi = (0, n) if dist is None else dist.bounds(n)
+        ranks = sampled_ranks(ranker, data, maxlen, users=(lo, hi),
+                              negs=sasrec_negatives(data))
+        ranks = ranks if dist is None else dist.gather(ranks, n)
+        res["sasrec"] = metrics_from_ranks(ranks, ks, ndcg_log)
     return res
+
+
+def sasrec_negatives(data: DeviceData, seed: int = 0) -> torch.Tensor:
+    """(U_test, 100) negatives of the SASRec paper's protocol: uniform with replacement
+    over the items each test user never rated (in any split), from a generator seeded
+    `seed`, so two evaluations of one dataset draw the same."""
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    return data.sample_negatives(gen, SASREC_NEGATIVES, rows=data.test_rows)
 
 
 def full_ranks_of(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int,

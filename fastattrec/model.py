@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastattrec.config import MODES, AttRecConfig
+from fastattrec.config import MODES, OBJECTIVES, AttRecConfig
 from fastattrec.kernels import position_encoding, short_term_attention
 
-__all__ = ["MODES", "AttRec", "AttRecConfig", "batch_loss", "clip_rows", "pair_scores",
-           "pair_terms", "reduce_batch"]
+__all__ = ["MODES", "AttRec", "AttRecConfig", "batch_loss", "clip_rows", "gbce_beta",
+           "mean_reduced", "pair_scores", "pair_terms", "reduce_batch", "sample_terms"]
 
 
 def clip_parts(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,23 +52,88 @@ def pair_terms(s: torch.Tensor, mode: str, gamma: float) -> torch.Tensor:
     return torch.relu(s[:, 0] - s[:, 1] + gamma)
 
 
+def logits_of(s: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scores as logits, higher is better: the score for inner, minus the distance for dist."""
+    return s if mode == "inner" else -s
+
+
+def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
+    """gSASRec's power on the target's probability: beta = alpha (t (1 - 1/alpha) + 1/alpha)
+    with alpha = N / (n_items - 1) the negative sampling rate over the n_items real items
+    (Petrov and Macdonald, 2023)."""
+    alpha = min(1.0, n_negatives / max(1, n_items - 1))
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def sample_terms(s: torch.Tensor, ok: torch.Tensor, objective: str, mode: str,
+                 gamma: float, beta: float = 1.0,
+                 lse_all: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) per-sample losses of the objective (docs/spec.md §2.5) from scores s (B, 1 + N)
+    [target, negatives]; `ok` (B, N) masks negatives equal to the target (shared
+    negatives); `lse_all` (B,): logsumexp of every item's logit (objective softmax).
+
+    pair: the notebook's pair loss, averaged over the N negatives; bce: -log sigma(l+) -
+    sum_j log(1 - sigma(l-_j)); gbce: the same with sigma(l+) raised to `beta`;
+    sampled-softmax: -log softmax over [l+, l-_1..N]; softmax: -log softmax over all items.
+    With uniform negatives the log-Q correction of the sampled softmax is one constant for
+    every candidate and cancels, so none is applied."""
+    okf = ok.to(s.dtype)
+    if objective == "pair":
+        if s.shape[1] == 2:
+            return pair_terms(s, mode, gamma) * okf[:, 0]
+        pos, neg = s[:, :1], s[:, 1:]
+        pairs = F.softplus(neg - pos) if mode == "inner" else torch.relu(pos - neg + gamma)
+        return (pairs * okf).sum(1) / okf.sum(1).clamp(min=1.0)
+    lg = logits_of(s, mode)
+    if objective in ("bce", "gbce"):
+        return beta * F.softplus(-lg[:, 0]) + (F.softplus(lg[:, 1:]) * okf).sum(1)
+    if objective == "sampled-softmax":
+        neg = lg[:, 1:].masked_fill(~ok, float("-inf"))
+        return torch.logsumexp(torch.cat([lg[:, :1], neg], dim=1), dim=1) - lg[:, 0]
+    if objective == "softmax":
+        return lse_all - lg[:, 0]
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
 def batch_loss(u: torch.Tensor, e: torch.Tensor, e2: torch.Tensor, short: torch.Tensor,
                valid: torch.Tensor, count: torch.Tensor, mode: str, w: float,
-               gamma: float) -> torch.Tensor:
-    """The batch loss from gathered embeddings (item 0 of e/e2 is the positive, item 1 the
-    negative): mean of softplus(s_neg - s_pos) (= -log sigmoid(s_pos - s_neg)) over the
-    valid samples for inner, sum of relu(s_pos - s_neg + gamma) for dist. A pure tensor
-    function, so on CUDA torch.compile can fuse it into a couple of kernels."""
-    return reduce_batch(pair_terms(pair_scores(u, e, e2, short, mode, w), mode, gamma),
-                        valid, count, mode)
+               gamma: float, objective: str = "pair", ok: torch.Tensor | None = None,
+               beta: float = 1.0, lse_all: torch.Tensor | None = None,
+               extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch loss from gathered embeddings (item 0 of e/e2, (B, 1 + N, d), is the
+    target, the rest its negatives; `extra` (B, N'): scores of more negatives computed
+    elsewhere, appended): the objective's per-sample losses (`sample_terms`), reduced as
+    `reduce_batch`. A pure tensor function, so on CUDA torch.compile can fuse it into a
+    couple of kernels."""
+    s = pair_scores(u, e, e2, short, mode, w)  # (B, 1 + N)
+    if extra is not None:
+        s = torch.cat([s, extra], dim=1)
+    if ok is None:
+        ok = torch.ones_like(s[:, 1:], dtype=torch.bool)
+    terms = sample_terms(s, ok, objective, mode, gamma, beta, lse_all)
+    return reduce_batch(terms, valid, count, "inner" if mean_reduced(objective, mode) else "dist")
+
+
+def mean_reduced(objective: str, mode: str) -> bool:
+    """Whether the batch loss is the mean of the per-sample losses (else their sum: the
+    notebook's pair loss in mode dist)."""
+    return objective != "pair" or mode == "inner"
 
 
 def reduce_batch(terms: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
                  mode: str) -> torch.Tensor:
     """The batch loss from per-sample losses (B,): the mean over the `count` valid samples
-    for inner, their sum for dist; `valid` (B,) 0/1 masks a padded batch's padding."""
+    for inner (and every objective but the notebook's pair loss), their sum for dist
+    (as the notebook); `valid` (B,) 0/1 masks a padded batch's padding."""
     total = (terms * valid).sum()
     return total / count if mode == "inner" else total
+
+
+def dropout_rows(t: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout of `t`'s entries at rate p, drawn from the run's own generator (so a
+    resumed run draws the same masks)."""
+    keep = torch.rand(t.shape, generator=generator, device=t.device) >= p
+    return t * keep.to(t.dtype) / (1.0 - p)
 
 
 class AttRec(nn.Module):
@@ -88,6 +153,13 @@ class AttRec(nn.Module):
         self.proj = nn.Parameter(torch.empty(d, d).uniform_(-0.05, 0.05, generator=generator))
         self.register_buffer("pos_enc", position_encoding(cfg.maxlen, d), persistent=False)
         self._batch_loss = batch_loss  # replaced by a compiled version on request
+        # item rows that are real items (the softmax objective's normaliser; padding row 0
+        # excluded); `set_item_rows` narrows it to the dataset's
+        mask = torch.ones(cfg.n_items, dtype=torch.bool)
+        mask[0] = False
+        self.register_buffer("item_rows", mask, persistent=False)
+        self.beta = self._beta_of(cfg.n_items - 1)  # gbce's power (1.0 for the others)
+        self.dropout_generator: torch.Generator | None = None  # the run's, set by build
 
     def compile_loss(self) -> None:
         """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
@@ -100,6 +172,18 @@ class AttRec(nn.Module):
 
     def loss_is_compiled(self) -> bool:
         return self._batch_loss is not batch_loss
+
+    def set_item_rows(self, valid: torch.Tensor) -> None:
+        """Which item rows are real items (n_items,) bool: the full softmax normalises over
+        those only, and gbce's sampling rate counts them."""
+        self.item_rows.copy_(valid)
+        self.beta = self._beta_of(int(valid.sum()))
+
+    def _beta_of(self, n_real: int) -> float:
+        cfg = self.cfg
+        if cfg.objective != "gbce":
+            return 1.0
+        return gbce_beta(cfg.n_negatives, n_real, cfg.gbce_t)
 
     def tables(self) -> list[nn.Parameter]:
         """The three embedding tables that carry the L2 term."""
@@ -128,13 +212,21 @@ class AttRec(nn.Module):
 
     def goodness_all(self, users: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
         """(B, n_items) scores of every item row, oriented so that higher is better."""
+        return self.goodness_of_rows(self.user_emb[users], short)
+
+    def goodness_of_rows(self, u: torch.Tensor, short: torch.Tensor,
+                         items: torch.Tensor | None = None) -> torch.Tensor:
+        """`goodness_all` from user rows u (B, d) already looked up; of the item rows
+        `items` (K,) only, (B, K), when given (shared negatives)."""
         w = self.cfg.w
+        e = self.item_emb if items is None else F.embedding(items, self.item_emb)
+        e2 = self.item2_emb if items is None else F.embedding(items, self.item2_emb)
         if self.cfg.mode == "inner":
-            left = torch.cat([w * self.user_emb[users], (1 - w) * short], dim=1)  # (B, 2d)
-            right = torch.cat([self.item2_emb, self.item_emb], dim=1)  # (I, 2d)
+            left = torch.cat([w * u, (1 - w) * short], dim=1)  # (B, 2d)
+            right = torch.cat([e2, e], dim=1)  # (I, 2d)
             return left @ right.T
-        u = clip_rows(self.user_emb[users])
-        e, e2 = clip_rows(self.item_emb), clip_rows(self.item2_emb)
+        u = clip_rows(u)
+        e, e2 = clip_rows(e), clip_rows(e2)
         # ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2, as one matrix product for all items.
         left = torch.cat([w * u, (1 - w) * short], dim=1)
         right = torch.cat([e2, e], dim=1)
@@ -143,42 +235,78 @@ class AttRec(nn.Module):
                 + (w * e2.pow(2).sum(1) + (1 - w) * e.pow(2).sum(1))[None, :])
         return -dist
 
-    def pair_losses(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
-                    neg: torch.Tensor) -> torch.Tensor:
-        """(B,) per-sample losses before reduction: softplus(neg - pos) for inner
-        (= -log sigmoid(pos - neg)), relu(pos - neg + gamma) for dist."""
-        s = self.score(users, self.short_term(windows), torch.stack([pos, neg], dim=1))
-        return pair_terms(s, self.cfg.mode, self.cfg.gamma)
+    def all_items_lse(self, u: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+        """(B,) logsumexp of every real item's logit (the full softmax's normaliser)."""
+        g = self.goodness_of_rows(u, short).masked_fill(~self.item_rows, float("-inf"))
+        return torch.logsumexp(g, dim=1)
+
+    def sample_losses(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
+                      neg: torch.Tensor) -> torch.Tensor:
+        """(B,) per-sample losses of the run's objective before reduction, no dropout
+        (the validation loss): targets `pos` (B,), negatives `neg` (B,) or (B, N)."""
+        items = self.candidates(pos, neg)
+        short = self.short_term(windows)
+        s = self.score(users, short, items)
+        lse = (self.all_items_lse(F.embedding(users, self.user_emb), short)
+               if self.cfg.objective == "softmax" else None)
+        return sample_terms(s, torch.ones_like(s[:, 1:], dtype=torch.bool), self.cfg.objective,
+                            self.cfg.mode, self.cfg.gamma, self.beta, lse)
+
+    def candidates(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N) item ids [target, negatives] (the target alone for softmax)."""
+        if self.cfg.objective == "softmax":
+            return pos[:, None]
+        return torch.cat([pos[:, None], neg.reshape(pos.shape[0], -1).to(pos.dtype)], dim=1)
 
     def forward(self, users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
                 neg: torch.Tensor, valid: torch.Tensor | None = None,
                 count: torch.Tensor | float | None = None) -> torch.Tensor:
-        """The batch loss without the L2 term: mean (inner) or sum (dist) over the valid
-        samples. `valid` (B,) 0/1 marks padding samples of a fixed-shape last batch;
-        `count` overrides the mean's denominator (for batches split across processes)."""
-        items = torch.stack([pos, neg], dim=1)  # (B, 2): one gather per table
+        """The batch loss without the L2 term (mean, or for the notebook's dist pair loss
+        the sum, over the valid samples). Negatives `neg` (B,) or (B, N) per sample, or
+        with shared negatives (N,) for the whole batch; `valid` (B,) 0/1 marks padding
+        samples of a fixed-shape last batch; `count` overrides the mean's denominator (for
+        batches split across processes). Dropout, when set, applies here only (training)."""
+        shared = self.cfg.shared_negatives and self.cfg.objective != "softmax"
+        items = pos[:, None] if shared else self.candidates(pos, neg)  # (B, 1 + N)
         u = F.embedding(users, self.user_emb)
-        e = F.embedding(items, self.item_emb)
+        e = F.embedding(items, self.item_emb)  # one gather per table
         e2 = F.embedding(items, self.item2_emb)
         x = F.embedding(windows, self.item_emb)  # (B, L, d)
+        if self.cfg.dropout > 0:
+            u = dropout_rows(u, self.cfg.dropout, self.dropout_generator)
+            x = dropout_rows(x, self.cfg.dropout, self.dropout_generator)
         if valid is None:
             valid = torch.ones(users.shape[0], dtype=e.dtype, device=e.device)
         if count is None:
             count = valid.sum()
         if not torch.is_tensor(count):
             count = torch.tensor(float(count), dtype=e.dtype, device=e.device)
-        return self.loss_of_rows(u, x, windows != 0, e, e2, valid, count)
+        # only a shared negative can be the sample's own target (prep's and resampled ones
+        # are unseen items; the notebook's compat negatives count as drawn)
+        ok = neg.to(pos.dtype)[None, :] != pos[:, None] if shared else None  # (B, N)
+        return self.loss_of_rows(u, x, windows != 0, e, e2, valid, count, ok,
+                                 neg if shared else None)
 
     def loss_of_rows(self, u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                      e: torch.Tensor, e2: torch.Tensor, valid: torch.Tensor,
-                     count: torch.Tensor) -> torch.Tensor:
+                     count: torch.Tensor, ok: torch.Tensor | None = None,
+                     shared: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` from rows already looked up: users u (B, d), window rows x (B, L, d)
-        with key mask (B, L), candidates e and e2 (B, 2, d) [positive, negative]. The
-        training step that gathers every row into one leaf calls this directly."""
+        with key mask (B, L), candidates e and e2 (B, 1 + N, d) [target, negatives], `ok`
+        (B, N) the negatives that differ from the target; or with `shared` (N,) negative
+        ids of the whole batch, e and e2 hold the targets only and the negatives' scores
+        are one matrix product with their N rows (`goodness_of_rows`). The training step
+        that gathers every row into one leaf calls this directly."""
         short = short_term_attention(x, mask, self.proj, self.pos_enc,
                                      backend=self.cfg.kernel, precision=self.cfg.precision)
-        return self._batch_loss(u, e, e2, short, valid, count, self.cfg.mode, self.cfg.w,
-                                self.cfg.gamma)
+        cfg = self.cfg
+        lse = self.all_items_lse(u, short) if cfg.objective == "softmax" else None
+        extra = None
+        if shared is not None:  # scores (B, N), oriented as pair_scores'
+            g = self.goodness_of_rows(u, short, shared)
+            extra = g if cfg.mode == "inner" else -g
+        return self._batch_loss(u, e, e2, short, valid, count, cfg.mode, cfg.w, cfg.gamma,
+                                cfg.objective, ok, self.beta, lse, extra)
 
     def reg_loss(self) -> torch.Tensor:
         """lambda * (||U||^2 + ||E||^2 + ||E2||^2) over whole tables (docs/spec.md §2.6, §3.2)."""

@@ -243,3 +243,28 @@ def test_cpu_batches_are_the_device_step_batches(data_dir, world, rank):
              for j in range(97 * i, min(97 * i + 97, smp.n_train))
              if (j - 97 * i) // smp.local_bs == rank]
     assert seen == share
+
+
+def test_curves_have_a_panel_per_kind_and_a_missing_matplotlib_is_said(data_dir, tmp_path,
+                                                                     monkeypatch):
+    """curves.png: three panels (losses, validation, test; 1500 x 400 pixels); without
+    matplotlib the run says once how to get it."""
+    import builtins
+    import struct
+
+    pytest.importorskip("matplotlib")
+    train(data_dir, tmp_path / "plot", TrainConfig(epochs=2, **SMALL), log=print)
+    head = (tmp_path / "plot" / "curves.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (1500, 400)
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    lines = []
+    train(data_dir, tmp_path / "bare", TrainConfig(epochs=1, **SMALL), log=lines.append)
+    assert not (tmp_path / "bare" / "curves.png").exists()
+    assert sum("needs matplotlib" in line for line in lines) == 1

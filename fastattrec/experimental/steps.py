@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fastattrec.config import TrainConfig
+from fastattrec.errors import UserError
 from fastattrec.experimental.adam import TritonKerasAdam
 from fastattrec.experimental.epoch_batches import EpochBatches, lookups, plan_bytes
 from fastattrec.kernels import triton_available
@@ -32,9 +33,13 @@ def build_experimental(cfg: TrainConfig, model: AttRec, samples: Samples,
                        device: torch.device, use_graph: bool, distributed: Any
                        ) -> tuple[TritonKerasAdam, Step]:
     """The optimiser and step of a run with experimental options (`build`'s branch)."""
+    if cfg.one_scatter and not cfg.default_step():
+        raise UserError("one_scatter computes the notebook's pair loss with one negative "
+                        "and no dropout only; drop one_scatter or those options.")
     opt = make_optimizer(model, cfg, device, capturable=use_graph, cls=TritonKerasAdam,
                          zero_grads_after=cfg.one_scatter)
-    hand = device.type == "cpu" and distributed is None and model.cfg.kernel == "structured"
+    hand = (device.type == "cpu" and distributed is None and model.cfg.kernel == "structured"
+            and cfg.default_step())
     if hand:  # the CPU default ignores one_scatter and graph_steps
         return opt, CpuStep(model, opt, samples, compile=cfg.compile)
     forward = distributed.wrap(model) if distributed else None

@@ -35,24 +35,32 @@ class Built:
 def build(cfg: TrainConfig, data: DeviceData, device: torch.device, kernel: str,
           distributed: Any = None) -> Built:
     """The model (initialised from the seed), Adam, the generators and the step: on the
-    CPU with the structured attention the hand-written step, on CUDA with --compile the
-    CUDA-graph step (captured here), else autograd; the experimental steps on request."""
-    use_graph = cfg.compile and device.type == "cuda" and distributed is None
+    CPU with the structured attention and the notebook's loss the hand-written step, on
+    CUDA with --compile the CUDA-graph step (captured here; not with dropout, whose masks
+    come from the run's own generator), else autograd; the experimental steps on request."""
+    use_graph = (cfg.compile and device.type == "cuda" and distributed is None
+                 and cfg.dropout == 0.0)
     mcfg = AttRecConfig.of_run(cfg, data.n_users, data.n_items, kernel)
     model = AttRec(mcfg, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    model.set_item_rows(data.item_valid)
     if cfg.compile and device.type == "cuda":
         model.compile_loss()
     gens = {"shuffle": torch.Generator(device=device).manual_seed(cfg.seed + 1),
             "negatives": torch.Generator(device=device).manual_seed(cfg.seed + 2)}
+    if cfg.dropout > 0:  # (only then: older checkpoints hold the two above)
+        gens["dropout"] = torch.Generator(device=device).manual_seed((cfg.seed + 3) % 2**63)
+        model.dropout_generator = gens["dropout"]
     shard = (distributed.rank, distributed.world) if distributed else (0, 1)
-    samples = Samples(data, cfg.maxlen, cfg.batch_size, shard)
+    samples = Samples(data, cfg.maxlen, cfg.batch_size, shard, cfg.n_negatives,
+                      shared=cfg.negatives == "shared")
     if cfg.experimental():
         from fastattrec.experimental.steps import build_experimental
 
         opt, step = build_experimental(cfg, model, samples, device, use_graph, distributed)
         return Built(model, mcfg, opt, gens, step)
     opt = make_optimizer(model, cfg, device, capturable=use_graph)
-    if device.type == "cpu" and distributed is None and kernel == "structured":
+    if (device.type == "cpu" and distributed is None and kernel == "structured"
+            and cfg.default_step()):
         return Built(model, mcfg, opt, gens, CpuStep(model, opt, samples, compile=cfg.compile))
     step = AutogradStep(model, opt, samples, distributed.wrap(model) if distributed else None)
     if use_graph:

@@ -185,29 +185,38 @@ def write_logs(run_dir: Path, history: list[dict]) -> None:
 
 
 def plot_curves(run_dir: Path, history: list[dict]) -> bool:
-    """curves.png of losses and metrics per epoch, when matplotlib is installed."""
+    """curves.png, when matplotlib is installed: one panel per kind of quantity (losses;
+    the validation metric, full ranking; test HR@K and NDCG@K, each protocol named), each
+    with a title, labelled axes and integer epoch ticks. False when matplotlib is absent."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [h["train_loss"] for h in history], label="train loss")
-    a.plot(ep, [h["val_loss"] for h in history], label="validation loss")
-    a.set_xlabel("epoch")
-    a.legend()
-    b.plot(ep, [h["val_metric"] for h in history], label=f"validation {history[0]['val_name']}")
+    k = history[0]["k"]
     tested = [h for h in history if "test" in h]
-    if tested:
-        k = tested[0]["k"]
-        for proto in ("sampled", "full"):
-            b.plot([h["epoch"] for h in tested], [h["test"][proto][f"HR@{k}"] for h in tested],
-                   marker="o", label=f"test HR@{k} ({proto})")
-    b.set_xlabel("epoch")
-    b.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    loss, val, test = axes
+    loss.plot(ep, [h["train_loss"] for h in history], label="train loss (without L2)")
+    loss.plot(ep, [h["val_loss"] for h in history], label="validation loss (with L2)")
+    loss.set(title="losses", ylabel="loss per sample")
+    val.plot(ep, [h["val_metric"] for h in history], marker=".", label=history[0]["val_name"])
+    val.set(title="validation (full ranking)", ylabel=history[0]["val_name"])
+    for proto in ("sampled", "full"):
+        for name, style in ((f"HR@{k}", "o-"), (f"NDCG@{k}", "s--")):
+            test.plot([h["epoch"] for h in tested], [h["test"][proto][name] for h in tested],
+                      style, label=f"{name} ({proto})")
+    test.set(title=f"test, every --eval-every epochs ({len(tested)} measured)",
+             ylabel="metric")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{run_dir.name}: AttRec training curves")
     fig.tight_layout()
     with atomic_path(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)

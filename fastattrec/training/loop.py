@@ -126,8 +126,9 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
                 break
     finally:
         writer.wait()
-    if main_proc and state.history:
-        ck.plot_curves(run_dir, state.history)
+    if main_proc and state.history and not ck.plot_curves(run_dir, state.history):
+        log("curves.png not drawn: it needs matplotlib (pip install 'fastattrec[plot]' "
+            "or pip install matplotlib)")
     return TrainResult(run_dir, state.history, kernel, str(device), stopped_early)
 
 
@@ -164,7 +165,10 @@ def _fit_epoch(b: Built, cfg: TrainConfig, data: DeviceData, epoch: int, show: b
     t1 = time.perf_counter()
     samples = b.step.samples
     if cfg.negatives == "resample":
-        samples.set_negatives(data.sample_negatives(b.gens["negatives"]))
+        samples.set_negatives(data.sample_negatives(b.gens["negatives"], cfg.n_negatives))
+    elif cfg.negatives == "shared":
+        samples.set_shared(data.shared_negatives(b.gens["negatives"], samples.n_steps,
+                                                 cfg.n_negatives))
     samples.shuffle(b.gens["shuffle"])
     bar, tick = _progress_bar(b.step, cfg, epoch, t1) if show else (None, None)
     loss_sum = run_epoch(b.step, tick)
@@ -215,12 +219,13 @@ def _check_finite(model: AttRec, cfg: TrainConfig, epoch: int, **values: float) 
 @torch.no_grad()
 def validation_loss(model: AttRec, data: DeviceData, maxlen: int, chunk: int = 65536,
                     dist: Any = None) -> float:
-    """Mean per-sample loss of the validation targets with their fixed negatives."""
+    """Mean per-sample loss (the run's objective, no dropout) of the validation targets
+    with their fixed negatives (prep's one per sample; none for the full softmax)."""
     rows_all = data.val_rows if dist is None else dist.shard(data.val_rows)
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     for lo in range(0, rows_all.shape[0], chunk):
         rows = rows_all[lo:lo + chunk]
-        losses = model.pair_losses(data.row_user[rows], data.windows_before(rows, maxlen),
+        losses = model.sample_losses(data.row_user[rows], data.windows_before(rows, maxlen),
                                    data.items[rows], data.negs[rows])
         total += losses.double().sum()
     if dist is not None:
@@ -254,10 +259,12 @@ def _epoch_line(row: dict[str, Any], cfg: TrainConfig, n_train: int) -> str:
             f"{row['reg_loss']:.4f})  val loss {row['val_loss']:.4f}  val {row['val_name']} "
             f"{row['val_metric']:.4f}  fit {row['fit_time']:.2f}s "
             f"({n_train / row['fit_time']:,.0f} samples/s)")
-    if "test" in row:
-        s, k = row["test"]["sampled"], cfg.k
-        line += (f"  test HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} {s[f'NDCG@{k}']:.4f} "
-                 f"MRR {s['MRR']:.4f}")
+    if "test" in row:  # both protocols, each named
+        k = cfg.k
+        for proto in ("sampled", "full"):
+            s = row["test"][proto]
+            line += (f"  test {proto} HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} "
+                     f"{s[f'NDCG@{k}']:.4f} MRR {s['MRR']:.4f}")
     return line
 
 

@@ -27,28 +27,32 @@ from typing import NamedTuple, Protocol
 import torch
 
 from fastattrec.batches import DeviceData
-from fastattrec.model import AttRec
+from fastattrec.model import AttRec, mean_reduced
 
 
 class Batch(NamedTuple):
     """One step's samples: `idx` (B,) rows of the per-sample arrays, `valid` (B,) 1.0 for
     real samples and 0.0 for the padding of a partial last batch, `count` (0-d) the real
-    samples in the whole (global) batch."""
+    samples in the whole (global) batch, `step` the step's number (0-d tensor or int)."""
 
     idx: torch.Tensor
     valid: torch.Tensor
     count: torch.Tensor
+    step: torch.Tensor | int = 0
 
 
 class Samples:
     """The train samples on the device, cut into fixed-shape batches in the epoch's order.
 
     Per-sample arrays, cut once: windows (T, L), users (T,), targets (T,) and this epoch's
-    negatives (T,), int32 to halve what each step gathers. Under torchrun, a global batch
-    of `batch_size` is split into `world` equal shards and rank r takes shard r."""
+    negatives (T,), or (T, N) with N negatives per positive, int32 to halve what each step
+    gathers; with `shared` negatives, N per step instead, the same for every sample of the
+    batch. Under torchrun, a global batch of `batch_size` is split into `world` equal
+    shards and rank r takes shard r."""
 
     def __init__(self, data: DeviceData, maxlen: int, batch_size: int,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), n_negatives: int = 1,
+                 shared: bool = False) -> None:
         self.data = data
         dev = data.device
         self.rank, self.world = shard
@@ -57,7 +61,12 @@ class Samples:
         self.local_bs = math.ceil(batch_size / self.world)
         self.n_steps = math.ceil(self.n_train / batch_size)
         self.windows, self.users, self.targets = data.train_arrays(maxlen)
-        self.negs = data.negs[data.train_rows].to(torch.int32)
+        self.negs = data.negs[data.train_rows].to(torch.int32)  # (T,)
+        if n_negatives > 1 and not shared:  # (T, N), drawn again before every epoch
+            self.negs = self.negs[:, None].repeat(1, n_negatives)
+        # (steps, N) shared negatives of every step of the epoch, or None
+        self.shared = (torch.zeros((max(self.n_steps, 1), n_negatives), dtype=torch.int32,
+                                   device=dev) if shared else None)
         self.perm = torch.zeros(max(self.n_train, 1), dtype=torch.long, device=dev)
         self.slot = torch.arange(self.local_bs, device=dev) + self.rank * self.local_bs
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -67,8 +76,13 @@ class Samples:
         self.perm.copy_(torch.randperm(self.n_train, generator=gen, device=self.perm.device))
 
     def set_negatives(self, negs: torch.Tensor) -> None:
-        """Use `negs` (N,), one per flat row, from now on (in place: graphs see it)."""
-        self.negs.copy_(negs[self.data.train_rows])
+        """Use `negs` (rows,) or (rows, N), per flat row, from now on (in place: graphs see
+        it)."""
+        self.negs.copy_(negs[self.data.train_rows].reshape(self.negs.shape))
+
+    def set_shared(self, negs: torch.Tensor) -> None:
+        """Use `negs` (steps, N) as the epoch's shared negatives (in place)."""
+        self.shared.copy_(negs)
 
     def batch(self, step: torch.Tensor) -> Batch:
         """The batch of device counter `step` (0-d long): no host sync, capturable."""
@@ -76,7 +90,7 @@ class Samples:
         hi = torch.clamp(lo + self.global_bs, max=self.n_train)
         pos = lo + self.slot  # (b,) positions in the permutation
         idx = self.perm[pos.clamp(max=self.n_train - 1)]  # (b,) train sample indices
-        return Batch(idx, (pos < hi).to(torch.float32), (hi - lo).to(torch.float32))
+        return Batch(idx, (pos < hi).to(torch.float32), (hi - lo).to(torch.float32), step)
 
     def batch_at(self, i: int) -> Batch:
         """The same batch as `batch` for a Python step number (one process): full batches
@@ -87,17 +101,17 @@ class Samples:
             if self._full is None:
                 self._full = (torch.ones(hi - lo, device=self.perm.device),
                               torch.tensor(float(hi - lo), device=self.perm.device))
-            return Batch(self.perm[lo:hi], *self._full)
+            return Batch(self.perm[lo:hi], *self._full, i)
         pos = lo + self.slot
         return Batch(self.perm[pos.clamp(max=self.n_train - 1)], (pos < hi).to(torch.float32),
-                     torch.tensor(float(hi - lo), device=self.perm.device))
+                     torch.tensor(float(hi - lo), device=self.perm.device), i)
 
     def arrays(self, b: Batch) -> tuple[torch.Tensor, ...]:
-        """The model's inputs for batch `b`: users, windows, positives, negatives, valid,
-        count."""
+        """The model's inputs for batch `b`: users, windows, positives, negatives ((B,) or
+        (B, N) per sample, or (N,) shared by the batch), valid, count."""
         i = b.idx
-        return (self.users[i], self.windows[i], self.targets[i], self.negs[i], b.valid,
-                b.count)
+        negs = self.negs[i] if self.shared is None else self.shared[b.step]  # (N,) shared
+        return (self.users[i], self.windows[i], self.targets[i], negs, b.valid, b.count)
 
 
 class Step(Protocol):
@@ -162,8 +176,8 @@ class AutogradStep:
 
     def count(self, loss: torch.Tensor, count: torch.Tensor) -> None:
         """The step's bookkeeping: its summed sample losses, the counter + 1."""
-        inner = self.model.cfg.mode == "inner"
-        self.loss_sum += (loss.detach() * (count if inner else 1.0)).to(torch.float64)
+        mean = mean_reduced(self.model.cfg.objective, self.model.cfg.mode)
+        self.loss_sum += (loss.detach() * (count if mean else 1.0)).to(torch.float64)
         self.counter += 1
 
     def describe(self) -> str:
