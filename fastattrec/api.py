@@ -216,38 +216,51 @@ class Run:
         if baseline:
             pop = PopularityRanker(loaded.data.item_popularity())
             results["popularity"] = evaluate(pop, loaded.data, maxlen, protocol, ks, ndcg_log)
-        frame = metrics_frame(results, ks).with_columns(
-            pl.lit(loaded.checkpoint).alias("checkpoint"), pl.lit(loaded.epoch).alias("epoch"))
         self.last_evaluation = {"checkpoint": loaded.checkpoint, "epoch": loaded.epoch,
                                 "ndcg_log": ndcg_log, "seconds": seconds, "results": results,
                                 "data": {"path": str(loaded.prepared.path.resolve()),
                                          "fingerprint": fingerprint(loaded.prepared.meta)}}
         if save:
             save_evaluation(loaded, self.last_evaluation)
-        return frame
+        return evaluation_frame(self.last_evaluation, ks)
 
     def recommend(self, users: Iterable[Any] | None = None, k: int = 10,
                   checkpoint: str = "auto", device: str = "auto",
                   titles: str | Path | pl.DataFrame | None = None,
-                  data: Dataset | str | Path | None = None) -> pl.DataFrame:
-        """Top-k unseen items per user (raw ids; None: every user) from their latest
-        window: columns raw_user, rank, raw_item, score (and title with `titles`, a
-        MovieLens movies.dat or a frame of raw_item, title). A user with fewer than k
+                  data: Dataset | str | Path | None = None,
+                  allow_missing: bool = False) -> pl.DataFrame:
+        """Top-k unseen items per user (raw ids, each user once in the order first given;
+        None: every user) from their latest window: columns raw_user, rank, raw_item,
+        score, and title with `titles` (the dataset's item file, any format `recommend
+        --items` reads, or a frame of raw_item, title). The titles must cover the run's
+        dataset (`allow_missing`: a missing title is null). A user with fewer than k
         unseen items gets only those."""
         import torch
 
-        from fastattrec.recommend import check_titles, dense_users, read_titles, recommend_frame
+        from fastattrec.errors import quoted
+        from fastattrec.recommend import (
+            check_titles,
+            dense_users,
+            match_titles,
+            read_titles,
+            recommend_frame,
+        )
 
         _int("-k", k, 1, 10**9)
+        _flag("allow_missing", allow_missing)
         if users is not None and (isinstance(users, str | bytes | int)
                                   or not isinstance(users, Iterable)):
             raise UserError(f"users must be a list of raw user ids (or None for every user), "
                             f"got {shown(users)}.")
         if isinstance(titles, pl.DataFrame):
             check_titles(titles)
+            source = "titles"
         elif titles is not None:
+            source = quoted(_path("titles", titles))
             titles = read_titles(_path("titles", titles))
         loaded = _open(self.path, checkpoint, device, data)
+        if titles is not None:
+            titles = match_titles(loaded, titles, source, allow_missing)
         dev = loaded.data.device
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
@@ -283,6 +296,14 @@ def metrics_frame(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> pl.
             row.update({"MRR": m["MRR"], "users": m["users"]})
             rows.append(row)
     return pl.DataFrame(rows)
+
+
+def evaluation_frame(evaluation: dict[str, Any], ks: Sequence[int]) -> pl.DataFrame:
+    """What `Run.evaluate` returns, from its record (`Run.last_evaluation`): one row per
+    (model, protocol) with the checkpoint and epoch scored."""
+    return metrics_frame(evaluation["results"], ks).with_columns(
+        pl.lit(evaluation["checkpoint"]).alias("checkpoint"),
+        pl.lit(evaluation["epoch"]).alias("epoch"))
 
 
 def save_evaluation(loaded, payload: dict) -> None:

@@ -2,7 +2,7 @@
 fastattrec made, never over an input, and no stale temporaries left from a killed run.
 
 Every command that writes an output (a prepared dataset, a run folder, a synthetic log, a
-downloaded archive) goes through `claim_output`:
+downloaded archive, a table from `recommend` or `evaluate`) goes through `claim_output`:
 
 1. it refuses an output that is an input or holds one (`prep r.dat -o r.dat`,
    `prep data/r.dat -o data`);

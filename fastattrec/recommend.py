@@ -10,7 +10,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from fastattrec.atomic import atomic_path
 from fastattrec.errors import UserError, quoted, shown
 from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
@@ -43,27 +42,11 @@ def top_k(run: LoadedRun, users: torch.Tensor, k: int,
     return torch.cat(items), torch.cat(scores)
 
 
-RECOMMEND_MARK = {"fastattrec": "recommendations"}  # Parquet metadata of what recommend writes
-
-
-def write_recommendations(frame: pl.DataFrame, path: Path) -> None:
-    """Write the frame atomically, marked so that a later `--force` may replace it."""
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, metadata=RECOMMEND_MARK)
-
-
-def made_by_recommend(path: Path) -> bool:
-    """True when `path` is a Parquet file that `recommend` wrote (its metadata says so)."""
-    try:
-        meta = pl.read_parquet_metadata(path)
-    except Exception:  # noqa: BLE001 - not Parquet, unreadable: not ours either way
-        return False
-    return meta.get("fastattrec") == RECOMMEND_MARK["fastattrec"]
-
-
 def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
-    """Dense ids of raw user ids (as given on the command line or in Python), in order.
-    Integer ids are matched by their exact decimal text ('10', never '1_0' or ' 10')."""
+    """Dense ids of raw user ids (as given on the command line or in Python), each user
+    once, in the order first given ('42' and 42 are one user when the dataset's ids are
+    integers). Integer ids are matched by their exact decimal text ('10', never '1_0' or
+    ' 10'); an id not in the dataset is refused in one sentence naming it."""
     raw = run.prepared.raw_users
     if raw.dtype.is_integer():
         values: list = []
@@ -82,9 +65,13 @@ def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
                                                maintain_order="left", nulls_equal=False)
     missing = [v for v, d in zip(raw_ids, found.get_column("dense"), strict=True) if d is None]
     if missing:
-        raise UserError(f"user {shown(missing[0])} is not in the prepared data "
+        more = len(set(map(str, missing))) - 1
+        others = f" (and {more:,} other given user{'s' if more > 1 else ''})" if more else ""
+        raise UserError(f"user {shown(missing[0])}{others} is not in the prepared data "
                         f"({quoted(run.prepared.path)}); users with one interaction are dropped.")
-    return found.get_column("dense").to_numpy().astype(np.int64)
+    dense = found.get_column("dense").to_numpy().astype(np.int64)
+    _, first = np.unique(dense, return_index=True)
+    return dense[np.sort(first)]  # one list per user, in the order first given
 
 
 _DECIMAL = re.compile(r"-?[0-9]+")
@@ -95,38 +82,166 @@ def item_lookup(run: LoadedRun) -> pl.DataFrame:
     return pl.DataFrame({"item": run.prepared.item_rows, "raw_item": run.prepared.raw_items})
 
 
-def read_titles(movies: Path) -> pl.DataFrame:
-    """MovieLens movies.dat (`MovieID::Title::Genres`, Latin-1) -> raw_item, title."""
-    movies = Path(movies)
-    hint = "give MovieLens' movies.dat (MovieID::Title::Genres) with --movies"
-    if not movies.exists():
-        raise UserError(f"{quoted(movies)} does not exist; {hint}.")
-    if movies.is_dir():
-        raise UserError(f"{quoted(movies)} is a folder; {hint}.")
-    if not movies.is_file():
-        raise UserError(f"{quoted(movies)} is not a regular file (a pipe or device); {hint}.")
+# ---- item titles: the item file a dataset came with, checked against the run's dataset ----
+
+# Column names taken as the item id and the title in a CSV, TSV, Parquet or RecBole file,
+# in order of preference (a RecBole name is compared without its `:type` suffix).
+ID_COLUMNS = ("raw_item", "item_id", "item", "movieId", "movie_id", "MovieID", "iid")
+TITLE_COLUMNS = ("title", "movie_title", "Title", "item_name", "name")
+ITEMS_HINT = ("give the dataset's item file with --items: MovieLens movies.dat "
+              "(MovieID::Title::Genres), ML-100K u.item (id|title|...), a RecBole .item file, "
+              "or a CSV, TSV or Parquet file with an id column (raw_item, item_id, item or "
+              "movieId) and a title column")
+
+
+def read_titles(path: Path) -> pl.DataFrame:
+    """An item file -> raw_item (the id as written, text), title. The format is told from
+    the name and first line: MovieLens movies.dat (`::`), ML-100K u.item (`|`), RecBole
+    `.item` (tab, typed header), CSV/TSV with a header, Parquet. Text is read as UTF-8, or
+    as Latin-1 (MovieLens' encoding) when it is not UTF-8."""
+    path = Path(path)
+    why = ("does not exist" if not path.exists() else "is a folder" if path.is_dir()
+           else None if path.is_file() else "is not a regular file (a pipe or device)")
+    if why:
+        raise UserError(f"{quoted(path)} {why}; {ITEMS_HINT}.")
     try:
-        text = movies.read_bytes().decode("latin-1")
+        data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read {quoted(movies)} ({e.strerror}); {hint}.") from None
+        raise UserError(f"cannot read {quoted(path)} ({e.strerror}); {ITEMS_HINT}.") from None
+    if data[:4] == b"PAR1" or path.suffix.lower() in (".parquet", ".pq"):
+        return _from_columns(path, _read_parquet(path), "row", 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        raise UserError(f"{quoted(path)} holds no titles; {ITEMS_HINT}.")
+    if "::" in first:
+        return _from_lines(path, lines, "::", "expected 'MovieID::Title::Genres'", "MovieID",
+                           exact=3)
+    head = first.split("|")
+    if len(head) >= 2 and _DECIMAL.fullmatch(head[0].strip()):  # u.item is also `.item`
+        return _from_lines(path, lines, "|", "expected ML-100K's 'movie id|movie title|...'",
+                           "movie id")
+    if path.suffix.lower() == ".item" or re.search(r":(token|token_seq|float)\b", first):
+        return _recbole(path, lines)
+    if "\t" in first or "," in first:
+        return _from_columns(path, _read_csv(path, text, "\t" if "\t" in first else ","),
+                             "line", 2)
+    raise UserError(f"{quoted(path)}: cannot tell the format from its first line "
+                    f"{shown(first)}; {ITEMS_HINT}.")
+
+
+def _from_lines(path: Path, lines: list[str], sep: str, shape: str, id_name: str,
+                exact: int | None = None) -> pl.DataFrame:
+    """MovieLens' item files: one item a line, integer id first, title second."""
     ids, titles, first = [], [], {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        parts = line.split("::")
-        if len(parts) != 3 or not parts[0].strip().lstrip("-").isdigit():
-            raise UserError(f"{quoted(movies)}, line {n}: expected 'MovieID::Title::Genres' "
-                            f"but found {shown(line)}; {hint}.")
-        movie = int(parts[0])
-        if movie in first:
-            raise UserError(f"{quoted(movies)}, line {n}: MovieID {movie} already appeared on line "
-                            f"{first[movie]}; each movie needs one line.")
-        first[movie] = n
-        ids.append(movie)
+        parts = line.split(sep)
+        bad = len(parts) != exact if exact else len(parts) < 2
+        if bad or not _DECIMAL.fullmatch(parts[0].strip()):
+            raise UserError(f"{quoted(path)}, line {n}: {shape} but found "
+                            f"{shown(line.replace(chr(9), ' '))}; {ITEMS_HINT}.")
+        item = str(int(parts[0]))
+        if item in first:
+            raise UserError(f"{quoted(path)}, line {n}: {id_name} {item} already appeared on "
+                            f"line {first[item]}; each item needs one line.")
+        first[item] = n
+        ids.append(item)
         titles.append(parts[1])
-    if not ids:
-        raise UserError(f"{quoted(movies)} holds no titles; {hint}.")
-    return pl.DataFrame({"raw_item": ids, "title": titles})
+    return pl.DataFrame({"raw_item": ids, "title": titles}, schema=_TITLES_SCHEMA)
+
+
+def _recbole(path: Path, lines: list[str]) -> pl.DataFrame:
+    """A RecBole atomic `.item` file: tab-separated, header `name:type` per column."""
+    start = next(i for i, line in enumerate(lines) if line.strip())
+    names = [f.strip() for f in lines[start].split("\t")]
+    bare = [f.split(":", 1)[0] for f in names]
+    id_col, title_col = _pick(path, bare, ", ".join(names), f"line {start + 1}")
+    need = max(id_col, title_col) + 1
+    ids, titles, first = [], [], {}
+    for n, line in enumerate(lines[start + 1:], start=start + 2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < need or not parts[id_col].strip():
+            raise UserError(f"{quoted(path)}, line {n}: expected {len(names)} tab-separated "
+                            f"fields as its header names ({', '.join(names)}) but found "
+                            f"{len(parts)}{' and no item id' if len(parts) >= need else ''}.")
+        item = parts[id_col].strip()
+        if item in first:
+            raise UserError(f"{quoted(path)}, line {n}: item id {shown(item)} already appeared "
+                            f"on line {first[item]}; each item needs one line.")
+        first[item] = n
+        ids.append(item)
+        titles.append(parts[title_col])
+    return pl.DataFrame({"raw_item": ids, "title": titles}, schema=_TITLES_SCHEMA)
+
+
+_TITLES_SCHEMA = {"raw_item": pl.String, "title": pl.String}
+
+
+def _pick(path: Path, names: list[str], listed: str, where: str) -> tuple[int, int]:
+    """Positions of the id and title columns among `names` (exact name first, then any
+    case); one sentence naming the columns found when either is missing."""
+    found = []
+    for wanted, what in ((ID_COLUMNS, "item id"), (TITLE_COLUMNS, "title")):
+        pos = next((names.index(w) for w in wanted if w in names), None)
+        if pos is None:
+            lower = [n.lower() for n in names]
+            pos = next((lower.index(w.lower()) for w in wanted if w.lower() in lower), None)
+        if pos is None:
+            raise UserError(f"{quoted(path)} has no {what} column ({where} names "
+                            f"{shown(listed or 'none', 200)}; it needs one of "
+                            f"{', '.join(wanted)}); {ITEMS_HINT}.")
+        found.append(pos)
+    return found[0], found[1]
+
+
+def _read_csv(path: Path, text: str, sep: str) -> pl.DataFrame:
+    try:
+        return pl.read_csv(text.encode("utf-8"), separator=sep, infer_schema=False)
+    except Exception as e:  # noqa: BLE001 - Polars' parse errors: one sentence
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {quoted(path)} as a {'TSV' if sep == chr(9) else 'CSV'} "
+                        f"file with a header ({first}); {ITEMS_HINT}.") from None
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - damaged or not Parquet: one sentence
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {quoted(path)} as Parquet ({first}); "
+                        f"{ITEMS_HINT}.") from None
+
+
+def _from_columns(path: Path, frame: pl.DataFrame, word: str, first_row: int) -> pl.DataFrame:
+    """A CSV, TSV or Parquet item table: its id and title columns, ids as text."""
+    id_col, title_col = _pick(path, frame.columns, ", ".join(frame.columns), "its header")
+    ids = frame.to_series(id_col)
+    if ids.dtype.is_float() and bool((ids.drop_nulls() % 1 == 0).all()):
+        ids = ids.cast(pl.Int64)  # ids stored as floats (1.0): the integers they hold
+    out = pl.DataFrame({"raw_item": ids.cast(pl.String).str.strip_chars(),
+                        "title": frame.to_series(title_col).cast(pl.String)})
+    col = frame.columns[id_col]
+    if out.get_column("raw_item").null_count():
+        n = int(out.get_column("raw_item").is_null().arg_max()) + first_row
+        raise UserError(f"{quoted(path)}, {word} {n}: no item id in column {shown(col)}; "
+                        f"each line needs one.")
+    dup = out.get_column("raw_item").is_duplicated()
+    if dup.any():
+        rows = dup.arg_true()
+        item = out.get_column("raw_item")[int(rows[0])]
+        again = [int(r) for r in rows if out.get_column("raw_item")[int(r)] == item]
+        raise UserError(f"{quoted(path)}, {word} {again[1] + first_row}: item id {shown(item)} "
+                        f"already appeared on {word} {again[0] + first_row}; each item needs "
+                        f"one {word}.")
+    return out
 
 
 def check_titles(titles: pl.DataFrame) -> None:
@@ -135,16 +250,55 @@ def check_titles(titles: pl.DataFrame) -> None:
     if missing:
         raise UserError(f"titles lacks column(s) {', '.join(missing)} (it has "
                         f"{shown(', '.join(titles.columns) or 'none')}); give a frame of "
-                        f"raw_item and title, or the path of MovieLens' movies.dat.")
+                        f"raw_item and title, or the path of the dataset's item file.")
     if titles.get_column("raw_item").is_duplicated().any():
         first = titles.filter(pl.col("raw_item").is_duplicated()).get_column("raw_item")[0]
         raise UserError(f"titles has raw_item {shown(first)} more than once; give each item "
                         f"one title.")
 
 
+def match_titles(run: LoadedRun, titles: pl.DataFrame, source: str,
+                 allow_missing: bool = False) -> pl.DataFrame:
+    """raw_item (the dataset's type) -> title for every item of the run's dataset, ids
+    compared as text. Refused in one sentence: a file sharing no id with the dataset, and
+    unless `allow_missing`, one lacking any of the dataset's items or one that plainly
+    belongs to another dataset (most of its ids are not the dataset's, or most of the
+    dataset's are not in it). With `allow_missing` a missing title is null."""
+    raw = run.prepared.raw_items
+    ours = pl.DataFrame({"raw_item": raw, "key": raw.cast(pl.String)})
+    theirs = pl.DataFrame({"key": titles.get_column("raw_item").cast(pl.String),
+                           "title": titles.get_column("title").cast(pl.String)})
+    joined = ours.join(theirs, on="key", how="left", maintain_order="left")
+    has = joined.get_column("key").is_in(theirs.get_column("key").implode())
+    n_ours, n_theirs = ours.height, theirs.height
+    missing = n_ours - int(has.sum())
+    foreign = n_theirs - int(theirs.get_column("key").is_in(ours.get_column("key").implode())
+                             .sum())
+    data = quoted(run.prepared.path)
+    if missing == n_ours:
+        raise UserError(f"none of the {n_theirs:,} ids in {source} is an item of the run's "
+                        f"dataset ({data}: its first item is {shown(ours['key'][0])}, the "
+                        f"file's first id {shown(theirs['key'][0])}); it belongs to another "
+                        f"dataset — give the item file of the data the run was prepared from.")
+    if not allow_missing and (2 * missing > n_ours or 2 * foreign > n_theirs):
+        raise UserError(f"{source} looks like another dataset's item file: {missing:,} of the "
+                        f"{n_ours:,} items of the run's dataset ({data}) are not in it and "
+                        f"{foreign:,} of its {n_theirs:,} ids are not the dataset's; give the "
+                        f"item file of the data the run was prepared from, or pass "
+                        f"--allow-missing to use this one anyway (titles it lacks are left "
+                        f"empty).")
+    if not allow_missing and missing:
+        first = joined.filter(~has).get_column("key")[0]
+        raise UserError(f"{source} has no title for {missing:,} of the {n_ours:,} items of "
+                        f"the run's dataset ({data}), item {shown(first)} the first; give the "
+                        f"item file of the data the run was prepared from, or pass "
+                        f"--allow-missing to leave those titles empty.")
+    return joined.select("raw_item", "title")
+
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
                     titles: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per (user, rank): raw user, rank 1..k, raw item, score (and title)."""
+    """One row per (user, rank): raw user, rank 1..k, raw item, score (and title, from
+    `match_titles`)."""
     items, scores = top_k(run, users, k)
     kk = items.shape[1]
     frame = pl.DataFrame({
@@ -160,9 +314,7 @@ def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
                               "raw_user": run.prepared.raw_users})
     frame = (frame.join(raw_users, on="user", how="left", maintain_order="left")
              .join(item_lookup(run), on="item", how="left", maintain_order="left"))
-    if titles is not None:
-        frame = frame.join(titles.with_columns(pl.col("raw_item").cast(frame.schema["raw_item"],
-                                                                        strict=False)),
-                           on="raw_item", how="left", maintain_order="left")
+    if titles is not None:  # from match_titles: raw_item has the dataset's type
+        frame = frame.join(titles, on="raw_item", how="left", maintain_order="left")
     cols = ["raw_user", "rank", "raw_item", "score"] + (["title"] if titles is not None else [])
     return frame.select(cols)

@@ -177,5 +177,19 @@ def test_a_dataset_object_is_taken_wherever_a_path_is(run):
     assert run.recommend(users=[1], k=3, data=run.data).equals(run.recommend(users=[1], k=3))
     titles = pl.DataFrame({"raw_item": run.recommend(users=[1], k=3)["raw_item"],
                            "title": ["a", "b", "c"]})
-    recs = run.recommend(users=[1], k=3, titles=titles)
+    recs = run.recommend(users=[1], k=3, titles=titles, allow_missing=True)
     assert recs.get_column("title").to_list() == ["a", "b", "c"]
+
+
+# ---- issue 21: users are taken once each ------------------------------------------------
+
+def test_a_user_given_twice_gets_one_list(run):
+    recs = run.recommend(users=["3", 3, 1, "1"], k=2)
+    assert recs.get_column("raw_user").to_list() == [3, 3, 1, 1]
+    with pytest.raises(UserError, match="^user 99999 is not in the prepared data"):
+        run.recommend(users=[3, 99999])
+
+
+def test_allow_missing_must_be_a_bool(run):
+    with pytest.raises(UserError, match="^allow_missing must be True or False, got 'yes'"):
+        run.recommend(users=[1], allow_missing="yes")

@@ -328,8 +328,8 @@ def test_recommend_output_rules(finished, tmp_path):
     (tmp_path / "d").mkdir()
     assert "folder" in error_line(cli(*base, "-o", tmp_path / "d", "--force"))
     assert "input" in error_line(cli(*base, "-o", finished, "--force"))
-    assert "-o is for --all-users" in error_line(cli("recommend", finished, "--user", "1",
-                                                     "-o", out))
+    assert "give one of them" in error_line(cli("recommend", finished, "--user", "1",
+                                                "-o", out, "--json"))
 
 
 def test_recommend_movies_file_problems(finished, tmp_path):
