@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, quoted
 from fastattrec.outputs import OLD_TAG, TMP_TAG, record_temporary, write_error
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -94,7 +94,7 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not force:
         raise UserError(
-            f"{target} already exists; pass --force to replace it or choose another -o.")
+            f"{quoted(target)} already exists; pass --force to replace it or choose another -o.")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_TAG}", dir=target.parent))

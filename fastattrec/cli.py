@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from fastattrec.config import SEED_MAX
-from fastattrec.errors import UserError, quoted
+from fastattrec.errors import UserError, one_line, quoted
 from fastattrec.version import VERSION as __version__
 
 # The same list as fastattrec.data.readers.FORMATS (a test checks), kept here so that
@@ -32,12 +32,12 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(str(e))) from None
         except OSError as e:
             if not is_write_failure(e) and not (e.filename and e.errno in _PATH_ERRNOS):
                 raise
-            raise click.ClickException(str(write_error(Path(e.filename or "the output"), e))
-                                       ) from None
+            raise click.ClickException(one_line(str(write_error(
+                Path(e.filename or "the output"), e)))) from None
 
     return wrapper
 
@@ -402,6 +402,13 @@ def _given(opts: dict) -> dict:
             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
 
 
+def _spelled(flag: str, value) -> str:
+    """An option as typed: `--compile` / `--no-compile` for flags, else `--name value`."""
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
 def _resume_changes(resume_dir: Path, opts: dict) -> dict:
     """The options given on the command line with --resume. Repeating the run's own value
     is accepted; a different value is refused, except for --epochs and --device."""
@@ -414,7 +421,9 @@ def _resume_changes(resume_dir: Path, opts: dict) -> dict:
              if k not in ("epochs", "device") and (k not in saved or saved[k] != v)]
     if other:
         flags = {f.name: flag_of(f) for f in TrainConfig.__dataclass_fields__.values()}
-        names = ", ".join(f"{flags[k]} {given[k]} (the run's: {saved.get(k)})" for k in other)
+        names = ", ".join(_spelled(flags[k], given[k]) + f" (the run's: "
+                          f"{_spelled(flags[k], saved[k]) if k in saved else 'unset'})"
+                          for k in other)
         raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
                         f"change (got {names}).")
     return given

@@ -137,12 +137,16 @@ class TrainConfig:
         """Explain the first bad option in one sentence (a UserError)."""
         for f in fields(self):
             check_value(f, getattr(self, f.name))
+        if self.objective == "softmax" and (self.n_negatives > 1
+                                            or self.negatives == "shared"):
+            raise UserError("--objective softmax scores every item and takes no negatives; "
+                            "drop --n-negatives and --negatives shared.")
         if self.n_negatives > 1 and self.negatives == "fixed":
             raise UserError(f"--n-negatives {self.n_negatives} needs fresh negatives: add "
                             f"--negatives resample (or shared); prep stored one per sample.")
-        if self.n_negatives > 1 and self.objective == "softmax":
-            raise UserError("--objective softmax scores every item and takes no negatives; "
-                            "drop --n-negatives.")
+        if self.objective != "gbce" and self.gbce_t != TrainConfig.gbce_t:
+            raise UserError(f"--gbce-t applies to --objective gbce only (this run's "
+                            f"objective is {self.objective}); drop it or add --objective gbce.")
 
     def default_step(self) -> bool:
         """Whether the CPU's hand-written step computes this run's loss: the notebook's

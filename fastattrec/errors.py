@@ -21,6 +21,14 @@ def shown(value: object, limit: int = 60) -> str:
     return text if bare else repr(text)
 
 
+def one_line(message: str) -> str:
+    """A message as one printed line: a newline, tab or other unprintable character that
+    a file name brought into it is shown escaped (the message's own text has none)."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else _escape(c) for c in message)
+
+
 def quoted(path: object) -> str:
     """A path as it must be typed in a shell, and as messages print it: unchanged when
     plain, in single quotes when it holds spaces or shell characters, and in bash's

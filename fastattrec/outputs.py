@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, quoted
 
 TMP_TAG = ".tmp-"  # temporaries are `.NAME.tmp-XXXXXXXX`, beside NAME (see atomic.py)
 OLD_TAG = ".old-"  # a replaced output waiting to be deleted: `.NAME.old-PID`
@@ -290,12 +290,12 @@ def claim_output(target: Path, *, force: bool, made_by_us: Callable[[Path], bool
             log(f"cleaned up {p} left by an interrupted command")
         if target.exists():
             if kind == "file" and target.is_dir():
-                raise UserError(f"{option} {target} is a folder; give a file name.")
+                raise UserError(f"{option} {quoted(target)} is a folder; give a file name.")
             if not (target.is_dir() or target.is_file()):
                 raise UserError(f"{option} {target} is not a regular file or folder (a pipe, "
                                 f"device or socket); give a path on disk.")
             if not (force or allow_existing):
-                raise UserError(f"{target} already exists; pass --force to replace it or "
+                raise UserError(f"{quoted(target)} already exists; pass --force to replace it or "
                                 f"choose another {option}.")
             empty = kind == "folder" and _empty_dir(target)
             if force and not (empty or made_by_us(target)):

@@ -38,6 +38,8 @@ def server(tmp_path):
     # whose ratings.dat is a folder.
     _zip(root / "rezipped.zip", {"ml-1m/ml-1m/ratings.dat": ML1M, "ml-1m/ml-1m/README": "x\n"})
     _zip(root / "folder.zip", {"ml-1m/ratings.dat/": "", "ml-1m/ratings.dat/part-0": ML1M})
+    _zip(root / "marker.zip", {"ml-1m/ratings.dat": ML1M,
+                               "ml-1m/.fastattrec-download.json/x": "planted\n"})
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a, **k: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -157,4 +159,21 @@ def test_an_archive_whose_ratings_file_is_a_folder_is_refused(tmp_path, server):
     assert r.output.strip().splitlines()[-1] == (
         f"Error: {url}/folder.zip unpacked with ratings.dat as a folder, not a file; is it "
         f"the right archive?")
+    assert not dest.exists() or sorted(dest.iterdir()) == []
+
+
+def test_an_archive_holding_a_folder_named_like_the_record_is_refused(tmp_path, server):
+    """The folder's own record cannot be written over a folder the archive brought: one
+    sentence, from the command and from the API, and nothing left behind."""
+    import fastattrec.data.download as dl
+    from fastattrec.errors import UserError
+
+    url, _ = server
+    dest = tmp_path / "data"
+    md5 = hashlib.md5((tmp_path / "www" / "marker.zip").read_bytes()).hexdigest()
+    r = cli("download", "ml-1m", "--dir", dest, "--url", f"{url}/marker.zip", "--md5", md5)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "holds a folder named .fastattrec-download.json" in r.output.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="not a MovieLens archive as published"):
+        dl.download("ml-1m", dest, url=f"{url}/marker.zip", md5=md5)
     assert not dest.exists() or sorted(dest.iterdir()) == []

@@ -309,3 +309,27 @@ def test_the_quality_preset_fills_only_the_options_not_given(data_dir, tmp_path)
         PRESETS["quality"]["objective"], 2)
     with pytest.raises(UserError, match="--preset must be one of notebook, quality"):
         fa.train(data_dir, tmp_path / "bad", preset="best")
+
+
+@pytest.mark.parametrize("opts,words", [
+    (dict(objective="softmax", n_negatives=4), "drop --n-negatives and --negatives shared"),
+    (dict(objective="softmax", negatives="shared"), "takes no negatives"),
+    (dict(gbce_t=0.5), "--gbce-t applies to --objective gbce only"),
+])
+def test_options_an_objective_would_ignore_are_refused(opts, words):
+    with pytest.raises(UserError, match=words):
+        TrainConfig(**opts).check()
+    TrainConfig(objective="gbce", gbce_t=0.5).check()  # where it applies
+
+
+def test_more_negatives_than_items_are_refused(data_dir, tmp_path):
+    r = cli("train", data_dir, "-o", tmp_path / "r", "--n-negatives", "100000",
+            "--negatives", "resample", "--device", "cpu", "--no-compile")
+    assert r.exit_code != 0 and "--n-negatives 100000 is not less than the" in r.output
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_a_changed_flag_on_resume_is_named_as_typed(data_dir, tmp_path):
+    train(data_dir, tmp_path / "r", TrainConfig(epochs=1, **SMALL))
+    r = cli("train", "--resume", tmp_path / "r", "--epochs", "2", "--compile")
+    assert r.exit_code != 0 and "--compile (the run's: --no-compile)" in r.output

@@ -609,7 +609,7 @@ def test_resume_accepts_the_runs_own_option_values(data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
     msg = error_line(cli("train", "--resume", run, "--epochs", "3", *ARGS[:-1], "--dim", "9"))
-    assert "only --epochs and --device may change (got --dim 9 (the run's: 8))" in msg
+    assert "only --epochs and --device may change (got --dim 9 (the run's: --dim 8))" in msg
 
 
 def test_a_full_disk_while_saving_a_checkpoint_says_so(data_dir, tmp_path, monkeypatch):
@@ -641,11 +641,12 @@ def test_more_threads_than_cores_is_warned_about(data_dir, tmp_path, monkeypatch
     monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: {0, 1})
     threads = torch.get_num_threads()
     try:
-        with pytest.warns(UserWarning, match="--threads 8 is more than the 2 cores") as seen:
-            r = cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "1", "--threads",
-                    "8", *ARGS)
+        r = cli("train", data_dir, "-o", tmp_path / "run", "--epochs", "1", "--threads",
+                "8", *ARGS)
         assert r.exit_code == 0, r.output
-        assert len([w for w in seen if "more than the" in str(w.message)]) == 1
+        said = [line for line in r.output.splitlines() if "more than the" in line]
+        assert len(said) == 1 and "--threads 8 is more than the 2 cores" in said[0]
+        assert ".py:" not in r.output  # one sentence, not a Python warning with its source
     finally:
         torch.set_num_threads(threads)
 
@@ -657,3 +658,25 @@ def test_paths_with_a_newline_are_printed_on_one_line(data_dir, tmp_path):
         r = cli(*args)
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
         assert "$'" + str(tmp_path) + "/new\\nline'" in r.output
+
+
+def test_prep_and_synth_paths_with_a_newline_stay_on_one_line(tmp_path):
+    """Every CLI error is one printed line, whatever the file name holds."""
+    odd = tmp_path / "bad\nname"
+    for args in (("prep", odd, "-o", tmp_path / "x"), ("synth", "-o", tmp_path)):
+        r = cli(*args)
+        assert r.exit_code != 0
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:"), r.output
+    odd.mkdir()
+    (odd / "meta.json").write_text("{}")
+    r = cli("synth", "-o", odd)
+    assert r.exit_code != 0 and "\\n" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_dataset_folder_given_as_a_run_says_what_it_is(data_dir):
+    r = cli("evaluate", data_dir)
+    assert r.exit_code != 0
+    assert r.output.strip().splitlines()[-1].endswith(
+        "is a prepared dataset, not a run; train one with "
+        f"`fastattrec train {data_dir} -o RUN_DIR`.")

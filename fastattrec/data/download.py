@@ -60,6 +60,10 @@ def download(name: str, dest: Path, url: str | None = None, md5: str | None = No
             _fetch(url, archive, want, progress, folder)
             with atomic_dir(folder, force=True) as tmp:
                 _unpack(archive, tmp, url, ratings)
+                if (tmp / MARKER).exists() and not (tmp / MARKER).is_file():
+                    raise UserError(f"the archive at {url} holds a folder named {MARKER}, "
+                                    f"the name fastattrec gives its own record; it is not "
+                                    f"a MovieLens archive as published.")
                 files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
                 atomic_write_json(tmp / MARKER, {"dataset": name, "url": url, "md5": want,
                                                  "files": files})

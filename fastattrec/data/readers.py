@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from fastattrec.data.compressed import compression_of
-from fastattrec.errors import UserError, shown
+from fastattrec.errors import UserError, quoted, shown
 
 FORMATS = ("auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "parquet",
            "sequence-pairs", "sequence-lines")
@@ -85,7 +85,7 @@ def first_error_line(e: BaseException) -> str:
 def check_file(path: Path) -> None:
     """Fail with one sentence if `path` is missing, a folder, unreadable or empty."""
     if not path.exists():
-        raise UserError(f"{path} does not exist; check the path.")
+        raise UserError(f"{quoted(path)} does not exist; check the path.")
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the ratings file inside it.")
     if not path.is_file():

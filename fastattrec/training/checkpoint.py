@@ -61,6 +61,9 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UserError(f"{quoted(run_dir)} is a file, not a run folder; {hint}.")
     path = run_dir / CONFIG
+    if not path.exists() and (run_dir / "meta.json").exists():
+        raise UserError(f"{quoted(run_dir)} is a prepared dataset, not a run; train one with "
+                        f"`fastattrec train {quoted(run_dir)} -o RUN_DIR`.")
     if not path.exists():
         raise UserError(f"{quoted(run_dir)} has no {CONFIG}, so it is not a fastattrec run; "
                         f"{hint}.")

@@ -72,7 +72,7 @@ def train(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None = None,
     with claim:
         cfg, ckpt, saved = ck.open_run(data_dir, run_dir, cfg, resume, log)
         cfg.check()
-        cfg.threads = set_threads(cfg.threads)  # saved in config.json: --resume reuses it
+        cfg.threads = set_threads(cfg.threads, log)  # in config.json: --resume reuses it
         return _train_in(run_dir, Path(cfg.data_dir), cfg, ckpt, saved, log, progress,
                          distributed, replace=main_proc and force and not resume)
 
@@ -94,6 +94,10 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     if data.train_rows.shape[0] == 0:
         raise UserError(f"{data_dir} has no train samples (every user has fewer than 4 "
                         f"items); use a larger log.")
+    n_items = int(data.item_valid.sum())
+    if cfg.n_negatives >= n_items:
+        raise UserError(f"--n-negatives {cfg.n_negatives} is not less than the {n_items:,} "
+                        f"items of {data_dir}; give --n-negatives {n_items - 1} or fewer.")
     b, kernel, choice = build_choosing(cfg, data, device, saved, distributed, log)
     state = ck.restore(ckpt, b.model, b.opt, b.gens)
     if replace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -90,16 +91,19 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def set_threads(n: int) -> int:
+def set_threads(n: int, log: Callable[[str], None] | None = None) -> int:
     """Use `n` CPU threads for torch; 0 picks `free_cores()`. Returns the number used.
     More threads than cores is slower (every parallel region waits for the threads that
-    have no core), so asking for that is warned about, once."""
+    have no core), so asking for that is said once, through `log` (else a warning)."""
     cores = usable_cores()
     if n > cores:
-        warnings.warn(f"--threads {n} is more than the {cores} cores this process may use; "
-                      f"that is slower than {cores} threads (each parallel step waits for "
-                      f"threads without a core) — give --threads {cores} or fewer, or 0 to "
-                      f"choose.", stacklevel=2)
+        msg = (f"note: --threads {n} is more than the {cores} cores this process may use; "
+               f"that is slower than {cores} threads (each parallel step waits for threads "
+               f"without a core); give --threads {cores} or fewer, or 0 to choose.")
+        if log is not None:
+            log(msg)
+        else:
+            warnings.warn(msg, stacklevel=2)
     n = n or free_cores()
     torch.set_num_threads(n)
     return n
