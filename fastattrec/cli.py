@@ -1,16 +1,27 @@
 """The `fastattrec` command: each subcommand parses its options and calls one library
-function. Heavy imports (torch, polars) happen inside the commands, so `--help` is fast."""
+function. Heavy imports (torch, polars) happen inside the commands, so `--help` is fast.
+This module holds the group and synth, prep, train and download; `cli_results.py` holds
+evaluate and recommend, `cli_support.py` what they all share."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
+from fastattrec.cli_results import evaluate, recommend
+from fastattrec.cli_support import (
+    Commands,
+    file_stamp,
+    interruptible,
+    print_metrics,
+    say,
+    text_table,
+    user_errors,
+)
 from fastattrec.config import SEED_MAX
-from fastattrec.errors import UserError, one_line, quoted
+from fastattrec.errors import UserError, quoted
 from fastattrec.version import VERSION as __version__
 
 # The same list as fastattrec.data.readers.FORMATS (a test checks), kept here so that
@@ -19,89 +30,15 @@ PREP_FORMATS = ["auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "
                 "sequence-pairs", "sequence-lines"]
 
 
-def _user_errors(fn):
-    """Turn a UserError, or a failed write to a full, read-only or forbidden place, into
-    click's one-line 'Error: ...' and exit status 1. Anything else is a bug and keeps its
-    traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from fastattrec.atomic import is_write_failure
-        from fastattrec.outputs import write_error
-
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            raise click.ClickException(one_line(str(e))) from None
-        except OSError as e:
-            if not is_write_failure(e) and not (e.filename and e.errno in _PATH_ERRNOS):
-                raise
-            raise click.ClickException(one_line(str(write_error(
-                Path(e.filename or "the output"), e)))) from None
-
-    return wrapper
-
-
-_PATH_ERRNOS = {13, 20, 21, 28, 30, 122}  # EACCES ENOTDIR EISDIR ENOSPC EROFS EDQUOT
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
-
-
-def _interruptible(snapshot, report):
-    """Ctrl-C or SIGTERM during the command: instead of click's bare "Aborted!", print what
-    was kept and how to go on (`report(state, **kwargs)`, where `state` is what
-    `snapshot(**kwargs)` saw before the command began), then exit with status 130 (SIGINT)
-    or 143 (SIGTERM). Only rank 0 of a torchrun launch speaks."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            import os
-            import signal
-
-            def terminate(signum, frame):  # noqa: ANN001, ARG001
-                raise _Terminated
-
-            state = snapshot(**kwargs)
-            try:
-                previous = signal.signal(signal.SIGTERM, terminate)
-            except ValueError:  # not the main thread: SIGTERM keeps its default
-                previous = None
-            try:
-                return fn(*args, **kwargs)
-            except KeyboardInterrupt as e:
-                if os.environ.get("RANK", "0") == "0":
-                    click.echo(report(state, **kwargs), err=True)
-                sys.exit(143 if isinstance(e, _Terminated) else 130)
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
-
-        return wrapper
-
-    return deco
-
-
-def _stamp(path: Path | None) -> tuple[int, int] | None:
-    """Identity of a file (inode, mtime): a file written again, by rename, is another."""
-    try:
-        st = Path(path).stat()
-    except (OSError, TypeError):
-        return None
-    return (st.st_ino, st.st_mtime_ns)
-
-
 def _prep_snapshot(out_dir: Path, **_) -> tuple[int, int] | None:
-    return _stamp(Path(out_dir) / "meta.json")
+    return file_stamp(Path(out_dir) / "meta.json")
 
 
 def _prep_interrupted(before, out_dir: Path, **_) -> str:
     """What an interrupted `prep` left: the dataset is written under a temporary name that
     is removed on the way out, so the output is the old one, or none, or the new one
     complete (when the interrupt came after it was renamed into place)."""
-    now = _stamp(Path(out_dir) / "meta.json")
+    now = file_stamp(Path(out_dir) / "meta.json")
     if now != before and now is not None:
         return f"interrupted after {quoted(out_dir)} was written: it is complete."
     if before is None:
@@ -113,7 +50,7 @@ def _prep_interrupted(before, out_dir: Path, **_) -> str:
 
 def _train_snapshot(run_dir: Path | None, resume_dir: Path | None, **_):
     run = resume_dir or run_dir
-    return None if run is None else _stamp(Path(run) / "config.json")
+    return None if run is None else file_stamp(Path(run) / "config.json")
 
 
 def _train_interrupted(before, run_dir: Path | None, resume_dir: Path | None, **_) -> str:
@@ -125,7 +62,7 @@ def _train_interrupted(before, run_dir: Path | None, resume_dir: Path | None, **
     if run is None:
         return "interrupted."
     config = Path(run) / CONFIG
-    now = _stamp(config)
+    now = file_stamp(config)
     if now is None or (resume_dir is None and now == before):
         kept = ("the run already there is untouched" if now is not None else
                 "nothing was written to it" if before is None else
@@ -147,33 +84,7 @@ def _train_interrupted(before, run_dir: Path | None, resume_dir: Path | None, **
             f"one completed; continue with {again}.")
 
 
-def _log(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-def _table(rows: list[tuple[str, str]], title: str) -> str:
-    width = max(len(k) for k, _ in rows)
-    vwidth = max(len(v) for _, v in rows)
-    lines = [title, "-" * (width + vwidth + 3)]
-    lines += [f"{k:<{width}}   {v:>{vwidth}}" for k, v in rows]
-    return "\n".join(lines)
-
-
-class _Commands(click.Group):
-    """click's group, whose own usage errors ("Invalid value for '--dim': ...") quote the
-    value given at most 60 characters long, like fastattrec's messages."""
-
-    def make_context(self, info_name, args, parent=None, **extra):  # noqa: ANN001, ANN201
-        return super().make_context(info_name, [_clip_arg(a) for a in args], parent, **extra)
-
-
-def _clip_arg(arg: str) -> str:
-    """An argument longer than any real value (a path, an id, a number) is cut, so that
-    click's message about it stays one readable line; such a value is refused anyway."""
-    return arg if len(arg) <= 4096 else arg[:60] + "..."
-
-
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastattrec")
 def main() -> None:
     """AttRec, the self-attentive sequential recommender: prepare a ratings log, train,
@@ -205,7 +116,7 @@ def main() -> None:
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if an earlier `synth` wrote it (its OUTPUT.synth.json "
                    "record matches); any other file is left alone.")
-@_user_errors
+@user_errors
 def synth(output: Path, users: int, items: int, interactions: int, seed: int,
           clusters: int | None, switch: float, force: bool) -> None:
     """Generate a synthetic ratings log with sequential structure (no download needed).
@@ -262,8 +173,8 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--force", is_flag=True,
               help="Replace OUT_DIR if it is a prepared dataset (its meta.json says so), only "
                    "once the new one is complete; never anything else, nor the input.")
-@_interruptible(_prep_snapshot, _prep_interrupted)
-@_user_errors
+@interruptible(_prep_snapshot, _prep_interrupted)
+@user_errors
 def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
          trans_score, test_negatives, compat, seed, streaming, force) -> None:
     """Prepare a ratings log: time-ordered histories, leave-one-out split, negatives.
@@ -281,7 +192,7 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
     ds = prepare(input_file, out_dir, format=fmt, user_col=user_col, item_col=item_col,
                  time_col=time_col, rating_col=rating_col, trans_score=trans_score,
                  test_negatives=test_negatives, compat=compat, seed=seed, streaming=streaming,
-                 force=force, log=_log)
+                 force=force, log=say)
     c = ds.counts
     rows = [
         ("users", f"{c['users']:,}"),
@@ -296,7 +207,7 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("ids read as (user, item)", "{user}, {item}".format(**ds.meta["source"]["id_types"])),
         ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
-    click.echo(_table(rows, f"prepared {out_dir}"))
+    click.echo(text_table(rows, f"prepared {out_dir}"))
 
 
 def _train_options(f):
@@ -342,8 +253,8 @@ def _train_options(f):
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch [default: when writing to a terminal].")
 @_train_options
-@_interruptible(_train_snapshot, _train_interrupted)
-@_user_errors
+@interruptible(_train_snapshot, _train_interrupted)
+@user_errors
 def train(data_dir, run_dir, resume_dir, force, progress, **opts) -> None:
     """Train AttRec on a prepared dataset (DATA_DIR from `fastattrec prep`).
 
@@ -365,7 +276,7 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     from fastattrec import api
 
     main_proc = dist is None or dist.rank == 0
-    log = _log if main_proc else (lambda s: None)
+    log = say if main_proc else (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
     if resume_dir is not None:
@@ -389,7 +300,7 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     if last:
         ks = sorted({int(k.split("@")[1]) for k in last[-1]["test"]["sampled"]
                      if k.startswith("HR@")})
-        _print_metrics(api.metrics_frame({"AttRec": last[-1]["test"]}, ks),
+        print_metrics(api.metrics_frame({"AttRec": last[-1]["test"]}, ks),
                        f"test metrics after epoch {last[-1]['epoch']} "
                        f"({last[-1]['kernel']} kernel)")
     click.echo(f"run saved in {quoted(run.path)}")
@@ -429,205 +340,6 @@ def _resume_changes(resume_dir: Path, opts: dict) -> dict:
     return given
 
 
-def _print_metrics(frame, title: str) -> None:
-    """One table: a row per (model, protocol), columns HR@K, NDCG@K, MRR."""
-    cols = [c for c in frame.columns if c.startswith(("HR@", "NDCG@")) or c == "MRR"]
-    header = ["model", "protocol", *cols]
-    rows = [[r["model"], r["protocol"], *(f"{r[c]:.4f}" for c in cols)]
-            for r in frame.iter_rows(named=True)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    click.echo(title)
-    for r in [header, *rows]:
-        click.echo("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-
-
-_TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row object a "
-               "line), from the name's extension")
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--protocol", type=click.Choice(["sampled", "full", "both", "sasrec"]),
-              default="both",
-              show_default=True,
-              help="sampled: the target against its user's test negatives drawn by prep "
-                   "(distinct, fixed; the notebook); full: against every item the user has "
-                   "not had before; both: those two; sasrec: the SASRec paper's, against "
-                   "100 negatives drawn with replacement from the items the user never "
-                   "rated (seeded, the same on every evaluation).")
-@click.option("-k", "ks", multiple=True, type=int, default=(1, 5, 10, 20), show_default=True,
-              help="Cut-offs K for HR@K and NDCG@K (repeat the option).")
-@click.option("--ndcg-log", type=click.Choice(["2", "e"]), default=None,
-              help="NDCG's log base [default: the run's].")
-@click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
-              show_default=True,
-              help="best.pt, checkpoint.pt, or auto: best with --early-stop runs, else last.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Prepared data [default: the run's DATA_DIR].")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--no-baseline", is_flag=True, help="Skip the popularity baseline.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Also write the metrics table (model, protocol, HR@K, NDCG@K, MRR, users, "
-                   f"checkpoint, epoch) to this file: {_TABLE_HELP}.")
-@click.option("--force", is_flag=True,
-              help="Replace OUTPUT if an earlier `evaluate` wrote it.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print only the results, as eval.json holds them, as one JSON document on "
-                   "stdout (messages go to stderr).")
-@_user_errors
-def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_baseline,
-             output, force, as_json) -> None:
-    """Evaluate a trained run beside the popularity baseline (HR@K, NDCG@K, MRR).
-
-    Writes eval.json into RUN_DIR (unless another command is working on the run), and with
-    -o the metrics table to OUTPUT.
-    """
-    from fastattrec import api
-
-    if output is not None:
-        _table_output(output, run_dir)
-    run = api.load_run(run_dir)
-    with _claim_table(output, force, run_dir, "metrics", "evaluate") as out:
-        unsaved = None
-        try:
-            run.evaluate(protocol, ks, ndcg_log, checkpoint, device, not no_baseline,
-                         data_dir, save=True)
-        except UserError as e:
-            if run.last_evaluation is None:
-                raise
-            unsaved = e  # measured, but eval.json was not written: still show and keep them
-        ev = run.last_evaluation
-        frame = api.evaluation_frame(ev, sorted(set(ks)))
-        if out is not None:
-            from fastattrec.tables import write_table
-
-            write_table(frame, out, "metrics")
-    if as_json:
-        click.echo(_json(ev))
-    else:
-        _print_metrics(frame, _eval_title(run_dir, ev))
-        if output is not None:
-            click.echo(f"wrote the metrics to {quoted(output)}")
-    if unsaved is not None:
-        raise unsaved
-
-
-def _eval_title(run_dir, ev: dict) -> str:
-    return (f"{quoted(run_dir)} ({ev['checkpoint']} checkpoint, epoch {ev['epoch']}; NDCG log base "
-            f"{ev['ndcg_log']}; model evaluated in {ev['seconds']:.3f} s)")
-
-
-def _json(obj) -> str:
-    """One JSON document, as eval.json is written."""
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True)
-
-
-def _table_output(output: Path, run_dir: Path) -> None:
-    """Check a table's -o before any work: not an input or a folder, a known extension,
-    and not eval.json."""
-    from fastattrec.outputs import refuse_inputs, resolve_output
-    from fastattrec.tables import table_format
-
-    refuse_inputs(resolve_output(output), [run_dir])
-    if Path(output).is_dir():
-        raise UserError(f"-o {quoted(output)} is a folder; give a file name such as "
-                        f"{quoted(Path(output) / 'table.csv')}.")
-    table_format(output)
-    if resolve_output(output) == resolve_output(Path(run_dir) / "eval.json"):
-        raise UserError(f"-o {quoted(output)} is the run's eval.json, which evaluate writes "
-                        f"itself; choose another -o.")
-
-
-def _claim_table(output: Path | None, force: bool, run_dir: Path, kind: str, command: str):
-    """claim_output for a table file (nothing when `output` is None)."""
-    import contextlib
-
-    from fastattrec.outputs import claim_output
-    from fastattrec.tables import made_table
-
-    if output is None:
-        return contextlib.nullcontext(None)
-    return claim_output(output, force=force, made_by_us=lambda p: made_table(p, kind),
-                        what=f"{kind} file that `fastattrec {command}` wrote", kind="file",
-                        inputs=[run_dir])
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--user", "raw_user", help="Raw user id (as in the ratings file).")
-@click.option("--all-users", is_flag=True,
-              help="Recommend for every user (with -o FILE or --json).")
-@click.option("-k", "k", default=10, show_default=True, help="Items per user.")
-@click.option("--items", "--movies", "items", type=click.Path(path_type=Path),
-              help="The dataset's item file, to add titles: MovieLens movies.dat or ML-100K "
-                   "u.item, a RecBole .item file, or a CSV, TSV or Parquet file with an id "
-                   "column (raw_item, item_id, item or movieId) and a title column. A file "
-                   "lacking any of the dataset's items, or of another dataset, is refused.")
-@click.option("--allow-missing", is_flag=True,
-              help="With --items: use a file that lacks some of the dataset's items (their "
-                   "title is left empty) or that holds mostly other items.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Write the recommendations (raw_user, rank, raw_item, score[, title]) to "
-                   f"this file instead of printing them: {_TABLE_HELP}.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print only the rows, as one JSON list of row objects on stdout (not "
-                   "with -o).")
-@click.option("--force", is_flag=True,
-              help="Replace OUTPUT if an earlier `recommend` wrote it.")
-@click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
-              show_default=True)
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="Prepared data [default: the run's DATA_DIR]; a moved or copied folder "
-                   "of the same dataset (same fingerprint).")
-@click.option("--device", default="auto", show_default=True)
-@_user_errors
-def recommend(run_dir, raw_user, all_users, k, items, allow_missing, output, as_json, force,
-              checkpoint, data_dir, device) -> None:
-    """Top-K items for a user from their latest window, excluding items they have seen.
-
-    A user who has seen all but N items gets only those N."""
-    from fastattrec import api
-
-    if bool(raw_user) == bool(all_users):
-        raise UserError("give exactly one of --user RAW_ID or --all-users.")
-    if output is not None and as_json:
-        raise UserError("--json prints the rows and -o writes them to a file; give one of "
-                        "them.")
-    if all_users and output is None and not as_json:
-        raise UserError("--all-users writes a table: add -o FILE (.csv, .parquet, .json or "
-                        ".jsonl), or --json to print it.")
-    if allow_missing and items is None:
-        raise UserError("--allow-missing is for --items FILE; give the item file too.")
-    if k < 1:
-        raise UserError(f"-k must be at least 1, got {k}.")
-    if output is not None:
-        _table_output(output, run_dir)
-    run = api.load_run(run_dir)
-    users = None if all_users else [raw_user]
-    with _claim_table(output, force, run_dir, "recommendations", "recommend") as out:
-        frame = run.recommend(users, k, checkpoint, device, items, data_dir, allow_missing)
-        if out is not None:
-            from fastattrec.tables import write_table
-
-            write_table(frame, out, "recommendations")
-    if as_json:
-        click.echo(frame.write_json())
-    elif output is not None:
-        n_users = frame.get_column("raw_user").n_unique()
-        who = f"user {raw_user}" if raw_user else f"{n_users:,} users"
-        click.echo(f"wrote {frame.height:,} recommendations for {who} to {quoted(output)}")
-    else:
-        click.echo(f"top {frame.height} for user {raw_user}:"
-                   + (f" (only {frame.height} items are unseen)" if frame.height < k else ""))
-        for row in frame.iter_rows(named=True):
-            title = f"  {row['title']}" if row.get("title") else ""
-            click.echo(f"{row['rank']:3d}. item {row['raw_item']}  (score {row['score']:.4f})"
-                       f"{title}")
-
-
 @main.command()
 @click.argument("name", type=click.Choice(["ml-100k", "ml-1m", "ml-20m", "ml-25m"]))
 @click.option("--dir", "dest", type=click.Path(path_type=Path), default=Path("data"),
@@ -637,7 +349,7 @@ def recommend(run_dir, raw_user, all_users, k, items, allow_missing, output, as_
 @click.option("--force", is_flag=True,
               help="Download again even if already unpacked (replaces only a folder that "
                    "fastattrec downloaded, once the new archive is verified).")
-@_user_errors
+@user_errors
 def download(name, dest, url, md5, force) -> None:
     """Fetch a MovieLens archive from GroupLens, verify its MD5 and unpack it.
 
@@ -658,6 +370,10 @@ def download(name, dest, url, md5, force) -> None:
     bar.close()
     click.echo(f"{name} ready: {quoted(path)}\nnext: fastattrec prep {quoted(path)} -o "
                f"{quoted(Path(dest) / (name + '-prep'))}")
+
+
+main.add_command(evaluate)
+main.add_command(recommend)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fastattrec`
