@@ -21,6 +21,13 @@ def shown(value: object, limit: int = 60) -> str:
     return text if bare else repr(text)
 
 
+def first_error_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, at most `limit` characters (its type's name
+    when it has no message), for "... (reason); fix" sentences."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
+
 def one_line(message: str) -> str:
     """A message as one printed line: a newline, tab or other unprintable character that
     a file name brought into it is shown escaped (the message's own text has none)."""

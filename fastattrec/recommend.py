@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from fastattrec.errors import UserError, quoted, shown
+from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
 
@@ -206,7 +206,7 @@ def _read_csv(path: Path, text: str, sep: str) -> pl.DataFrame:
     try:
         return pl.read_csv(text.encode("utf-8"), separator=sep, infer_schema=False)
     except Exception as e:  # noqa: BLE001 - Polars' parse errors: one sentence
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_error_line(e, 160)
         raise UserError(f"cannot read {quoted(path)} as a {'TSV' if sep == chr(9) else 'CSV'} "
                         f"file with a header ({first}); {ITEMS_HINT}.") from None
 
@@ -215,7 +215,7 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - damaged or not Parquet: one sentence
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_error_line(e, 160)
         raise UserError(f"cannot read {quoted(path)} as Parquet ({first}); "
                         f"{ITEMS_HINT}.") from None
 

@@ -77,3 +77,15 @@ def test_auto_on_the_cpu_takes_the_hand_written_step_untimed(tmp_path):
     assert res.backend == "structured"
     assert "kernel_choice" not in json.loads((tmp_path / "run" / "config.json").read_text())
     assert any("step: hand-written" in line for line in lines), lines
+
+
+def test_a_failure_without_a_message_is_named_by_its_type():
+    def measure(k):
+        if k == "triton":
+            raise RuntimeError()
+        return 0.5
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        kernel, record = choose_kernel(["triton", "torch"], measure)
+    assert kernel == "torch" and record["failed"] == {"triton": "RuntimeError"}

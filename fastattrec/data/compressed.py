@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fastattrec.atomic import is_write_failure
-from fastattrec.errors import UserError, shown
+from fastattrec.errors import UserError, first_error_line, shown
 from fastattrec.outputs import write_error
 
 _MAGIC = (
@@ -120,7 +120,7 @@ def decompress_to(path: Path, folder: Path) -> Path:
         dest.unlink(missing_ok=True)
         if is_write_failure(e, (dest,)):
             raise write_error(folder, e) from None
-        why = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        why = first_error_line(e, 100)
         raise UserError(f"{path} is not a complete {kind} file ({shown(why, 100)}); download "
                         f"or compress it again.") from None
     return dest

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from fastattrec.data import FORMAT_VERSION
-from fastattrec.errors import UserError, quoted, shown
+from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.outputs import foreign_files, read_json_dict
 
 FILES = ("meta.json", "sequences.parquet", "users.parquet", "items.parquet",
@@ -251,7 +251,7 @@ def _read_parquet(path: Path, name: str, cols: tuple[str, ...]) -> pl.DataFrame:
         raise UserError(f"cannot read {quoted(file)} ({why.lower()}); give fastattrec read "
                         f"access to it, or {_again(path)}.") from None
     except pl.exceptions.PolarsError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_error_line(e)
         raise UserError(f"{quoted(file)} is a damaged Parquet file ({first}); "
                         f"{_again(path)}.") from None
     missing = [c for c in cols if c not in frame.columns]

@@ -26,7 +26,7 @@ from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_refe
 from fastattrec.data.ratings import read_ratings, sink_ratings
 from fastattrec.data.readers import ColumnNames, check_file
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
-from fastattrec.errors import UserError
+from fastattrec.errors import UserError, first_error_line
 from fastattrec.outputs import claim_output, file_sha256
 from fastattrec.version import VERSION as __version__
 
@@ -310,7 +310,7 @@ def _write_tables(tmp: Path, out_dir: Path, seq: pl.DataFrame, train_negs: pl.Da
         write_parquet(item_map, tmp / "items.parquet")
         write_parquet(test_negs, tmp / "test_negatives.parquet")
     except (OSError, pl.exceptions.PolarsError) as e:
-        raise UserError(f"cannot write {out_dir} ({str(e).strip().splitlines()[0]}); "
+        raise UserError(f"cannot write {out_dir} ({first_error_line(e)}); "
                         f"check free space and permissions, or write elsewhere.") from None
     (tmp / "_canonical.parquet").unlink(missing_ok=True)
 

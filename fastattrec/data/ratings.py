@@ -25,11 +25,10 @@ from fastattrec.data.readers import (
     STRAY,
     ColumnNames,
     Scan,
-    first_error_line,
     scan_ratings,
     text_lines,
 )
-from fastattrec.errors import UserError, shown
+from fastattrec.errors import UserError, first_error_line, shown
 from fastattrec.outputs import write_error
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from fastattrec.data.compressed import compression_of
-from fastattrec.errors import UserError, quoted, shown
+from fastattrec.errors import UserError, first_error_line, quoted, shown
 
 FORMATS = ("auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "parquet",
            "sequence-pairs", "sequence-lines")
@@ -74,12 +74,6 @@ class Scan:
     @property
     def row_word(self) -> str:
         return "row" if self.fmt == "parquet" else "line"
-
-
-def first_error_line(e: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def check_file(path: Path) -> None:

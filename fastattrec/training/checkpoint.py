@@ -28,7 +28,7 @@ import torch
 from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from fastattrec.config import AttRecConfig, TrainConfig
 from fastattrec.data.dataset import fingerprint
-from fastattrec.errors import UserError, quoted, shown
+from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.outputs import claim_output, read_json_dict
 from fastattrec.version import VERSION as __version__
 
@@ -247,7 +247,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
                             f"({free / 2**20:,.1f} MiB free, the checkpoint needs about "
                             f"{need / 2**20:,.1f} MiB); free some space there, then continue "
                             f"with `fastattrec train --resume {quoted(path.parent)}`.") from None
-        first = str(e).strip().splitlines()[0]
+        first = first_error_line(e)
         raise UserError(f"cannot write {quoted(path)} ({first}); check free space and "
                         f"permissions of {quoted(path.parent)}.") from None
 
@@ -406,7 +406,7 @@ def restore(ckpt: dict | None, model: torch.nn.Module, opt: torch.optim.Optimize
         for name, g in gens.items():
             g.set_state(ckpt["rng"][name])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:160]
+        first = first_error_line(e, 160)
         raise UserError(f"the checkpoint does not fit this run's model ({first}); start the "
                         f"run again with --force.") from None
     return RunState(ckpt["history"], ckpt["best"], ckpt["stale"], ckpt["epoch"])

@@ -34,9 +34,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fastattrec.errors import first_error_line
 from fastattrec.kernels.structured import attend, attend_backward
 from fastattrec.model import AttRec, clip_parts, pair_scores, pair_terms, reduce_batch
-from fastattrec.training.step import Samples
+from fastattrec.training.step import Samples, add_batch_loss
 
 
 def _clip_backward(vc: torch.Tensor, n: torch.Tensor, moves: torch.Tensor,
@@ -107,7 +108,7 @@ class ManualStep:
             if not self.compiled:  # an eager error is the caller's (a bad index, say)
                 raise
             warnings.warn(f"torch.compile of the CPU training step failed "
-                          f"({str(e).strip().splitlines()[0][:200]}); running it uncompiled",
+                          f"({first_error_line(e)}); running it uncompiled",
                           stacklevel=2)
             self.grads, self.compiled = self._eager_grads, False
             out = self.grads(*args)
@@ -223,8 +224,7 @@ class CpuStep:
         loss = self.manual.gathered(b.idx, smp.users, smp.windows, smp.targets, smp.negs,
                                     b.valid, b.count)
         self.opt.step()
-        inner = self.model.cfg.mode == "inner"
-        self.loss_sum += (loss.detach() * (b.count if inner else 1.0)).to(torch.float64)
+        add_batch_loss(self.loss_sum, loss, b.count, self.model)
 
     def describe(self) -> str:
         return ("hand-written, compiled by torch.compile" if self.manual.compiled

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from fastattrec.errors import first_error_line
+
 TIMED_STEPS = 20
 WARM_STEPS = 3
 
@@ -60,7 +62,7 @@ def choose_kernel(candidates: list[str], measure: Callable[[str], float],
         try:
             seconds[k] = measure(k)
         except Exception as e:  # noqa: BLE001 - a kernel that fails here is not chosen
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_error_line(e)
             warnings.warn(f"--kernel auto: the {k} attention failed on this device "
                           f"({first}); not using it", stacklevel=2)
             failed[k], last = first, e

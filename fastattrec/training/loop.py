@@ -168,8 +168,11 @@ def _fit_epoch(b: Built, cfg: TrainConfig, data: DeviceData, epoch: int, show: b
     """One epoch of training steps: (mean train loss, seconds)."""
     t1 = time.perf_counter()
     samples = b.step.samples
-    if cfg.negatives == "resample":
-        samples.set_negatives(data.sample_negatives(b.gens["negatives"], cfg.n_negatives))
+    if cfg.negatives == "resample" and cfg.n_negatives == 1:  # (the draws of every row,
+        samples.set_negatives(data.sample_negatives(b.gens["negatives"]))  # as before)
+    elif cfg.negatives == "resample":  # N per train sample only
+        samples.set_train_negatives(data.sample_negatives(
+            b.gens["negatives"], cfg.n_negatives, rows=data.train_rows))
     elif cfg.negatives == "shared":
         samples.set_shared(data.shared_negatives(b.gens["negatives"], samples.n_steps,
                                                  cfg.n_negatives))

@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from fastattrec.batches import DeviceData
+from fastattrec.errors import first_error_line
 from fastattrec.model import AttRec, mean_reduced
 
 
@@ -79,6 +80,10 @@ class Samples:
         """Use `negs` (rows,) or (rows, N), per flat row, from now on (in place: graphs see
         it)."""
         self.negs.copy_(negs[self.data.train_rows].reshape(self.negs.shape))
+
+    def set_train_negatives(self, negs: torch.Tensor) -> None:
+        """Use `negs` (T, N), per train sample, from now on (in place)."""
+        self.negs.copy_(negs)
 
     def set_shared(self, negs: torch.Tensor) -> None:
         """Use `negs` (steps, N) as the epoch's shared negatives (in place)."""
@@ -176,14 +181,21 @@ class AutogradStep:
 
     def count(self, loss: torch.Tensor, count: torch.Tensor) -> None:
         """The step's bookkeeping: its summed sample losses, the counter + 1."""
-        mean = mean_reduced(self.model.cfg.objective, self.model.cfg.mode)
-        self.loss_sum += (loss.detach() * (count if mean else 1.0)).to(torch.float64)
+        add_batch_loss(self.loss_sum, loss, count, self.model)
         self.counter += 1
 
     def describe(self) -> str:
         loss = "compiled loss" if self.model.loss_is_compiled() else "eager loss"
         return f"autograd, {loss}" + (f", {self.samples.world} processes"
                                       if self.samples.world > 1 else "")
+
+
+def add_batch_loss(loss_sum: torch.Tensor, loss: torch.Tensor, count: torch.Tensor,
+                   model: AttRec) -> None:
+    """Add a batch's summed sample losses to `loss_sum` (float64): its loss times its
+    sample count where the loss is a mean, the loss itself where it is a sum."""
+    mean = mean_reduced(model.cfg.objective, model.cfg.mode)
+    loss_sum += (loss.detach() * (count if mean else 1.0)).to(torch.float64)
 
 
 class Snapshot:
@@ -234,7 +246,7 @@ class CudaGraphStep:
                     if not inner.model.loss_is_compiled():
                         raise
                     warnings.warn(f"torch.compile of the loss failed "
-                                  f"({str(e).strip().splitlines()[0][:200]}); using the eager "
+                                  f"({first_error_line(e)}); using the eager "
                                   f"loss inside the CUDA graph", stacklevel=1)
                     inner.model.uncompile_loss()
                     inner.counter.zero_()
