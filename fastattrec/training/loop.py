@@ -116,9 +116,10 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
             f"{state.history[-1]['val_name']} for {state.stale} epochs); nothing to resume")
     writer = ck.CheckpointWriter(run_dir)
     try:
-        for epoch in range(state.epoch + 1, 0 if stopped_early else cfg.epochs + 1):
+        first = state.epoch + 1  # the epoch whose first step compiles or captures the step
+        for epoch in range(first, 0 if stopped_early else cfg.epochs + 1):
             row, improved = _run_epoch(b, data, cfg, epoch, state, kernel,
-                                       progress and main_proc, distributed)
+                                       progress and main_proc, distributed, epoch == first)
             if main_proc:
                 ck.commit(writer, run_dir, state, improved, b.model, b.opt, b.gens, cfg,
                           b.mcfg, fp)
@@ -137,11 +138,11 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
 
 
 def _run_epoch(b: Built, data: DeviceData, cfg: TrainConfig, epoch: int,
-               state: ck.RunState, kernel: str, show: bool, distributed: Any
-               ) -> tuple[dict[str, Any], bool]:
+               state: ck.RunState, kernel: str, show: bool, distributed: Any,
+               first: bool = False) -> tuple[dict[str, Any], bool]:
     """Fit one epoch, stop if it diverged, evaluate, and record it in `state`: the log row
     and whether the validation metric improved."""
-    train_loss, fit_time = _fit_epoch(b, cfg, data, epoch, show, distributed)
+    train_loss, fit_time = _fit_epoch(b, cfg, data, epoch, show, distributed, first)
     _check_finite(b.model, cfg, epoch, train_loss=train_loss)
     t2 = time.perf_counter()
     evals, reg = _evaluate_epoch(b.model, data, cfg, epoch, distributed)
@@ -164,7 +165,7 @@ def _run_epoch(b: Built, data: DeviceData, cfg: TrainConfig, epoch: int,
 
 
 def _fit_epoch(b: Built, cfg: TrainConfig, data: DeviceData, epoch: int, show: bool,
-               distributed: Any) -> tuple[float, float]:
+               distributed: Any, first: bool = False) -> tuple[float, float]:
     """One epoch of training steps: (mean train loss, seconds)."""
     t1 = time.perf_counter()
     samples = b.step.samples
@@ -177,7 +178,7 @@ def _fit_epoch(b: Built, cfg: TrainConfig, data: DeviceData, epoch: int, show: b
         samples.set_shared(data.shared_negatives(b.gens["negatives"], samples.n_steps,
                                                  cfg.n_negatives))
     samples.shuffle(b.gens["shuffle"])
-    bar, tick = _progress_bar(b.step, cfg, epoch, t1) if show else (None, None)
+    bar, tick = _progress_bar(b.step, cfg, epoch, first) if show else (None, None)
     loss_sum = run_epoch(b.step, tick)
     if distributed:
         loss_sum = distributed.all_sum(loss_sum)
@@ -189,22 +190,32 @@ def _fit_epoch(b: Built, cfg: TrainConfig, data: DeviceData, epoch: int, show: b
     return train_loss, time.perf_counter() - t1
 
 
-def _progress_bar(step: Step, cfg: TrainConfig, epoch: int, t1: float):
-    """A tqdm bar over the epoch's steps and its tick function (loss read once a second)."""
+def _progress_bar(step: Step, cfg: TrainConfig, epoch: int, first: bool):
+    """A tqdm bar over the epoch's steps and its tick function (loss read once a second).
+    In the process's first epoch a compiled or graph-captured step says that its first step
+    compiles, and samples/s counts from the end of that step, without the compile time."""
     from tqdm import tqdm
 
     n_train = step.samples.n_train
     bar = tqdm(total=step.samples.n_steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                leave=False, dynamic_ncols=True)
+    how = step.describe()
+    if first and ("compiled" in how or "CUDA graph" in how):
+        bar.set_postfix_str("compiling the training step (once per process, 10-30 s)")
     last = [time.perf_counter()]
+    since = [time.perf_counter(), 0]  # (when the first step ended, samples done by then)
 
     def tick(i: int) -> None:
         bar.update(1)
         now = time.perf_counter()
-        if now - last[0] > 1.0:  # reading the loss syncs: at most once a second
-            done = min((i + 1) * cfg.batch_size, n_train)
+        done = min((i + 1) * cfg.batch_size, n_train)
+        if i == 0:
+            since[:] = [now, done]
+            bar.set_postfix_str("")
+        elif now - last[0] > 1.0:  # reading the loss syncs: at most once a second
+            rate = (done - since[1]) / max(now - since[0], 1e-9)
             bar.set_postfix(loss=f"{step.loss_sum.item() / max(done, 1):.4f}",
-                            samples_s=f"{done / (now - t1):,.0f}")
+                            samples_s=f"{rate:,.0f}")
             last[0] = now
 
     return bar, tick
@@ -275,6 +286,12 @@ def _epoch_line(row: dict[str, Any], cfg: TrainConfig, n_train: int) -> str:
     return line
 
 
+def _threads_note() -> str:
+    """', 1 CPU thread' or ', 2 CPU threads': the count torch trains with."""
+    n = torch.get_num_threads()
+    return f", {n} CPU thread{'' if n == 1 else 's'}"
+
+
 def _start_line(device: torch.device, kernel: str, cfg: TrainConfig, step: Step,
                 data: DeviceData) -> str:
     """The run-start note: device, attention, step, sizes, experimental options."""
@@ -284,7 +301,7 @@ def _start_line(device: torch.device, kernel: str, cfg: TrainConfig, step: Step,
     line = (f"device {device}; short-term attention: {note}; step: {step.describe()}; "
             f"{data.train_rows.shape[0]:,} train samples, batch {cfg.batch_size}"
             + (f", {world} processes" if world > 1 else "")
-            + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+            + (_threads_note() if device.type == "cpu" else ""))
     if cfg.experimental():
         line += f"; experimental: {', '.join(cfg.experimental())}"
     return line
