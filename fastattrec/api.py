@@ -341,18 +341,27 @@ def _read_history(path: Path) -> list[dict]:
         return []
 
 
-def train(data: Dataset | str | Path, out: str | Path, *, force: bool = False,
+def train(data: Dataset | str | Path | None, out: str | Path, *, force: bool = False,
           progress: bool = False, log: Log = _quiet, distributed: Any = None,
-          **options: Any) -> Run:
+          config: str | Path | None = None, **options: Any) -> Run:
     """Train AttRec on a prepared dataset into the run folder `out`. Options are those of
     `fastattrec train` with underscores (epochs=40, dim=100, maxlen=5, mode="inner",
-    lr=1e-3, device="auto", ...; docs/spec.md §3); `preset="quality"` changes the
-    starting values of those not given (fastattrec.config.PRESETS). `distributed` is set
-    by the command when torchrun launched it."""
-    from fastattrec.config import TrainConfig
+    lr=1e-3, device="auto", ...; docs/spec.md §3); `config`: a TOML file (or a run's
+    config.json) of options, which those given here override; `preset="quality"` changes
+    the starting values of those given nowhere (fastattrec.config.PRESETS). `data` may be
+    None when the file names the dataset (data_dir). `distributed` is set by the command
+    when torchrun launched it."""
+    from fastattrec.config import TrainConfig, read_config_file
     from fastattrec.training import train as run_training
 
-    data_dir, out = _data("data", data), _path("out", out)
+    out = _path("out", out)
+    if config is not None:
+        options = {**read_config_file(_path("config", config)), **options}
+    from_file = options.pop("data_dir", None)
+    if data is None and from_file is None:
+        raise UserError("no dataset given: pass the prepared dataset's folder (or set "
+                        "data_dir in the configuration file).")
+    data_dir = _data("data", data if data is not None else from_file)
     _flag("force", force)
     _flag("progress", progress)
     _log("log", log)

@@ -252,10 +252,15 @@ def _train_options(f):
                    "with --resume.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar per epoch [default: when writing to a terminal].")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="Options from a file: TOML (`dim = 64`, the names of config.json's "
+                   "\"train\" part, optionally under [train]) or a run's own config.json, "
+                   "to repeat that run. Options given on the command line override it; "
+                   "data_dir in the file stands for DATA_DIR. Not with --resume.")
 @_train_options
 @interruptible(_train_snapshot, _train_interrupted)
 @user_errors
-def train(data_dir, run_dir, resume_dir, force, progress, **opts) -> None:
+def train(data_dir, run_dir, resume_dir, force, progress, config_file, **opts) -> None:
     """Train AttRec on a prepared dataset (DATA_DIR from `fastattrec prep`).
 
     Each epoch prints one line (losses, validation NDCG, speed) and writes an atomic
@@ -267,12 +272,13 @@ def train(data_dir, run_dir, resume_dir, force, progress, **opts) -> None:
 
     try:
         dist = from_environment(opts["device"])
-        _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts)
+        _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts, config_file)
     finally:
         shutdown()
 
 
-def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> None:
+def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts,
+               config_file=None) -> None:
     from fastattrec import api
 
     main_proc = dist is None or dist.rank == 0
@@ -282,6 +288,9 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
     if resume_dir is not None:
         if run_dir is not None and Path(run_dir) != Path(resume_dir):
             raise UserError("give either -o RUN_DIR for a new run or --resume RUN_DIR, not both.")
+        if config_file is not None:
+            raise UserError("--config sets the options of a new run; a resumed run keeps its "
+                            "own (drop --config, or start a new run with -o RUN_DIR).")
         if force:
             raise UserError("--force starts a new run over an old one and --resume continues "
                             "it; give one of them (to replace the run: fastattrec train "
@@ -290,10 +299,12 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts) -> No
         run = api.resume(resume_dir, epochs=changed.get("epochs"), device=changed.get("device"),
                          data=data_dir, progress=progress, log=log, distributed=dist)
     else:
-        if data_dir is None or run_dir is None:
-            raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR).")
+        if run_dir is None or (data_dir is None and config_file is None):
+            raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR, "
+                            "or --config FILE -o RUN_DIR).")
         run = api.train(data_dir, run_dir, force=force, progress=progress, log=log,
-                        distributed=dist, **_given(opts))  # the rest: the preset's
+                        distributed=dist, config=config_file,
+                        **_given(opts))  # the rest: the file's, then the preset's
     if not main_proc:
         return
     last = [h for h in run._history if "test" in h]

@@ -254,3 +254,119 @@ class AttRecConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---- a configuration file: `fastattrec train --config FILE` ----
+
+CONFIG_HINT = ("a TOML file of option = value lines (the names of a run's config.json "
+               "under \"train\", such as dim = 64), optionally under a [train] table, or a "
+               "run's own config.json")
+
+
+def read_config_file(path: Any) -> dict[str, Any]:
+    """The training options a configuration file sets, each checked against its bounds:
+    TOML (top-level keys and/or a [train] table) or JSON (a run's config.json, whose
+    "train" part is used, or a flat object). Names are config.json's (dashes may stand for
+    underscores); `data_dir` is the prepared dataset, relative to the working folder."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from fastattrec.errors import quoted
+
+    path = Path(path)
+    where = quoted(path)
+    if not path.is_file():
+        why = "does not exist" if not path.exists() else "is not a file"
+        raise UserError(f"configuration file {where} {why}; give {CONFIG_HINT}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        raise UserError(f"cannot read configuration file {where} ({reason}); give "
+                        f"{CONFIG_HINT}.") from None
+    is_json = path.suffix.lower() == ".json" or text.lstrip().startswith("{")
+    if is_json:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{where} is not valid JSON ({str(e).splitlines()[0]}); give "
+                            f"{CONFIG_HINT}.") from None
+        if not isinstance(doc, dict):
+            raise UserError(f"{where} holds a JSON {type(doc).__name__}, not an object of "
+                            f"options; give {CONFIG_HINT}.")
+        table = doc["train"] if isinstance(doc.get("train"), dict) else doc
+        if table is doc and doc.get("kind") == "fastattrec-run":
+            raise UserError(f"{where} is a run's config.json without its \"train\" part; "
+                            f"it is damaged.")
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{where} is not valid TOML ({str(e).splitlines()[0]}); give "
+                            f"{CONFIG_HINT}.") from None
+        table = {k: v for k, v in doc.items() if k != "train"}
+        inner = doc.get("train", {})
+        if not isinstance(inner, dict):
+            raise UserError(f"{where}{_line_of(text, 'train')}: train must be a [train] "
+                            f"table of options; give {CONFIG_HINT}.")
+        twice = sorted(set(table) & set(inner))
+        if twice:
+            raise UserError(f"{where}: {twice[0]} is set both at the top and under [train]; "
+                            f"keep one.")
+        table = {**table, **inner}
+    return _checked_options(table, where, None if is_json else text)
+
+
+def _checked_options(table: dict[str, Any], where: str, toml_text: str | None
+                     ) -> dict[str, Any]:
+    """`table`'s options under their field names, each value checked, or one sentence
+    naming the file, the key (and in TOML its line) and the fix."""
+    import difflib
+
+    names = {f.name: f for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = str(key).replace("-", "_")
+        line = _line_of(toml_text, str(key)) if toml_text is not None else ""
+        if name not in names:
+            close = difflib.get_close_matches(name, list(names), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{where}{line}: {shown(key)} is not a training option{hint}; the "
+                            f"options are {', '.join(sorted(names))}.")
+        if isinstance(value, dict | list):
+            raise UserError(f"{where}{line}: {name} must be a single value, not a "
+                            f"{'table' if isinstance(value, dict) else 'list'}.")
+        f = names[name]
+        if name == "data_dir":
+            if not isinstance(value, str) or not value:
+                raise UserError(f"{where}{line}: data_dir must be the prepared dataset's "
+                                f"folder as text, got {shown(value)}.")
+        else:
+            try:
+                check_value(f, value)
+            except UserError as e:
+                msg = str(e)
+                flag = flag_of(f)
+                if msg.startswith(flag + " "):
+                    msg = name + msg[len(flag):]
+                raise UserError(f"{where}{line}: {msg}") from None
+        out[name] = value
+    return out
+
+
+def _line_of(text: str | None, key: str) -> str:
+    """', line N' of the first TOML line that sets `key` (or opens table [key])."""
+    import re
+
+    if not text:
+        return ""
+    pattern = re.compile(rf"^\s*(\[\s*{re.escape(key)}\s*\]|[\"']?{re.escape(key)}[\"']?\s*=)")
+    for n, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return f", line {n}"
+    return ""
