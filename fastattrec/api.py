@@ -359,8 +359,9 @@ def train(data: Dataset | str | Path | None, out: str | Path, *, force: bool = F
         options = {**read_config_file(_path("config", config)), **options}
     from_file = options.pop("data_dir", None)
     if data is None and from_file is None:
-        raise UserError("no dataset given: pass the prepared dataset's folder (or set "
-                        "data_dir in the configuration file).")
+        raise UserError("data must be the prepared dataset (a Dataset or its folder's "
+                        "path), got None; give it, or set data_dir in the configuration "
+                        "file.")
     data_dir = _data("data", data if data is not None else from_file)
     _flag("force", force)
     _flag("progress", progress)

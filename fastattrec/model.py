@@ -210,6 +210,14 @@ class AttRec(nn.Module):
         s = pair_scores(u, e, e2, short, self.cfg.mode, self.cfg.w)  # (B, K)
         return s[:, 0] if one else s
 
+    def user_rows(self, users: torch.Tensor) -> torch.Tensor:
+        """(B, d) long-term user embeddings of users (B,); user 0, one the model was not
+        trained on (a new history), gets the mean of the trained users' rows 1.. (docs/spec.md
+        §4.9)."""
+        rows = F.embedding(users, self.user_emb)  # (B, d)
+        mean = self.user_emb[1:].mean(0)  # (d,)
+        return torch.where((users == 0)[:, None], mean[None, :], rows)
+
     def goodness_all(self, users: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
         """(B, n_items) scores of every item row, oriented so that higher is better."""
         return self.goodness_of_rows(self.user_emb[users], short)

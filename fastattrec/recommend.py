@@ -11,65 +11,92 @@ import polars as pl
 import torch
 
 from fastattrec.errors import UserError, first_error_line, quoted, shown
-from fastattrec.evaluate import ModelRanker
 from fastattrec.runs import LoadedRun
 
 
 @torch.no_grad()
 def top_k(run: LoadedRun, users: torch.Tensor, k: int,
           chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, k) item rows and goodness for dense `users` (B,), excluding seen items."""
-    data, ranker = run.data, ModelRanker(run.model)
-    maxlen = run.model.cfg.maxlen
+    """(B, k) item rows and goodness for dense `users` (B,) from their latest window,
+    excluding the items of their history."""
+    data = run.data
+    n = data.lengths[users]  # (B,)
+    start = torch.repeat_interleave(data.offsets[users] - (torch.cumsum(n, 0) - n), n)
+    seen = data.items[start + torch.arange(int(n.sum()), device=n.device)]  # (S,) by user
+    return top_k_of(run, users, data.latest_windows(users, run.model.cfg.maxlen), seen, n,
+                    k, chunk)
+
+
+@torch.no_grad()
+def top_k_of(run: LoadedRun, users: torch.Tensor, windows: torch.Tensor, seen: torch.Tensor,
+             counts: torch.Tensor, k: int,
+             chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) item rows and goodness for queries of user rows `users` (B,; 0: a new user,
+    scored with the mean user, `AttRec.user_rows`) with windows (B, L), excluding each
+    query's seen items: `seen` (S,) item rows, `counts[b]` (B,) of them for query b."""
+    data, model = run.data, run.model
     k = min(k, int(data.item_valid.sum()))
+    ends = torch.cumsum(counts, 0)  # (B,)
     items, scores = [], []
     for lo in range(0, users.shape[0], chunk):
-        u = users[lo:lo + chunk]
-        g = ranker.goodness_all(u, data.latest_windows(u, maxlen)).clone()  # (b, I)
+        hi = min(lo + chunk, users.shape[0])
+        u, w = users[lo:hi], windows[lo:hi]
+        g = model.goodness_of_rows(model.user_rows(u), model.short_term(w))  # (b, I)
         if not bool(torch.isfinite(g[:, data.item_valid]).all()):
             raise UserError(f"the model's scores are not finite numbers (its weights overflow "
                             f"when combined) in {quoted(run.run_dir)}; this checkpoint cannot rank "
                             f"items — train again with a lower --lr.")
         g[:, ~data.item_valid] = -math.inf
-        n = data.lengths[u]
-        b = torch.repeat_interleave(torch.arange(u.shape[0], device=u.device), n)
-        within = torch.arange(b.shape[0], device=u.device) - torch.repeat_interleave(
-            torch.cumsum(n, 0) - n, n)
-        g[b, data.items[data.offsets[u][b] + within]] = -math.inf
+        first = int(ends[lo - 1]) if lo else 0
+        row = torch.repeat_interleave(torch.arange(hi - lo, device=u.device), counts[lo:hi])
+        g[row, seen[first:int(ends[hi - 1])]] = -math.inf
         s, i = torch.topk(g, k, dim=1)
         items.append(i)
         scores.append(s)
     return torch.cat(items), torch.cat(scores)
 
 
+def match_ids(raw: pl.Series, rows: np.ndarray, given: pl.Series) -> np.ndarray:
+    """The row (`rows[j]` for `raw[j]`) of each given id as text (G,), 0 where the dataset
+    has no such id. Integer ids match by their exact decimal text ('10', never '1_0' or
+    ' 10'); text ids by their text."""
+    texts = given.cast(pl.String)
+    if raw.dtype.is_integer():
+        query = (pl.when(texts.str.contains(r"^-?[0-9]{1,19}$"))
+                 .then(texts).otherwise(None))
+        query = pl.select(query.cast(pl.Int64, strict=False)).to_series()
+    else:
+        query = texts
+    table = pl.DataFrame({"raw": raw.cast(query.dtype), "row": rows.astype(np.int64)})
+    found = pl.DataFrame({"raw": query}).join(table, on="raw", how="left",
+                                               maintain_order="left", nulls_equal=False)
+    return found.get_column("row").fill_null(0).to_numpy().astype(np.int64)
+
+
+def id_texts(values: list) -> pl.Series:
+    """Ids given in Python or on the command line as text (a bool is no id: '')."""
+    return pl.Series([("" if isinstance(v, bool) or v is None else str(v)) for v in values],
+                     dtype=pl.String)
+
+
 def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
     """Dense ids of raw user ids (as given on the command line or in Python), each user
     once, in the order first given ('42' and 42 are one user when the dataset's ids are
-    integers). Integer ids are matched by their exact decimal text ('10', never '1_0' or
-    ' 10'); an id not in the dataset is refused in one sentence naming it."""
+    integers); an id not in the dataset is refused in one sentence naming it."""
     raw = run.prepared.raw_users
+    texts = id_texts(raw_ids)
     if raw.dtype.is_integer():
-        values: list = []
-        for v in raw_ids:
-            text = str(v) if not isinstance(v, bool) else ""
+        for v, text in zip(raw_ids, texts, strict=True):
             if not _DECIMAL.fullmatch(text):
                 raise UserError(f"user ids in this dataset are integers; {shown(v)} is not "
                                 f"one.")
-            n = int(text)
-            values.append(n if -(2**63) <= n < 2**63 else None)  # None: cannot be present
-        query = pl.Series(values, dtype=pl.Int64)
-    else:
-        query = pl.Series([str(v) for v in raw_ids], dtype=pl.String)
-    table = pl.DataFrame({"raw": raw.cast(query.dtype), "dense": np.arange(1, raw.len() + 1)})
-    found = pl.DataFrame({"raw": query}).join(table, on="raw", how="left",
-                                               maintain_order="left", nulls_equal=False)
-    missing = [v for v, d in zip(raw_ids, found.get_column("dense"), strict=True) if d is None]
+    dense = match_ids(raw, np.arange(1, raw.len() + 1), texts)
+    missing = [v for v, d in zip(raw_ids, dense, strict=True) if d == 0]
     if missing:
         more = len(set(map(str, missing))) - 1
         others = f" (and {more:,} other given user{'s' if more > 1 else ''})" if more else ""
         raise UserError(f"user {shown(missing[0])}{others} is not in the prepared data "
                         f"({quoted(run.prepared.path)}); users with one interaction are dropped.")
-    dense = found.get_column("dense").to_numpy().astype(np.int64)
     _, first = np.unique(dense, return_index=True)
     return dense[np.sort(first)]  # one list per user, in the order first given
 

@@ -89,5 +89,5 @@ def test_a_missing_file_and_resume_are_refused(data, tmp_path):
     (tmp_path / "c.toml").write_text("epochs = 2\n")
     res = run_cli("train", "--resume", run.path, "--config", tmp_path / "c.toml")
     assert res.exit_code != 0 and "a resumed run keeps its own" in res.output
-    with pytest.raises(fa.UserError, match="no dataset given"):
+    with pytest.raises(fa.UserError, match="data must be the prepared dataset"):
         fa.train(None, tmp_path / "x", config=tmp_path / "c.toml")
