@@ -228,13 +228,21 @@ class Run:
                   checkpoint: str = "auto", device: str = "auto",
                   titles: str | Path | pl.DataFrame | None = None,
                   data: Dataset | str | Path | None = None,
-                  allow_missing: bool = False) -> pl.DataFrame:
+                  allow_missing: bool = False, histories: Any = None,
+                  skip_unknown: bool = False) -> pl.DataFrame:
         """Top-k unseen items per user (raw ids, each user once in the order first given;
         None: every user) from their latest window: columns raw_user, rank, raw_item,
         score, and title with `titles` (the dataset's item file, any format `recommend
         --items` reads, or a frame of raw_item, title). The titles must cover the run's
         dataset (`allow_missing`: a missing title is null). A user with fewer than k
-        unseen items gets only those."""
+        unseen items gets only those.
+
+        `histories` (instead of `users`) scores histories the model was not trained on
+        (docs/spec.md §4.9): a dict {user: [item ids, oldest first]} (key None: a new user
+        without an id) or a frame of user, item (and optionally time) rows. A user of the
+        dataset keeps their long-term embedding and their dataset items count as seen; any
+        other user gets the mean trained user. An item the dataset lacks is refused, or
+        left out with `skip_unknown`."""
         import torch
 
         from fastattrec.errors import quoted
@@ -248,6 +256,10 @@ class Run:
 
         _int("-k", k, 1, 10**9)
         _flag("allow_missing", allow_missing)
+        _flag("skip_unknown", skip_unknown)
+        if histories is not None and users is not None:
+            raise UserError("give users (their latest windows) or histories (new ones), not "
+                            "both.")
         if users is not None and (isinstance(users, str | bytes | int)
                                   or not isinstance(users, Iterable)):
             raise UserError(f"users must be a list of raw user ids (or None for every user), "
@@ -262,6 +274,14 @@ class Run:
         if titles is not None:
             titles = match_titles(loaded, titles, source, allow_missing)
         dev = loaded.data.device
+        if histories is not None:
+            from fastattrec import histories as hist
+
+            if isinstance(histories, pl.DataFrame):
+                h = hist.from_frame(loaded, histories, "histories", skip_unknown)
+            else:
+                h = hist.from_mapping(loaded, histories, skip_unknown)
+            return hist.recommend_histories(loaded, h, k, titles)
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)
         else:
@@ -270,6 +290,28 @@ class Run:
                 raise UserError("users is empty; give raw user ids, or None for every user.")
             dense = torch.as_tensor(dense_users(loaded, users), device=dev)
         return recommend_frame(loaded, dense, k, titles)
+
+    @property
+    def model(self):
+        """The trained `fastattrec.model.AttRec` (the checkpoint `evaluate` scores: best.pt
+        with early stopping, else the last), on the CPU in eval mode; each access loads a
+        fresh copy from the run folder."""
+        return _open(self.path, "auto", "cpu", None).model
+
+    def item_embeddings(self, checkpoint: str = "auto") -> pl.DataFrame:
+        """One row per item of the dataset: raw_item, E (its embedding in windows and in the
+        short-term score) and E2 (in the long-term score), each an array of d float32
+        (docs/spec.md §2.1)."""
+        loaded = _open(self.path, checkpoint, "cpu", None)
+        rows = loaded.prepared.item_rows.astype("int64")
+        d = loaded.model.cfg.dim
+        return pl.DataFrame({
+            "raw_item": loaded.prepared.raw_items,
+            "E": pl.Series(loaded.model.item_emb.detach()[rows].numpy(),
+                           dtype=pl.Array(pl.Float32, d)),
+            "E2": pl.Series(loaded.model.item2_emb.detach()[rows].numpy(),
+                            dtype=pl.Array(pl.Float32, d)),
+        })
 
     def __repr__(self) -> str:
         done = self._history[-1]["epoch"] if self._history else 0

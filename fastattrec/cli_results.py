@@ -128,6 +128,18 @@ def _claim_table(output: Path | None, force: bool, run_dir: Path, kind: str, com
 @click.option("--user", "raw_user", help="Raw user id (as in the ratings file).")
 @click.option("--all-users", is_flag=True,
               help="Recommend for every user (with -o FILE or --json).")
+@click.option("--history", "history",
+              help="Score this history instead of the user's latest window: raw item ids, "
+                   "oldest first, comma-separated (12,7,31). With --user, that user's "
+                   "long-term part is used and their dataset items count as seen; without, "
+                   "a new user (the mean trained user). No retraining.")
+@click.option("--histories", "histories_file", type=click.Path(path_type=Path),
+              help="Score every history in this file (CSV, TSV, Parquet or JSON lines with "
+                   "user and item columns, optionally time; each user's rows oldest first): "
+                   "users of the dataset as with --history --user, others as new users.")
+@click.option("--skip-unknown-items", is_flag=True,
+              help="With --history/--histories: leave out items the run's dataset lacks "
+                   "(refused by default; the model has no embedding for them).")
 @click.option("-k", "k", default=10, show_default=True, help="Items per user.")
 @click.option("--items", "--movies", "items", type=click.Path(path_type=Path),
               help="The dataset's item file, to add titles: MovieLens movies.dat or ML-100K "
@@ -152,21 +164,45 @@ def _claim_table(output: Path | None, force: bool, run_dir: Path, kind: str, com
                    "of the same dataset (same fingerprint).")
 @click.option("--device", default="auto", show_default=True)
 @user_errors
-def recommend(run_dir, raw_user, all_users, k, items, allow_missing, output, as_json, force,
-              checkpoint, data_dir, device) -> None:
-    """Top-K items for a user from their latest window, excluding items they have seen.
+def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknown_items, k,
+              items,
+              allow_missing, output, as_json, force, checkpoint, data_dir,
+              device) -> None:
+    """Top-K items for a user from their latest window, excluding items they have seen;
+    or for histories the model was not trained on (--history, --histories).
 
     A user who has seen all but N items gets only those N."""
     from fastattrec import api
 
-    if bool(raw_user) == bool(all_users):
-        raise UserError("give exactly one of --user RAW_ID or --all-users.")
+    if histories_file is not None and (raw_user or history or all_users):
+        raise UserError("--histories FILE scores the file's users; drop --user, --history "
+                        "and --all-users.")
+    if history is not None and all_users:
+        raise UserError("--history is one user's history; drop --all-users (or give a file "
+                        "of histories with --histories).")
+    if skip_unknown_items and history is None and histories_file is None:
+        raise UserError("--skip-unknown-items is for --history or --histories.")
+    if history is None and histories_file is None and bool(raw_user) == bool(all_users):
+        raise UserError("give exactly one of --user RAW_ID, --all-users, --history ITEMS "
+                        "or --histories FILE.")
     if output is not None and as_json:
         raise UserError("--json prints the rows and -o writes them to a file; give one of "
                         "them.")
-    if all_users and output is None and not as_json:
-        raise UserError("--all-users writes a table: add -o FILE (.csv, .parquet, .json or "
-                        ".jsonl), or --json to print it.")
+    if (all_users or histories_file) and output is None and not as_json:
+        what = "--all-users" if all_users else "--histories"
+        raise UserError(f"{what} writes a table: add -o FILE (.csv, .parquet, .json or "
+                        f".jsonl), or --json to print it.")
+    histories = None
+    if history is not None:
+        listed = [x.strip() for x in history.split(",")]
+        if not all(listed):
+            raise UserError(f"--history {history!r} has an empty item; give raw item ids "
+                            f"separated by commas, oldest first, such as 12,7,31.")
+        histories = {raw_user: listed}
+    elif histories_file is not None:
+        from fastattrec.histories import read_histories
+
+        histories = read_histories(histories_file)
     if allow_missing and items is None:
         raise UserError("--allow-missing is for --items FILE; give the item file too.")
     if k < 1:
@@ -174,9 +210,10 @@ def recommend(run_dir, raw_user, all_users, k, items, allow_missing, output, as_
     if output is not None:
         _table_output(output, run_dir)
     run = api.load_run(run_dir)
-    users = None if all_users else [raw_user]
+    users = None if all_users or histories is not None else [raw_user]
     with _claim_table(output, force, run_dir, "recommendations", "recommend") as out:
-        frame = run.recommend(users, k, checkpoint, device, items, data_dir, allow_missing)
+        frame = run.recommend(users, k, checkpoint, device, items, data_dir, allow_missing,
+                              histories, skip_unknown_items)
         if out is not None:
             from fastattrec.tables import write_table
 
@@ -185,10 +222,13 @@ def recommend(run_dir, raw_user, all_users, k, items, allow_missing, output, as_
         click.echo(frame.write_json())
     elif output is not None:
         n_users = frame.get_column("raw_user").n_unique()
-        who = f"user {raw_user}" if raw_user else f"{n_users:,} users"
+        who = (f"user {raw_user}" if raw_user else "the history" if history
+               else f"{n_users:,} users")
         click.echo(f"wrote {frame.height:,} recommendations for {who} to {quoted(output)}")
     else:
-        click.echo(f"top {frame.height} for user {raw_user}:"
+        who = (f"user {raw_user}" if raw_user else "a new user")
+        given = f" with history {history}" if history else ""
+        click.echo(f"top {frame.height} for {who}{given}:"
                    + (f" (only {frame.height} items are unseen)" if frame.height < k else ""))
         for row in frame.iter_rows(named=True):
             title = f"  {row['title']}" if row.get("title") else ""

@@ -324,22 +324,29 @@ def match_titles(run: LoadedRun, titles: pl.DataFrame, source: str,
 
 def recommend_frame(run: LoadedRun, users: torch.Tensor, k: int,
                     titles: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per (user, rank): raw user, rank 1..k, raw item, score (and title, from
-    `match_titles`)."""
+    """One row per (user, rank) for dense `users` (B,) from their latest window: raw user,
+    rank 1..k, raw item, score (and title, from `match_titles`)."""
     items, scores = top_k(run, users, k)
-    kk = items.shape[1]
+    raw = run.prepared.raw_users.gather(pl.Series(users.cpu().numpy() - 1))
+    return ranked_frame(run, raw, items, scores, titles)
+
+
+def ranked_frame(run: LoadedRun, raw_users: pl.Series, items: torch.Tensor,
+                 scores: torch.Tensor, titles: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per (query, rank) from top-k item rows and scores (B, k) of the queries
+    whose users are `raw_users` (B,): raw_user, rank, raw_item, score (and title)."""
+    b, kk = items.shape
     frame = pl.DataFrame({
-        "user": np.repeat(users.cpu().numpy(), kk),
-        "rank": np.tile(np.arange(1, kk + 1), users.shape[0]),
+        "query": np.repeat(np.arange(b), kk),
+        "rank": np.tile(np.arange(1, kk + 1), b),
         "item": items.cpu().numpy().ravel().astype(np.int32),
         "score": scores.cpu().numpy().ravel(),
     })
     # A user with fewer than k unseen items: the rest of the top k are seen (or padding)
     # items at -inf, which are not recommendations.
     frame = frame.filter(pl.col("score") > -math.inf)
-    raw_users = pl.DataFrame({"user": np.arange(1, run.prepared.n_users + 1),
-                              "raw_user": run.prepared.raw_users})
-    frame = (frame.join(raw_users, on="user", how="left", maintain_order="left")
+    queries = pl.DataFrame({"query": np.arange(b), "raw_user": raw_users})
+    frame = (frame.join(queries, on="query", how="left", maintain_order="left")
              .join(item_lookup(run), on="item", how="left", maintain_order="left"))
     if titles is not None:  # from match_titles: raw_item has the dataset's type
         frame = frame.join(titles, on="raw_item", how="left", maintain_order="left")
