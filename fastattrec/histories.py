@@ -86,11 +86,11 @@ def from_frame(run: LoadedRun, frame: pl.DataFrame, source: str,
             n = int(rows.get_column(what).is_null().arg_max()) + 1
             raise UserError(f"{source}, row {n}: no {what} id in column {shown(col)}; each "
                             f"row needs one.")
+    raw = rows.get_column("user").unique(maintain_order=True)  # users in the file's order
     if time_col:
         rows = rows.with_row_index("order").sort(["time", "order"]).drop("order")
     given = rows.select(pl.col("user").cast(pl.String).alias("key"),
                         pl.col("item").cast(pl.String))
-    raw = rows.get_column("user").unique(maintain_order=True)
     keys = raw.cast(pl.String)
     if run.prepared.raw_users.dtype.is_integer() and raw.dtype == pl.String:
         as_int = raw.cast(pl.Int64, strict=False)
