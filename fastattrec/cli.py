@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from fastattrec.cli_results import evaluate, recommend
+from fastattrec.cli_results import evaluate, export, recommend
 from fastattrec.cli_support import (
     Commands,
     file_stamp,
@@ -385,6 +385,7 @@ def download(name, dest, url, md5, force) -> None:
 
 main.add_command(evaluate)
 main.add_command(recommend)
+main.add_command(export)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fastattrec`

@@ -1,5 +1,6 @@
-"""`fastattrec evaluate` and `fastattrec recommend`: a trained run's metrics and top-K
-lists, on the terminal, as JSON on stdout, or as a table file by its extension."""
+"""`fastattrec evaluate`, `recommend` and `export`: a trained run's metrics and top-K
+lists, on the terminal, as JSON on stdout, or as a table file by its extension; the model
+as one file a serving stack loads."""
 
 from __future__ import annotations
 
@@ -234,3 +235,31 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
             title = f"  {row['title']}" if row.get("title") else ""
             click.echo(f"{row['rank']:3d}. item {row['raw_item']}  (score {row['score']:.4f})"
                        f"{title}")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="The model file: .pt2 (torch.export; torch.export.load(path).module()) "
+                   "or .onnx (needs onnx and onnxscript), from the name's extension.")
+@click.option("--checkpoint", type=click.Choice(["auto", "best", "last"]), default="auto",
+              show_default=True,
+              help="best.pt, checkpoint.pt, or auto: best with --early-stop runs, else last.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Prepared data [default: the run's DATA_DIR].")
+@click.option("--force", is_flag=True, help="Replace an export fastattrec wrote.")
+@user_errors
+def export(run_dir, output, checkpoint, data_dir, force) -> None:
+    """Write the trained model as one file for serving: goodness(users, windows).
+
+    Inputs: user rows (B,) int64, 0 for a user the model was not trained on (the mean
+    trained user); windows (B, L) int64 item rows, oldest first, left-padded with 0.
+    Output: (B, item rows) float32 scores, higher is better, -inf off items; leave out
+    the items a user has seen before ranking. The raw id -> row maps and L are inside
+    the file (docs/formats.md §5)."""
+    from fastattrec import api
+
+    run = api.load_run(run_dir)
+    path = run.export(output, checkpoint, data_dir, force)
+    click.echo(f"wrote {quoted(path)} (goodness of every item from user rows and windows "
+               f"of {run.options['maxlen']} items; id maps inside)")
