@@ -108,8 +108,9 @@ class TrainConfig:
                             "on a GPU.", choices=PRECISIONS, cli=False, experimental=True)
     compile: bool = option(True, "Fuse the training step with torch.compile. On CUDA the "
                            "step is also captured as a CUDA graph and replayed. On CPU the "
-                           "step's arithmetic becomes generated C++ (a few seconds to "
-                           "compile, cached; then 1.5-1.8x faster per epoch on ML-100K); "
+                           "step's arithmetic becomes generated C++: the first step "
+                           "compiles for 10-25 s on 2 cores, a resume or a later run 5-12 s "
+                           "(Inductor's cache), then 1.5-1.8x faster per epoch on ML-100K; "
                            "without a working compiler it runs uncompiled, with a warning.")
     ndcg_log: str = option("2", "NDCG's log base: 2 (standard) or e (the notebook's, 1.44x "
                            "higher).", choices=("2", "e"))

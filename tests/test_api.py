@@ -33,9 +33,12 @@ def test_the_example_runs(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert re.search(r"AttRec\s+┆ sampled", r.stdout) and "popularity" in r.stdout
-    ev = json.loads((tmp_path / "demo" / "run" / "eval.json").read_text())
-    assert ev["epoch"] == 5 and set(ev["results"]) == {"AttRec", "popularity"}
-    assert (tmp_path / "demo" / "data" / "meta.json").exists()
+    assert re.search(r"^epoch +1/10 ", r.stdout, re.M)  # log=print shows the epochs
+    ev = json.loads((tmp_path / "quickstart" / "run" / "eval.json").read_text())
+    assert 1 <= ev["epoch"] <= 10 and set(ev["results"]) == {"AttRec", "popularity"}
+    full = {m: ev["results"][m]["full"] for m in ("AttRec", "popularity")}
+    assert full["AttRec"]["HR@10"] > full["popularity"]["HR@10"]  # a first model worth having
+    assert (tmp_path / "quickstart" / "data" / "meta.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,9 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     b, kernel, choice = build_choosing(cfg, data, device, saved, distributed, log)
     state = ck.restore(ckpt, b.model, b.opt, b.gens)
     if replace:
-        for p in ck.clear_run(run_dir):
-            log(f"removed {p} of the run being replaced")
+        removed = ck.clear_run(run_dir)
+        if removed:
+            log(f"replacing the run in {run_dir} (removed its {len(removed)} files)")
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         ck.write_config(run_dir, cfg, b.mcfg, meta, fp, choice)
@@ -123,7 +124,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
             if main_proc:
                 ck.commit(writer, run_dir, state, improved, b.model, b.opt, b.gens, cfg,
                           b.mcfg, fp)
-            log(_epoch_line(row, cfg, b.step.samples.n_train))
+            log(_epoch_line(row, cfg))
             if cfg.early_stop > 0 and state.stale >= cfg.early_stop:
                 log(f"early stop: validation {row['val_name']} has not improved for "
                     f"{state.stale} epochs; best epoch {state.best['epoch']} is kept in best.pt")
@@ -272,17 +273,20 @@ def _evaluate_epoch(model: AttRec, data: DeviceData, cfg: TrainConfig, epoch: in
     return row, reg
 
 
-def _epoch_line(row: dict[str, Any], cfg: TrainConfig, n_train: int) -> str:
+def _epoch_line(row: dict[str, Any], cfg: TrainConfig) -> str:
+    """The epoch's line (under 100 columns), and a second one with the test metrics of
+    both protocols, each named, when the epoch evaluated them. Throughput is on the
+    progress bar."""
     line = (f"epoch {row['epoch']:3d}/{cfg.epochs}  loss {row['train_loss']:.4f} (+reg "
             f"{row['reg_loss']:.4f})  val loss {row['val_loss']:.4f}  val {row['val_name']} "
-            f"{row['val_metric']:.4f}  fit {row['fit_time']:.2f}s "
-            f"({n_train / row['fit_time']:,.0f} samples/s)")
-    if "test" in row:  # both protocols, each named
+            f"{row['val_metric']:.4f}  fit {row['fit_time']:.2f}s")
+    if "test" in row:
         k = cfg.k
+        line += "\n  test"
         for proto in ("sampled", "full"):
             s = row["test"][proto]
-            line += (f"  test {proto} HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} "
-                     f"{s[f'NDCG@{k}']:.4f} MRR {s['MRR']:.4f}")
+            line += (f"  {proto} HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} {s[f'NDCG@{k}']:.4f} "
+                     f"MRR {s['MRR']:.4f}")
     return line
 
 
@@ -298,7 +302,7 @@ def _start_line(device: torch.device, kernel: str, cfg: TrainConfig, step: Step,
     note = {"triton": "triton fused kernel", "structured": "structured (torch ops, "
             "hand-written backward)", "torch": "torch reference"}[kernel]
     world = step.samples.world
-    line = (f"device {device}; short-term attention: {note}; step: {step.describe()}; "
+    line = (f"device {device}; short-term attention: {note}\n  step: {step.describe()}; "
             f"{data.train_rows.shape[0]:,} train samples, batch {cfg.batch_size}"
             + (f", {world} processes" if world > 1 else "")
             + (_threads_note() if device.type == "cpu" else ""))
