@@ -1,7 +1,7 @@
 """The `fastattrec` command: each subcommand parses its options and calls one library
 function. Heavy imports (torch, polars) happen inside the commands, so `--help` is fast.
 This module holds the group and synth, prep, train and download; `cli_results.py` holds
-evaluate and recommend, `cli_support.py` what they all share."""
+evaluate, recommend and export, `cli_tune.py` tune, `cli_support.py` what they all share."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from fastattrec.cli_support import (
     text_table,
     user_errors,
 )
+from fastattrec.cli_tune import tune
 from fastattrec.config import SEED_MAX
 from fastattrec.errors import UserError, quoted
 from fastattrec.version import VERSION as __version__
@@ -386,6 +387,7 @@ def download(name, dest, url, md5, force) -> None:
 main.add_command(evaluate)
 main.add_command(recommend)
 main.add_command(export)
+main.add_command(tune)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m fastattrec`
