@@ -6,7 +6,7 @@
                                --bench-kernel results/gpu_run/kernel_L5.csv
 
 Inputs. The measurements that docs/RESULTS.md reports are transcribed, with machine, date
-and command, into small CSV files under docs/results/ (one per topic); this script reads
+and command, into small CSV files under docs/results/ (one per figure); this script reads
 those. It also takes fresh output of the benchmark scripts: `--bench-train` a CSV written
 by benchmarks/bench_train.py, `--bench-kernel` a CSV written by benchmarks/bench_kernel.py
 (either the CSV or the JSON of machine facts written beside it; the other is found by its
@@ -15,10 +15,10 @@ are drawn from docs/results/ only.
 
 Outputs (PNG, about 30-60 KB each):
 
-- cpu_speed_vs_notebook.png   training epoch and evaluation time on one CPU, against the
-                              original notebook run side by side on the same machine
+- cpu_speed_vs_notebook.png   seconds per training epoch on two 2-core CPUs, against the
+                              original notebook run side by side on each
 - gpu_speed.png               seconds per epoch on an H200 against the in-repo baselines,
-                              and the whole 40-epoch run on each machine
+                              and the whole 40-epoch ML-1M run on each machine
 - kernel_vs_baselines.png     the Triton kernel against eager torch and torch.compile, and
                               its arithmetic floor, across batch sizes
 - quality_vs_notebook.png     HR@10, NDCG@10 and MRR per seed, fastattrec against the
@@ -128,16 +128,15 @@ def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
     rows = [r for r in read_rows(results / "cpu_speed_vs_notebook.csv")
             if r["data"].startswith("real ML-100K")]
     panels = [
-        ("2-core CPU with AVX2 (first sessions; 5 epochs)", "CPU",
-         [("notebook", "first measurement", "notebook\n(TensorFlow)"),
-          ("baseline", "first measurement", "baseline\n(torch ref.)"),
-          ("fastattrec", "first measurement", "fastattrec"),
-          ("fastattrec", "re-measured with the Keras-eps Adam", "fastattrec\nre-measured")]),
-        ("2-core CPU with AVX-512 (fourth session)", "CPU-512",
-         [("notebook", "fourth session side by side", "notebook\n(TensorFlow)"),
-          ("fastattrec", "fourth session side by side", "fastattrec\n(compiled step)")]),
+        ("2-core CPU, AVX2 (earlier autograd step)", "CPU-AVX2",
+         [("notebook", "side by side", "notebook\n(TensorFlow)"),
+          ("baseline", "side by side", "baseline\n(torch ref.)"),
+          ("fastattrec", "side by side", "fastattrec")]),
+        ("2-core CPU, AVX-512 (hand-written step)", "CPU-AVX512",
+         [("notebook", "side by side", "notebook\n(TensorFlow)"),
+          ("fastattrec", "side by side", "fastattrec\n(compiled step)")]),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [4, 2.4]})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 2.4]})
     for ax, (title, machine, order) in zip(axes, panels, strict=True):
         labels, epoch_s, colours, spread = [], [], [], []
         for config, series, label in order:
@@ -149,12 +148,12 @@ def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
             epoch_s.append(num(hit[0]["s_per_epoch"]))
             colours.append(COLOURS[config])
             runs = [num(v) for v in (hit[0].get("epoch_times_s") or "").split(";") if v]
-            spread.append(runs if machine == "CPU-512" else [])
+            spread.append(runs if machine == "CPU-AVX512" else [])
         x = list(range(len(labels)))
         label_bars(ax, ax.bar(x, epoch_s, color=colours))
         for i, runs in enumerate(spread):
-            if runs:
-                ax.plot([i] * len(runs), runs, "k.", ms=4)
+            if runs:  # beside the bar's centre, clear of its label
+                ax.plot([i + 0.28] * len(runs), runs, "k.", ms=4)
         notebook = epoch_s[0] if labels and labels[0].startswith("notebook") else math.nan
         for i, (label, sec) in enumerate(zip(labels, epoch_s, strict=True)):
             if label.startswith("fastattrec") and math.isfinite(notebook):
@@ -170,19 +169,18 @@ def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("seconds per training epoch (lower is better)")
     fig.suptitle("Real ML-100K, notebook hyper-parameters: one training epoch")
-    footnote(fig, "Source: docs/results/cpu_speed_vs_notebook.csv (the notebook run side by "
-                  "side on the same CPU; dots: each repetition's median), 2026-11-28")
+    footnote(fig, "Source: docs/results/cpu_speed_vs_notebook.csv, 2026-11-28 (the notebook "
+                  "side by side on the same CPU; AVX-512 dots: each of 6 repetitions)")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, out / "cpu_speed_vs_notebook.png")
 
 
 def gpu_speed(results: Path, out: Path) -> Path:
-    """H200: seconds per epoch (ML-1M size) and the whole 40-epoch run per machine."""
+    """H200: seconds per epoch (ML-1M size); and the whole 40-epoch ML-1M run on each
+    machine in gpu_speed.csv (the H200, the 2-core CPU, the notebook's recorded run)."""
     plt = pyplot()
-    gpu = [r for r in read_rows(results / "gpu_speed.csv") if r["data"].startswith(
-        "synthetic ML-1M")]
-    cpu = [r for r in read_rows(results / "cpu_speed_vs_notebook.csv")
-           if r["series"] == "ML-1M size"]
+    rows = read_rows(results / "gpu_speed.csv")
+    gpu = [r for r in rows if r["machine"] == "H200" and r["data"].startswith("synthetic ML-1M")]
     short = {"fastattrec (Triton kernel; CUDA-graph step; compiled loss)":
              "fastattrec\n(graph step)",
              "Triton kernel; eager step": "Triton kernel\neager step",
@@ -199,28 +197,31 @@ def gpu_speed(results: Path, out: Path) -> Path:
     a.set_ylabel("seconds per training epoch")
     a.set_title("H200, synthetic ML-1M size (lower is better)")
 
-    runs = []  # (label, seconds, colour)
-    for r in gpu:
-        if r["config"].startswith("fastattrec") and math.isfinite(num(r["train_call_second_s"])):
-            runs.append(("fastattrec, H200\n(warm caches)", num(r["train_call_second_s"]),
+    runs = []  # (label, seconds, colour): every whole 40-epoch run, warm where measured
+    for r in rows:
+        if num(r["epochs"]) != 40 or not any(k in r["data"] for k in ("ML-1M", "MovieLens-1M")):
+            continue
+        warm, first = num(r["train_call_second_s"]), num(r["train_call_first_s"])
+        if r["config"].startswith("fastattrec") and r["machine"] == "H200":
+            if math.isfinite(warm):
+                runs.append(("fastattrec, H200\n(2nd run, warm caches)", warm,
+                             COLOURS["fastattrec"]))
+        elif r["config"].startswith("fastattrec") and math.isfinite(first):
+            cpu = "AVX-512" if "AVX512" in r["machine"] else r["machine"]
+            runs.append((f"fastattrec, 2-core CPU\n({cpu}, one run)", first,
                          COLOURS["fastattrec"]))
-    for r in cpu:
-        if r["config"] == "fastattrec" and math.isfinite(num(r["train_call_s"])):
-            runs.append(("fastattrec, 2-core\nCPU", num(r["train_call_s"]), COLOURS["fastattrec"]))
-    for r in cpu:
-        if r["config"] == "notebook" and math.isfinite(num(r["train_call_s"])):
-            runs.append(("notebook's recorded\nML-1M run *", num(r["train_call_s"]),
-                         COLOURS["notebook"]))
+        elif "notebook" in r["config"] and math.isfinite(first):
+            runs.append(("notebook's recorded\nML-1M run *", first, COLOURS["notebook"]))
     xb = list(range(len(runs)))
     label_bars(b, b.bar(xb, [s for _, s, _ in runs], color=[c for _, _, c in runs]), log=True)
     b.set_xticks(xb, [lbl for lbl, _, _ in runs])
     b.set_ylabel("seconds (log scale)")
-    b.set_title("40 epochs with evaluation, ML-1M size")
+    b.set_title("Whole run: 40 epochs with evaluation, ML-1M size")
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=7)
-    footnote(fig, "Source: docs/results/gpu_speed.csv and cpu_speed_vs_notebook.csv "
-                  "(benchmarks/bench_train.py, 2026-11-28). * another machine, preparation "
-                  "included: for scale only.")
+    footnote(fig, "Source: docs/results/gpu_speed.csv (benchmarks/bench_train.py, "
+                  "2026-11-28). * the notebook on its own machine (2021-11-16), "
+                  "preparation included: for scale only.")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, out / "gpu_speed.png")
 
@@ -262,16 +263,17 @@ def kernel_vs_baselines(results: Path, out: Path) -> Path:
     rows = read_rows(results / "kernel_vs_baselines.csv")
     fig = _kernel_panels(
         plt, rows, ("triton", "eager", "compile"),
-        "Short-term attention, H200, L=5, d=100, IEEE float32 (lower is better)",
+        "Short-term attention (block layout), H200, L=5, d=100, IEEE float32 (lower is better)",
         "Source: docs/results/kernel_vs_baselines.csv (benchmarks/bench_kernel.py, "
         "2026-11-28); floor where RESULTS.md gives it.")
     return save(fig, out / "kernel_vs_baselines.png")
 
 
-def quality_vs_notebook(results: Path, out: Path) -> Path:
-    """Each seed's test metrics, fastattrec against the notebook, per mode."""
+def quality_vs_notebook(results: Path, out: Path, machine: str = "CPU-AVX2") -> Path:
+    """Each seed's test metrics, fastattrec against the notebook, per mode, for the runs of
+    one machine (the one where both were run with every seed; the CSV holds others too)."""
     plt = pyplot()
-    rows = read_rows(results / "quality_vs_notebook.csv")
+    rows = [r for r in read_rows(results / "quality_vs_notebook.csv") if r["machine"] == machine]
     metrics = [("HR@10", "HR@10"), ("NDCG@10_ln", "NDCG@10 (natural log)"), ("MRR", "MRR")]
     groups = [(m, impl) for m in ("inner", "dist") for impl in ("notebook", "fastattrec")]
     fig, axes = plt.subplots(1, 3, figsize=(9.5, 3.4))
@@ -292,9 +294,9 @@ def quality_vs_notebook(results: Path, out: Path) -> Path:
         ax.set_title(title)
     fig.suptitle("Real ML-100K, 40 epochs, the notebook's sampled test protocol: "
                  "one dot per seed, bar = mean")
-    footnote(fig, "Source: docs/results/quality_vs_notebook.csv (fastattrec prep --compat "
-                  "notebook; train --ndcg-log e; the notebook in TensorFlow 2.21, same CPU), "
-                  "2026-11-28")
+    footnote(fig, f"Source: docs/results/quality_vs_notebook.csv, rows of {machine} "
+                  "(fastattrec prep --compat notebook; train --ndcg-log e; the notebook in "
+                  "TensorFlow 2.21, same CPU), 2026-11-28")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save(fig, out / "quality_vs_notebook.png")
 
