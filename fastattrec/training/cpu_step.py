@@ -3,7 +3,7 @@
 Why: on a CPU the AttRec step is three (B·L, d) x (d, d) matrix products surrounded by
 about 150 small operations. Through autograd, those small operations, the graph
 bookkeeping and the dense embedding backward (a zero-filled (rows, d) gradient per lookup,
-then the sums of those) cost about twice the matrix products (docs/RESULTS.md). Here the
+then the sums of those) cost more than the matrix products themselves. Here the
 forward keeps only what the backward needs, the backward is the chain rule written out,
 and each table's gradient is accumulated with `index_add_` into one buffer that lives as
 long as the model and that the optimiser reads: ~40 operations a step, no graph.
