@@ -3,6 +3,7 @@ by that run's best validation NDCG; best.toml is the best trial's options; the f
 resumes (new points, interrupted trials recorded as failed); mistakes are one line."""
 
 import json
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
