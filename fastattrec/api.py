@@ -166,6 +166,9 @@ class Run:
     _history: list[dict] = field(default_factory=list, repr=False)
     # What the last `evaluate` measured, as written to eval.json.
     last_evaluation: dict[str, Any] | None = field(default=None, repr=False)
+    # The users of the last `recommend(histories=...)` that the dataset lacks (scored with
+    # the mean trained user).
+    new_users: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def data(self) -> Dataset:
@@ -241,8 +244,8 @@ class Run:
         (docs/spec.md §4.9): a dict {user: [item ids, oldest first]} (key None: a new user
         without an id) or a frame of user, item (and optionally time) rows. A user of the
         dataset keeps their long-term embedding and their dataset items count as seen; any
-        other user gets the mean trained user. An item the dataset lacks is refused, or
-        left out with `skip_unknown`."""
+        other user gets the mean trained user (their ids are then in `self.new_users`).
+        An item the dataset lacks is refused, or left out with `skip_unknown`."""
         import torch
 
         from fastattrec.errors import quoted
@@ -281,6 +284,8 @@ class Run:
                 h = hist.from_frame(loaded, histories, "histories", skip_unknown)
             else:
                 h = hist.from_mapping(loaded, histories, skip_unknown)
+            self.new_users = [u for u, row in zip(h.raw_users.to_list(), h.users.tolist(),
+                                                  strict=True) if row == 0 and u is not None]
             return hist.recommend_histories(loaded, h, k, titles)
         if users is None:
             dense = torch.arange(1, loaded.prepared.n_users + 1, device=dev)

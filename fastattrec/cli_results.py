@@ -219,6 +219,13 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
             from fastattrec.tables import write_table
 
             write_table(frame, out, "recommendations")
+    new = run.new_users
+    if new:
+        from fastattrec.cli_support import say
+
+        who = (f"user {new[0]} is" if len(new) == 1 else f"{len(new):,} users are")
+        say(f"{who} not in the run's dataset: scored with the mean trained user "
+            f"(docs/spec.md §4.9)")
     if as_json:
         click.echo(frame.write_json())
     elif output is not None:

@@ -92,6 +92,7 @@ def test_new_user_gets_the_mean_user_and_the_last_l_items(run):
     # an unknown id is a new user too, shown as given
     other = run.recommend(histories={"guest": history}, k=2)
     assert other.get_column("raw_user").to_list() == ["guest", "guest"]
+    assert run.new_users == ["guest"]
     assert other.get_column("raw_item").to_list() == frame.get_column("raw_item").to_list()
 
 
@@ -149,6 +150,8 @@ def test_cli_history_and_histories_file(run, tmp_path):
     rows = json.loads(r.stdout)
     want = expected(run, 1, [103, 105])
     assert [x["raw_item"] for x in rows] == sorted(want, key=want.get, reverse=True)
+    r = cli("recommend", str(run.path), "--history", "101", "--user", "77", "-k", "2")
+    assert "user 77 is not in the run's dataset: scored with the mean trained user" in r.output
     r = cli("recommend", str(run.path), "--history", "101,102,106", "-k", "2")
     assert r.exit_code == 0, r.output
     assert r.output.splitlines()[0] == "top 2 for a new user with history 101,102,106:"
