@@ -109,10 +109,12 @@ def load_dataset(path: str | Path) -> Dataset:
 def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
             user_col: str | None = None, item_col: str | None = None,
             time_col: str | None = None, rating_col: str | None = None,
-            trans_score: float | None = None, test_negatives: int | None = None,
+            trans_score: float | None = None, min_user_interactions: int | None = None,
+            min_item_interactions: int | None = None, test_negatives: int | None = None,
             compat: str = "none", seed: int = 0, streaming: bool = False,
             force: bool = False, log: Log = _quiet) -> Dataset:
-    """Prepare a ratings log into `out` (docs/spec.md §1); options as `fastattrec prep`."""
+    """Prepare a ratings log into `out` (docs/spec.md §1); options as `fastattrec prep`
+    (`min_user_interactions`, `min_item_interactions`: the iterated k-core, §1.10)."""
     from fastattrec.data.prepare import PrepOptions
     from fastattrec.data.prepare import prepare as run_prep
     from fastattrec.data.readers import ColumnNames
@@ -128,13 +130,19 @@ def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
     _log("log", log)
     if test_negatives is not None:
         _int("test_negatives", test_negatives, 1)
+    for name, v in (("min_user_interactions", min_user_interactions),
+                    ("min_item_interactions", min_item_interactions)):
+        if v is not None:  # the type here; the bounds, in the command's words, by prep
+            _int(name, v, -2**63)
     if trans_score is not None:
         trans_score = _number("trans_score", trans_score)
     _int("seed", seed, 0)
     opts = PrepOptions(fmt=format, columns=ColumnNames(user_col, item_col, time_col,
                                                        rating_col),
                        trans_score=trans_score, test_negatives=test_negatives, compat=compat,
-                       seed=seed, streaming=streaming)
+                       seed=seed, streaming=streaming,
+                       min_user_interactions=min_user_interactions,
+                       min_item_interactions=min_item_interactions)
     run_prep(Path(source), Path(out), opts, force=force, log=log)
     return load_dataset(out)
 

@@ -158,6 +158,16 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--trans-score", type=float, default=None,
               help="Keep rows with rating >= this (implicit feedback). Default: keep every "
                    "row, whatever its rating.")
+@click.option("--min-user-interactions", type=int, default=None, metavar="N",
+              help="Iterated k-core: keep only users with at least N interactions and "
+                   "(with --min-item-interactions M) items with at least M, then drop again "
+                   "every user and item that fell below its minimum (dropping an item can "
+                   "take a user below N, and the reverse), until none does. Counted after "
+                   "--trans-score, before ids are numbered. [default: users need 2, items "
+                   "no minimum, no iteration]")
+@click.option("--min-item-interactions", type=int, default=None, metavar="M",
+              help="The items' minimum of the k-core (see --min-user-interactions); "
+                   "either option turns the iterated filter on. [default: no minimum]")
 @click.option("--test-negatives", type=int, default=None,
               help="Distinct negatives per test user [default: 100; 101 with repeats under "
                    "--compat notebook].")
@@ -177,13 +187,16 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @interruptible(_prep_snapshot, _prep_interrupted)
 @user_errors
 def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
-         trans_score, test_negatives, compat, seed, streaming, force) -> None:
+         trans_score, min_user_interactions, min_item_interactions, test_negatives, compat,
+         seed, streaming, force) -> None:
     """Prepare a ratings log: time-ordered histories, leave-one-out split, negatives.
 
     Each user's items are ordered by time (ties keep file order). The last item is the
     test target, the one before it the validation target, the rest train targets; users
-    with a single item are dropped. Ids are remapped to 1..N (0 is padding). The folder
-    is written to a temporary name and renamed only when complete.
+    with a single item are dropped (or, with --min-user-interactions or
+    --min-item-interactions, everything outside the k-core). Ids are remapped to 1..N
+    (0 is padding). The folder is written to a temporary name and renamed only when
+    complete.
     """
     import time
 
@@ -192,8 +205,9 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
     t = time.perf_counter()
     ds = prepare(input_file, out_dir, format=fmt, user_col=user_col, item_col=item_col,
                  time_col=time_col, rating_col=rating_col, trans_score=trans_score,
-                 test_negatives=test_negatives, compat=compat, seed=seed, streaming=streaming,
-                 force=force, log=say)
+                 min_user_interactions=min_user_interactions,
+                 min_item_interactions=min_item_interactions, test_negatives=test_negatives,
+                 compat=compat, seed=seed, streaming=streaming, force=force, log=say)
     c = ds.counts
     rows = [
         ("users", f"{c['users']:,}"),
@@ -204,11 +218,20 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("test samples", f"{c['test_samples']:,}"),
         ("rows read", f"{c['rows_read']:,}"),
         ("rows below --trans-score", f"{c['rows_read'] - c['rows_after_trans_score']:,}"),
-        ("users dropped (1 item)", f"{c['dropped_users']:,}"),
+        *(_kcore_rows(c) if "kcore_rounds" in c else
+          [("users dropped (1 item)", f"{c['dropped_users']:,}")]),
         ("ids read as (user, item)", "{user}, {item}".format(**ds.meta["source"]["id_types"])),
         ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
     click.echo(text_table(rows, f"prepared {out_dir}"))
+
+
+def _kcore_rows(c: dict) -> list[tuple[str, str]]:
+    """The summary's rows of what the k-core filter dropped."""
+    return [("users dropped (k-core)", f"{c['dropped_users']:,}"),
+            ("items dropped (k-core)", f"{c['dropped_items']:,}"),
+            ("rows dropped (k-core)", f"{c['dropped_interactions']:,}"),
+            ("k-core rounds", f"{c['kcore_rounds']:,}")]
 
 
 def _train_options(f):

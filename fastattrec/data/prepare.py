@@ -22,6 +22,7 @@ from fastattrec.atomic import atomic_dir, atomic_write_json
 from fastattrec.data import DATASET_KIND, FORMAT_VERSION
 from fastattrec.data.compressed import decompress_to
 from fastattrec.data.dataset import replaceable_dataset
+from fastattrec.data.filters import kcore
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
 from fastattrec.data.ratings import read_ratings, sink_ratings
 from fastattrec.data.readers import ColumnNames, check_file
@@ -46,6 +47,13 @@ class PrepOptions:
     compat: str = "none"
     seed: int = 0
     streaming: bool = False
+    min_user_interactions: int | None = None  # None: 2 (single-item users dropped)
+    min_item_interactions: int | None = None  # None: no minimum; either one: k-core
+
+    @property
+    def kcore(self) -> bool:
+        """True when the iterated k-core filter is on (docs/spec.md §1.10)."""
+        return self.min_user_interactions is not None or self.min_item_interactions is not None
 
 
 @dataclass
@@ -115,8 +123,7 @@ def prepare(
             "train_samples": int((lengths - 3).clip(lower_bound=0).sum()),
             "val_samples": int((lengths >= 3).sum()),
             "test_samples": int((lengths >= 2).sum()),
-            "dropped_users": ids.short_users.height,
-            "dropped_interactions": int(ids.short_users.get_column("n").sum()),
+            **ids.dropped,
         }
         _same_source(source, before)  # (streaming reads the source until here)
         atomic_write_json(tmp / "meta.json", _meta(source, scan.fmt, opts, n_test_neg,
@@ -138,6 +145,18 @@ def _check_options(opts: PrepOptions) -> int:
         raise UserError(f"--test-negatives must be at least 1, got {n_test_neg}.")
     if opts.trans_score is not None and not math.isfinite(opts.trans_score):
         raise UserError(f"--trans-score must be a finite number, got {opts.trans_score}.")
+    if opts.min_user_interactions is not None and opts.min_user_interactions < 2:
+        raise UserError(f"--min-user-interactions must be at least 2 (a user needs 2 "
+                        f"interactions to give a sample), got {opts.min_user_interactions}; "
+                        f"omit it to keep every user with 2 or more.")
+    if opts.min_item_interactions is not None and opts.min_item_interactions < 1:
+        raise UserError(f"--min-item-interactions must be at least 1, got "
+                        f"{opts.min_item_interactions}; omit it to keep every item.")
+    if opts.kcore and opts.compat == "notebook":
+        raise UserError("--min-user-interactions and --min-item-interactions cannot be used "
+                        "with --compat notebook, which reproduces the notebook's data (no "
+                        "k-core filter) and draws negatives from every raw id up to the "
+                        "largest, dropped items included; drop the minimums or --compat.")
     return n_test_neg
 
 
@@ -171,18 +190,19 @@ def _read_log(source: Path, tmp: Path, opts: PrepOptions) -> tuple[pl.LazyFrame,
 
 @dataclass
 class _Ids:
-    """The rows kept (users with >= 2 items) and the dense id maps."""
+    """The rows kept (users with >= 2 items, or the k-core) and the dense id maps."""
 
     kept: pl.LazyFrame
     rows_kept: int
-    short_users: pl.DataFrame  # raw user, n: users dropped for a single interaction
+    dropped: dict[str, int]  # the counts of what was dropped, for meta.json
     user_map: pl.DataFrame  # raw_user, user
     item_map: pl.DataFrame  # item, raw_item
     universe: int  # negatives are drawn from items 1..universe
 
 
 def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
-    """Drop single-item users and number users and items (docs/spec.md §1.3, §1.8)."""
+    """Drop single-item users (or keep the k-core) and number users and items
+    (docs/spec.md §1.3, §1.8)."""
     streaming, notebook = opts.streaming, opts.compat == "notebook"
     per_user = _collect(raw.group_by("user").agg(pl.len().alias("n")), streaming)
     rows_kept = int(per_user.get_column("n").sum())
@@ -191,9 +211,15 @@ def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
             f"{source}: no rows left after --trans-score {opts.trans_score or 0:g}; lower it "
             f"(ratings below it are dropped)."
         )
-    kept = raw.join(
-        per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
-    )
+    if opts.kcore:
+        kept, dropped = _kcore(raw, source, opts)
+    else:
+        kept = raw.join(
+            per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
+        )
+        short = per_user.filter(pl.col("n") < 2)
+        dropped = {"dropped_users": short.height,
+                   "dropped_interactions": int(short.get_column("n").sum())}
     user_map = _collect(
         kept.select(pl.col("user").alias("raw_user")).unique().sort("raw_user")
         .with_row_index("user", offset=1).with_columns(pl.col("user").cast(pl.Int32)),
@@ -213,8 +239,25 @@ def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
         item_map = _collect(raw_items.with_row_index("item", offset=1)
                             .with_columns(pl.col("item").cast(pl.Int32)), streaming)
         universe = item_map.height
-    return _Ids(kept, rows_kept, per_user.filter(pl.col("n") < 2), user_map,
-                item_map.select("item", "raw_item"), universe)
+    return _Ids(kept, rows_kept, dropped, user_map, item_map.select("item", "raw_item"),
+                universe)
+
+
+def _kcore(raw: pl.LazyFrame, source: Path, opts: PrepOptions
+           ) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """The k-core's rows and its counts; one sentence when it leaves nothing."""
+    min_user = opts.min_user_interactions or 2
+    min_item = opts.min_item_interactions or 1
+    core = kcore(raw, min_user, min_item, opts.streaming)
+    dropped = {"dropped_users": core.dropped_users, "dropped_interactions": core.dropped_rows,
+               "dropped_items": core.dropped_items, "kcore_rounds": core.rounds}
+    if core.rows_left == 0:
+        raise UserError(
+            f"{source}: no interactions are left after the k-core filter (users with at "
+            f"least {min_user} and items with at least {min_item} interactions, "
+            f"{core.rounds} rounds); lower --min-user-interactions or "
+            f"--min-item-interactions.")
+    return core.kept, dropped
 
 
 def _order_sequences(ids: _Ids, streaming: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -363,6 +406,8 @@ def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: 
             "test_negatives_distinct": opts.compat != "notebook",
             "compat": opts.compat,
             "seed": opts.seed,
+            "min_user_interactions": opts.min_user_interactions,
+            "min_item_interactions": opts.min_item_interactions,
             "negative_universe": [1, universe],
             "streaming": opts.streaming,
         },
