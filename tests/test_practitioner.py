@@ -3,6 +3,7 @@ prep, train, metrics that name their protocol, top-10 lists as CSV and JSON, a h
 model never saw, and an export; each checked against the CSV itself."""
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -32,9 +33,10 @@ def path(tmp_path_factory):
     root = tmp_path_factory.mktemp("practitioner")
     write(root / "log.csv", log_csv())
     r = cli("prep", str(root / "log.csv"), "-o", str(root / "data"), "--time-col",
-            "watched_at", "--test-negatives", "5")
+            "watched_at", "--test-negatives", "5", "--min-item-interactions", "2")
     assert r.exit_code == 0, r.output
-    assert "users dropped (1 item)" in r.output
+    assert re.search(r"users dropped \(k-core\) +1\n", r.output)  # u99
+    assert re.search(r"items dropped \(k-core\) +1\n", r.output)  # m777
     r = cli("train", str(root / "data"), "-o", str(root / "run"), "--epochs", "3", "--dim",
             "8", "--batch-size", "64", "--device", "cpu", "--no-compile")
     assert r.exit_code == 0, r.output
@@ -69,6 +71,7 @@ def test_top10_lists_as_csv_and_json(path):
     assert len(rows) == 10 * N_USERS
     assert all(row["raw_item"] not in seen[row["raw_user"]] for row in rows)
     assert "u99" not in {row["raw_user"] for row in rows}  # the cold user was dropped
+    assert "m777" not in {row["raw_item"] for row in rows}  # ... and the cold item
 
 
 def test_a_history_the_model_never_saw(path):
