@@ -98,6 +98,8 @@ def main() -> None:
       fastattrec train demo/data -o demo/run
       fastattrec evaluate demo/run
       fastattrec recommend demo/run --user 1
+      fastattrec export demo/run -o model.pt2           # for a serving stack
+      fastattrec tune demo/data -o demo/tune            # search options by validation
     """
 
 
