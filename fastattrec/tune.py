@@ -169,9 +169,12 @@ def tune(data_dir: Path, out_dir: Path, base: dict[str, Any], *, trials: int,
         write_table(study, out_dir, optuna, base, data_dir)
 
     timeout = None if budget_s is None else max(0.0, budget_s - (time.monotonic() - t0))
-    study.optimize(objective, n_trials=left, timeout=timeout, callbacks=[save_table],
-                   catch=())
-    return write_table(study, out_dir, optuna, base, data_dir)
+    try:
+        study.optimize(objective, n_trials=left, timeout=timeout, callbacks=[save_table],
+                       catch=())
+    finally:  # an interrupted or failed trial is in the table too
+        frame = write_table(study, out_dir, optuna, base, data_dir)
+    return frame
 
 
 def _rounded(params: dict[str, Any]) -> dict[str, Any]:
