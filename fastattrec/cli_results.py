@@ -24,7 +24,9 @@ _TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row
                    "(distinct, fixed; the notebook); full: against every item the user has "
                    "not had before; both: those two; sasrec: the SASRec paper's, against "
                    "100 negatives drawn with replacement from the items the user never "
-                   "rated (seeded, the same on every evaluation).")
+                   "rated (seeded, the same on every evaluation). Datasets prepared with "
+                   "--split time or ratio have full ranking only (both means full), over "
+                   "every test item of a user, with Recall@K too.")
 @click.option("-k", "ks", multiple=True, type=int, default=(1, 5, 10, 20), show_default=True,
               help="Cut-offs K for HR@K and NDCG@K (repeat the option).")
 @click.option("--ndcg-log", type=click.Choice(["2", "e"]), default=None,
@@ -37,7 +39,8 @@ _TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-baseline", is_flag=True, help="Skip the popularity baseline.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Also write the metrics table (model, protocol, HR@K, NDCG@K, MRR, users, "
+              help="Also write the metrics table (model, protocol, HR@K, NDCG@K, [Recall@K,] "
+                   "MRR, users, "
                    f"checkpoint, epoch) to this file: {_TABLE_HELP}.")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if an earlier `evaluate` wrote it.")
