@@ -110,17 +110,23 @@ def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
             user_col: str | None = None, item_col: str | None = None,
             time_col: str | None = None, rating_col: str | None = None,
             trans_score: float | None = None, min_user_interactions: int | None = None,
-            min_item_interactions: int | None = None, test_negatives: int | None = None,
+            min_item_interactions: int | None = None, split: str = "leave-one-out",
+            val_fraction: float | None = None, test_fraction: float | None = None,
+            val_from: float | int | str | None = None,
+            test_from: float | int | str | None = None, test_negatives: int | None = None,
             compat: str = "none", seed: int = 0, streaming: bool = False,
             force: bool = False, log: Log = _quiet) -> Dataset:
     """Prepare a ratings log into `out` (docs/spec.md §1); options as `fastattrec prep`
-    (`min_user_interactions`, `min_item_interactions`: the iterated k-core, §1.10)."""
+    (`min_user_interactions`, `min_item_interactions`: the iterated k-core, §1.10;
+    `split` "leave-one-out", "time" or "ratio" with `val_fraction`, `test_fraction`, or
+    the time cuts `val_from`, `test_from` (numbers in the log's units, or dates), §1.11)."""
     from fastattrec.data.prepare import PrepOptions
     from fastattrec.data.prepare import prepare as run_prep
     from fastattrec.data.readers import ColumnNames
+    from fastattrec.data.splits import SplitOptions
 
     source, out = _path("source", source), _path("out", out)
-    for name, v in (("format", format), ("compat", compat)):
+    for name, v in (("format", format), ("compat", compat), ("split", split)):
         _text(name, v)
     for name, v in (("user_col", user_col), ("item_col", item_col), ("time_col", time_col),
                     ("rating_col", rating_col)):
@@ -136,13 +142,20 @@ def prepare(source: str | Path, out: str | Path, *, format: str = "auto",
             _int(name, v, -2**63)
     if trans_score is not None:
         trans_score = _number("trans_score", trans_score)
+    fractions = [None if v is None else _number(name, v) for name, v in
+                 (("val_fraction", val_fraction), ("test_fraction", test_fraction))]
+    for name, v in (("val_from", val_from), ("test_from", test_from)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float | str)):
+            raise UserError(f"{name} must be a time (a number, or a date as text), got "
+                            f"{shown(v)}.")
     _int("seed", seed, 0)
     opts = PrepOptions(fmt=format, columns=ColumnNames(user_col, item_col, time_col,
                                                        rating_col),
                        trans_score=trans_score, test_negatives=test_negatives, compat=compat,
                        seed=seed, streaming=streaming,
                        min_user_interactions=min_user_interactions,
-                       min_item_interactions=min_item_interactions)
+                       min_item_interactions=min_item_interactions,
+                       split=SplitOptions(split, *fractions, val_from, test_from))
     run_prep(Path(source), Path(out), opts, force=force, log=log)
     return load_dataset(out)
 
@@ -190,8 +203,9 @@ class Run:
         for h in self._history:
             row = {k: v for k, v in h.items() if k != "test"}
             for proto, m in h.get("test", {}).items():
-                for name in (f"HR@{h['k']}", f"NDCG@{h['k']}", "MRR"):
-                    row[f"test_{proto}_{name}"] = m[name]
+                for name in (f"HR@{h['k']}", f"NDCG@{h['k']}", f"Recall@{h['k']}", "MRR"):
+                    if name in m:
+                        row[f"test_{proto}_{name}"] = m[name]
             rows.append(row)
         return pl.DataFrame(rows) if rows else pl.DataFrame()
 
@@ -249,7 +263,7 @@ class Run:
         unseen items gets only those.
 
         `histories` (instead of `users`) scores histories the model was not trained on
-        (docs/spec.md §4.9): a dict {user: [item ids, oldest first]} (key None: a new user
+        (docs/spec.md §4.10): a dict {user: [item ids, oldest first]} (key None: a new user
         without an id) or a frame of user, item (and optionally time) rows. A user of the
         dataset keeps their long-term embedding and their dataset items count as seen; any
         other user gets the mean trained user (their ids are then in `self.new_users`).
@@ -375,6 +389,7 @@ def metrics_frame(results: dict[str, dict[str, dict]], ks: Sequence[int]) -> pl.
             row: dict[str, Any] = {"model": model, "protocol": proto}
             row.update({f"HR@{k}": m[f"HR@{k}"] for k in ks})
             row.update({f"NDCG@{k}": m[f"NDCG@{k}"] for k in ks})
+            row.update({f"Recall@{k}": m[f"Recall@{k}"] for k in ks if f"Recall@{k}" in m})
             row.update({"MRR": m["MRR"], "users": m["users"]})
             rows.append(row)
     return pl.DataFrame(rows)

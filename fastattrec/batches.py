@@ -4,6 +4,11 @@ The flat sequences move to the device once. A window for a target at flat row t 
 L rows before t within the same user, left-padded with 0 (Keras `pad_sequences`
 defaults: pre-padding, pre-truncation). No DataLoader, no per-sample Python: a batch of
 windows is one gather.
+
+Each user's sequence is train items, then `n_val` validation and `n_test` test items
+(one and one for leave-one-out; docs/spec.md §1.11). Validation and test are `Phase`s:
+one query per evaluated user, whose window is the L items before the user's first
+target of that phase, and whose targets are all of the user's items in that phase.
 """
 
 from __future__ import annotations
@@ -17,6 +22,52 @@ from fastattrec.data.dataset import Prepared
 
 
 @dataclass
+class Phase:
+    """The queries of one evaluation phase (validation or test), one per evaluated user:
+    a user is evaluated when it has a target in the phase and an item before it."""
+
+    users: torch.Tensor  # (P,) long, dense user of each query, ascending
+    ends: torch.Tensor  # (P,) long, flat row of the query's first target (window ends here)
+    avail: torch.Tensor  # (P,) long, the user's rows before it (its history)
+    rows: torch.Tensor  # (M,) long, flat rows of every target, query by query
+    owner: torch.Tensor  # (M,) long, query (0..P-1) of each target row
+    rank_rows: torch.Tensor  # (D,) long, `rows` without a repeated (query, item)
+    rank_owner: torch.Tensor  # (D,) long, nondecreasing query of each `rank_rows` entry
+    skipped: int  # users with a target in the phase but no earlier item (not evaluated)
+
+    @property
+    def n(self) -> int:
+        """Number of queries (evaluated users)."""
+        return int(self.users.shape[0])
+
+    @classmethod
+    def build(cls, offsets: np.ndarray, first: np.ndarray, count: np.ndarray,
+              items: np.ndarray, n_items: int, to) -> Phase:
+        """The phase whose targets are user u's rows first[u] .. first[u] + count[u] - 1
+        (positions within the user; arrays (U,) over users 1..U); `to` moves an array to
+        the device. Host-side numpy, once per load."""
+        ok = (first >= 1) & (count >= 1)
+        users = np.flatnonzero(ok).astype(np.int64) + 1
+        ends = offsets[ok] + first[ok]
+        cnt = count[ok].astype(np.int64)
+        owner = np.repeat(np.arange(users.shape[0], dtype=np.int64), cnt)
+        rows = np.repeat(ends, cnt) + np.arange(owner.shape[0]) - np.repeat(
+            np.cumsum(cnt) - cnt, cnt)
+        # One entry per distinct (query, item): a repeated target is one relevant item.
+        key = owner * n_items + items[rows].astype(np.int64)
+        keep = np.sort(np.unique(key, return_index=True)[1])
+        return cls(to(users), to(ends), to(first[ok].astype(np.int64)), to(rows), to(owner),
+                   to(rows[keep]), to(owner[keep]), int(((count >= 1) & (first < 1)).sum()))
+
+    @classmethod
+    def of_rows(cls, data: DeviceData, rows: torch.Tensor) -> Phase:
+        """One query per flat row of `rows` (B,): that row is its only target, the rows
+        before it in its user are its history."""
+        q = torch.arange(rows.shape[0], device=rows.device)
+        return cls(data.row_user[rows], rows, data.row_pos[rows], rows, q, rows, q, 0)
+
+
+@dataclass
 class DeviceData:
     """Index tensors of a prepared dataset, on one device."""
 
@@ -27,30 +78,42 @@ class DeviceData:
     offsets: torch.Tensor  # (U + 1,) long, offsets[u] = first row of user u (u >= 1)
     lengths: torch.Tensor  # (U + 1,) long, lengths[u] = sequence length (0 for u = 0)
     train_rows: torch.Tensor  # (T,) long, rows whose item is a train target
-    val_rows: torch.Tensor  # (V,) long, validation targets (position n-2)
-    test_rows: torch.Tensor  # (U_test,) long, test targets (position n-1)
-    test_negs: torch.Tensor  # (U_test, n_neg) long
+    val_rows: torch.Tensor  # (V,) long, validation targets (leave-one-out: position n-2)
+    test_rows: torch.Tensor  # (U_test,) long, test targets (leave-one-out: position n-1)
+    test_negs: torch.Tensor  # (U_test, n_neg) long (n_neg = 0 but for leave-one-out)
     item_valid: torch.Tensor  # (n_items,) bool, rows that are real items
     n_items: int  # item table rows, padding included
     n_users: int  # user table rows, padding included
+    val: Phase | None = None  # the validation queries (val.rows is val_rows)
+    test: Phase | None = None  # the test queries (test.rows is test_rows)
+    n_test_rows: torch.Tensor | None = None  # (U + 1,) long, test items per user
+    split: str = "leave-one-out"
+
+    @property
+    def leave_one_out(self) -> bool:
+        """One test target per user, with its sampled negatives (docs/spec.md §1.5)."""
+        return self.split == "leave-one-out"
 
     @classmethod
     def from_prepared(cls, p: Prepared, device: torch.device | str) -> DeviceData:
         """Build the index arrays with numpy once, then move them to `device`."""
         lengths = p.lengths.astype(np.int64)
         n = int(lengths.sum())
+        ones = np.ones_like(lengths)
+        n_val = ones if p.n_val is None else p.n_val.astype(np.int64)
+        n_test = ones if p.n_test is None else p.n_test.astype(np.int64)
+        n_train = lengths - n_val - n_test  # (U,) train items: the first of each user
         row_user = np.repeat(np.arange(1, p.n_users + 1, dtype=np.int64), lengths)
         row_pos = np.arange(n, dtype=np.int64) - np.repeat(p.offsets, lengths)
-        row_len = np.repeat(lengths, lengths)
-        train = np.flatnonzero((row_pos >= 1) & (row_pos <= row_len - 3))
-        ends = p.offsets + lengths  # one past each user's last row
-        val = (ends - 2)[lengths >= 3]
-        test = (ends - 1)[lengths >= 2]
+        train = np.flatnonzero((row_pos >= 1) & (row_pos < np.repeat(n_train, lengths)))
         item_valid = np.zeros(p.n_item_rows, dtype=bool)
         item_valid[p.item_rows] = True
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        val = Phase.build(p.offsets, n_train, n_val, p.items, p.n_item_rows, t)
+        test = Phase.build(p.offsets, n_train + n_val, n_test, p.items, p.n_item_rows, t)
 
         return cls(
             items=t(p.items.astype(np.int64)),
@@ -60,12 +123,16 @@ class DeviceData:
             offsets=t(np.concatenate([[0], p.offsets])),
             lengths=t(np.concatenate([[0], lengths])),
             train_rows=t(train),
-            val_rows=t(val),
-            test_rows=t(test),
+            val_rows=val.rows,
+            test_rows=test.rows,
             test_negs=t(p.test_negs.astype(np.int64)),
             item_valid=t(item_valid),
             n_items=p.n_item_rows,
             n_users=p.n_user_rows,
+            val=val,
+            test=test,
+            n_test_rows=t(np.concatenate([[0], n_test])),
+            split=p.split,
         )
 
     @property
@@ -91,6 +158,12 @@ class DeviceData:
         valid = slot[None, :] >= (maxlen - avail)[:, None]
         return torch.where(valid, self.items[idx.clamp(min=0)], 0)
 
+    def query_windows(self, phase: Phase, maxlen: int, lo: int = 0,
+                      hi: int | None = None) -> torch.Tensor:
+        """(B, L) windows of queries lo..hi-1 of `phase`: the items before each first
+        target."""
+        return self.windows_ending(phase.ends[lo:hi], phase.avail[lo:hi], maxlen)
+
     def latest_windows(self, users: torch.Tensor, maxlen: int) -> torch.Tensor:
         """(B, L) windows of each user's last L items (for recommendations)."""
         end = self.offsets[users] + self.lengths[users]
@@ -98,7 +171,9 @@ class DeviceData:
 
     def item_popularity(self) -> torch.Tensor:
         """(n_items,) float counts over train + validation rows (everything but test)."""
-        keep = self.row_pos <= self.lengths[self.row_user] - 2
+        n_test = self.n_test_rows if self.n_test_rows is not None else torch.ones_like(
+            self.lengths)
+        keep = self.row_pos < (self.lengths - n_test)[self.row_user]
         return torch.bincount(self.items[keep], minlength=self.n_items).to(torch.float32)
 
     def sample_negatives(self, generator: torch.Generator, per_row: int = 1,

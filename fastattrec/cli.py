@@ -170,6 +170,30 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @click.option("--min-item-interactions", type=int, default=None, metavar="M",
               help="The items' minimum of the k-core (see --min-user-interactions); "
                    "either option turns the iterated filter on. [default: no minimum]")
+@click.option("--split", "split", type=click.Choice(["leave-one-out", "time", "ratio"]),
+              default="leave-one-out", show_default=True,
+              help="leave-one-out: each user's last item is test, the one before "
+                   "validation. time: one cut for the whole log, interactions from "
+                   "--test-from on are test, from --val-from up to it validation, earlier "
+                   "ones train (by default the cuts leave the last 10% of interactions by "
+                   "time for test and the 10% before for validation). ratio: per user, in "
+                   "time order, the last 10% of the user's interactions test and the 10% "
+                   "before validation (at least one of each). Time and ratio splits are "
+                   "evaluated over all items on every target of a user.")
+@click.option("--val-fraction", type=float, default=None, metavar="F",
+              help="--split time: the share of all interactions (the latest by time, "
+                   "before the test ones) that is validation; --split ratio: the share of "
+                   "each user's. Rounded half up, at least 1. [default: 0.1]")
+@click.option("--test-fraction", type=float, default=None, metavar="F",
+              help="--split time or ratio: the share of interactions (the latest) that is "
+                   "test, as --val-fraction. [default: 0.1]")
+@click.option("--val-from", default=None, metavar="TIME",
+              help="--split time: the validation cut, a time in the log's units or a date "
+                   "(2003-01-01, 2003-01-01T10:00:00Z); with --test-from instead of the "
+                   "fractions.")
+@click.option("--test-from", default=None, metavar="TIME",
+              help="--split time: the test cut (as --val-from); interactions at or after "
+                   "it are test.")
 @click.option("--test-negatives", type=int, default=None,
               help="Distinct negatives per test user [default: 100; 101 with repeats under "
                    "--compat notebook].")
@@ -189,13 +213,15 @@ def synth(output: Path, users: int, items: int, interactions: int, seed: int,
 @interruptible(_prep_snapshot, _prep_interrupted)
 @user_errors
 def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col, rating_col,
-         trans_score, min_user_interactions, min_item_interactions, test_negatives, compat,
-         seed, streaming, force) -> None:
-    """Prepare a ratings log: time-ordered histories, leave-one-out split, negatives.
+         trans_score, min_user_interactions, min_item_interactions, split, val_fraction,
+         test_fraction, val_from, test_from, test_negatives, compat, seed, streaming,
+         force) -> None:
+    """Prepare a ratings log: time-ordered histories, the split, negatives.
 
-    Each user's items are ordered by time (ties keep file order). The last item is the
-    test target, the one before it the validation target, the rest train targets; users
-    with a single item are dropped (or, with --min-user-interactions or
+    Each user's items are ordered by time (ties keep file order). With the default
+    leave-one-out split the last item is the test target, the one before it the
+    validation target, the rest train targets (--split time and ratio: see --split);
+    users with a single item are dropped (or, with --min-user-interactions or
     --min-item-interactions, everything outside the k-core). Ids are remapped to 1..N
     (0 is padding). The folder is written to a temporary name and renamed only when
     complete.
@@ -208,8 +234,10 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
     ds = prepare(input_file, out_dir, format=fmt, user_col=user_col, item_col=item_col,
                  time_col=time_col, rating_col=rating_col, trans_score=trans_score,
                  min_user_interactions=min_user_interactions,
-                 min_item_interactions=min_item_interactions, test_negatives=test_negatives,
-                 compat=compat, seed=seed, streaming=streaming, force=force, log=say)
+                 min_item_interactions=min_item_interactions, split=split,
+                 val_fraction=val_fraction, test_fraction=test_fraction, val_from=val_from,
+                 test_from=test_from, test_negatives=test_negatives, compat=compat,
+                 seed=seed, streaming=streaming, force=force, log=say)
     c = ds.counts
     rows = [
         ("users", f"{c['users']:,}"),
@@ -218,6 +246,7 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("train samples", f"{c['train_samples']:,}"),
         ("validation samples", f"{c['val_samples']:,}"),
         ("test samples", f"{c['test_samples']:,}"),
+        *(_split_rows(ds.meta["params"], c) if "test_users" in c else []),
         ("rows read", f"{c['rows_read']:,}"),
         ("rows below --trans-score", f"{c['rows_read'] - c['rows_after_trans_score']:,}"),
         *(_kcore_rows(c) if "kcore_rounds" in c else
@@ -226,6 +255,19 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
     click.echo(text_table(rows, f"prepared {out_dir}"))
+
+
+def _split_rows(params: dict, c: dict) -> list[tuple[str, str]]:
+    """The summary's rows of a time or ratio split: the cuts, the users evaluated."""
+    cuts = params.get("time_cuts")
+    how = (f"time (validation from {cuts[0]}, test from {cuts[1]})" if cuts else
+           f"ratio (validation {params['val_fraction'] or 0.1:g}, test "
+           f"{params['test_fraction'] or 0.1:g} of each user)")
+    return [("split", how),
+            ("validation users", f"{c['val_users']:,} (+{c['val_users_without_history']:,} "
+                                 f"without history, not evaluated)"),
+            ("test users", f"{c['test_users']:,} (+{c['test_users_without_history']:,} "
+                           f"without history, not evaluated)")]
 
 
 def _kcore_rows(c: dict) -> list[tuple[str, str]]:
@@ -291,7 +333,8 @@ def train(data_dir, run_dir, resume_dir, force, progress, config_file, **opts) -
 
     Each epoch prints one line (losses, validation NDCG, speed) and writes an atomic
     checkpoint, so an interrupted run continues with --resume and ends with the same
-    weights. Test metrics (sampled and full ranking) come every --eval-every epochs.
+    weights. Test metrics (sampled and full ranking; full alone for a time or ratio split)
+    come every --eval-every epochs.
     Several GPUs or hosts: torchrun --nproc_per_node N -m fastattrec train ...
     """
     from fastattrec.distributed import from_environment, shutdown
@@ -335,8 +378,8 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts,
         return
     last = [h for h in run._history if "test" in h]
     if last:
-        ks = sorted({int(k.split("@")[1]) for k in last[-1]["test"]["sampled"]
-                     if k.startswith("HR@")})
+        first = next(iter(last[-1]["test"].values()))  # sampled, else full
+        ks = sorted({int(k.split("@")[1]) for k in first if k.startswith("HR@")})
         print_metrics(api.metrics_frame({"AttRec": last[-1]["test"]}, ks),
                        f"test metrics after epoch {last[-1]['epoch']} "
                        f"({last[-1]['kernel']} kernel)")

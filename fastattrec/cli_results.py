@@ -25,7 +25,9 @@ _TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row
                    "(distinct, fixed; the notebook); full: against every item the user has "
                    "not had before; both: those two; sasrec: the SASRec paper's, against "
                    "100 negatives drawn with replacement from the items the user never "
-                   "rated (seeded, the same on every evaluation).")
+                   "rated (seeded, the same on every evaluation). Datasets prepared with "
+                   "--split time or ratio have full ranking only (both means full), over "
+                   "every test item of a user, with Recall@K too.")
 @click.option("-k", "ks", multiple=True, type=int, default=(1, 5, 10, 20), show_default=True,
               help="Cut-offs K for HR@K and NDCG@K (repeat the option).")
 @click.option("--ndcg-log", type=click.Choice(["2", "e"]), default=None,
@@ -38,7 +40,8 @@ _TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-baseline", is_flag=True, help="Skip the popularity baseline.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Also write the metrics table (model, protocol, HR@K, NDCG@K, MRR, users, "
+              help="Also write the metrics table (model, protocol, HR@K, NDCG@K, [Recall@K,] "
+                   "MRR, users, "
                    f"checkpoint, epoch) to this file: {_TABLE_HELP}.")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if an earlier `evaluate` wrote it.")
@@ -225,7 +228,7 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
 
         who = (f"user {new[0]} is" if len(new) == 1 else f"{len(new):,} users are")
         say(f"{who} not in the run's dataset: scored with the mean trained user "
-            f"(docs/spec.md §4.9)")
+            f"(docs/spec.md §4.10)")
     if as_json:
         click.echo(frame.write_json())
     elif output is not None:

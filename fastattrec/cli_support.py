@@ -113,8 +113,9 @@ def clip_arg(arg: str) -> str:
 
 
 def print_metrics(frame, title: str) -> None:
-    """One table: a row per (model, protocol), columns HR@K, NDCG@K, MRR."""
-    cols = [c for c in frame.columns if c.startswith(("HR@", "NDCG@")) or c == "MRR"]
+    """One table: a row per (model, protocol), columns HR@K, NDCG@K, [Recall@K,] MRR."""
+    cols = [c for c in frame.columns
+            if c.startswith(("HR@", "NDCG@", "Recall@")) or c == "MRR"]
     header = ["model", "protocol", *cols]
     rows = [[r["model"], r["protocol"], *(f"{r[c]:.4f}" for c in cols)]
             for r in frame.iter_rows(named=True)]

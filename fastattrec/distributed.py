@@ -50,9 +50,12 @@ class Distributed:
         lo, hi = self.bounds(rows.shape[0])
         return rows[lo:hi]
 
-    def gather(self, t: torch.Tensor, total: int) -> torch.Tensor:
-        """Concatenate every process's `shard` result, in rank order."""
-        sizes = [hi - lo for lo, hi in (self.bounds(total, r) for r in range(self.world))]
+    def gather(self, t: torch.Tensor, total: int,
+               sizes: list[int] | None = None) -> torch.Tensor:
+        """Concatenate every process's `shard` result, in rank order (`sizes`: each
+        process's length, when they are not `bounds(total)`'s)."""
+        if sizes is None:
+            sizes = [hi - lo for lo, hi in (self.bounds(total, r) for r in range(self.world))]
         width = max(sizes)
         padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[: t.shape[0]] = t

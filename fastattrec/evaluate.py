@@ -1,10 +1,12 @@
 """Vectorised ranking evaluation (docs/spec.md §4): sampled and full-ranking protocols.
 
 Every scorer reports "goodness" (higher is better; mode dist's distances are negated), so
-one ranking rule serves all: a user's rank is the number of competing items whose goodness
-is at least the target's (ties count against the target). Each user's short-term interest
-is computed once per evaluation and scored against all candidates in one tensor
-operation; users go in chunks that bound memory.
+one ranking rule serves all: a target's rank is the number of competing items whose
+goodness is at least the target's (ties count against the target). Each query's (user's)
+short-term interest is computed once per evaluation and scored against all candidates in
+one tensor operation; queries go in chunks that bound memory. A query may have several
+targets (the time and ratio splits, §4.9): each is ranked against the non-target
+candidates and metrics are taken over the query's targets.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Protocol
 
 import torch
 
-from fastattrec.batches import DeviceData
+from fastattrec.batches import DeviceData, Phase
+from fastattrec.errors import UserError
 from fastattrec.model import AttRec
 
 DEFAULT_KS = (1, 5, 10, 20)
@@ -64,23 +67,58 @@ class PopularityRanker:
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
-                       ndcg_log: str = "2") -> dict[str, float]:
-    """HR@K, NDCG@K and MRR from 0-based ranks (U,): means over users.
+                       ndcg_log: str = "2", owner: torch.Tensor | None = None,
+                       recall: bool = False) -> dict[str, float]:
+    """HR@K, NDCG@K and MRR (and Recall@K with `recall`) from 0-based ranks: means over
+    queries (users).
 
+    With one target per query (`owner` None), `ranks` (U,) are the targets' ranks:
     NDCG@K = [rank < K] / log(rank + 2) with log base 2 (ndcg_log="2") or the natural log
-    of the original notebook (ndcg_log="e"). MRR = 1 / (rank + 1), not cut at K.
+    of the original notebook (ndcg_log="e"); MRR = 1 / (rank + 1), not cut at K.
+
+    With several, `ranks` (M,) are the 0-based positions of every query's relevant items
+    in its ranked list, query by query (`owner` (M,) nondecreasing) and ascending within
+    a query, as `target_ranks` returns them. Then, for a query with n relevant items at
+    positions p_0 < p_1 < ... (docs/spec.md §4.9): HR@K = [p_0 < K];
+    Recall@K = #{p_j < K} / n (RecBole's recall); NDCG@K = Σ [p_j < K] / log(p_j + 2)
+    divided by the ideal Σ_{j < min(K, n)} 1 / log2(j + 2); MRR = 1 / (p_0 + 1). With one
+    target these are the formulas above, to the bit.
     """
     if ndcg_log not in ("2", "e"):
         raise ValueError("ndcg_log must be '2' or 'e'")
     r = ranks.to(torch.float64)
     log = torch.log2 if ndcg_log == "2" else torch.log
-    out: dict[str, float] = {"users": int(r.numel())}
+    if owner is None or owner.shape[0] == 0 or bool((owner[1:] != owner[:-1]).all()):
+        first, n_rel, segments = r, None, None  # one target per query
+    else:  # segments of each query's targets: sums by cumulative sums (deterministic)
+        starts = torch.cat([torch.ones(1, dtype=torch.bool, device=r.device),
+                            owner[1:] != owner[:-1]]).nonzero().flatten()  # (P,)
+        ends = torch.cat([starts[1:], torch.tensor([r.shape[0]], device=r.device)])
+        first, n_rel, segments = r[starts], (ends - starts).to(torch.float64), (starts, ends)
+    out: dict[str, float] = {"users": int(first.numel())}
     for k in ks:
         hit = (r < k).to(torch.float64)
-        out[f"HR@{k}"] = float(hit.mean())
-        out[f"NDCG@{k}"] = float((hit / log(r + 2)).mean())
-    out["MRR"] = float((1.0 / (r + 1)).mean())
+        gain = hit / log(r + 2)
+        out[f"HR@{k}"] = float((first < k).to(torch.float64).mean())
+        if segments is None:
+            if recall:
+                out[f"Recall@{k}"] = out[f"HR@{k}"]
+            out[f"NDCG@{k}"] = float(gain.mean())
+            continue
+        if recall:
+            out[f"Recall@{k}"] = float((_segment_sums(hit, *segments) / n_rel).mean())
+        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(
+            k, dtype=torch.float64, device=r.device) + 2), 0)  # (K,) ideal DCG of 1..K hits
+        best = ideal[torch.clamp(n_rel.long(), max=k) - 1]
+        out[f"NDCG@{k}"] = float((_segment_sums(gain, *segments) / best).mean())
+    out["MRR"] = float((1.0 / (first + 1)).mean())
     return out
+
+
+def _segment_sums(v: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(P,) sums of v (M,) over [starts, ends) (P,), by one cumulative sum."""
+    c = torch.cat([torch.zeros(1, dtype=v.dtype, device=v.device), torch.cumsum(v, 0)])
+    return c[ends] - c[starts]
 
 
 def worst_if_nan(g: torch.Tensor) -> torch.Tensor:
@@ -137,24 +175,54 @@ def full_ranks(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int
                chunk: int | None = None) -> torch.Tensor:
     """(B,) ranks of the targets at `rows` among every real item, excluding the items the
     user had before the target (the target itself stays a candidate only once)."""
+    return target_ranks(ranker, data, Phase.of_rows(data, rows), maxlen, chunk)
+
+
+@torch.no_grad()
+def target_ranks(ranker: Ranker, data: DeviceData, phase: Phase, maxlen: int,
+                 chunk: int | None = None, queries: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+    """(D,) positions of the relevant items (`phase.rank_rows`) of queries lo..hi-1
+    (`queries`, default all) in their query's full ranking: query by query, ascending
+    within a query (the order `metrics_from_ranks` takes).
+
+    Candidates are every real item but the user's items before the window end; a target
+    that is also among them stays a candidate. Each target's rank r is the number of
+    non-target candidates whose goodness is at least its own (ties count against it);
+    the k-th best of a query's targets (0-based) is at position r + k of the list."""
     chunk = chunk or _full_chunk_size(data.n_items, data.device)
+    lo_q, hi_q = queries or (0, phase.n)
+    starts = list(range(lo_q, hi_q, chunk))
+    # First target of each chunk and one past the last (one host sync for all chunks).
+    cuts = torch.searchsorted(phase.rank_owner, torch.tensor(
+        [*starts, hi_q], device=phase.rank_owner.device)).tolist()
     out = []
-    for lo, hi in _chunks(rows.shape[0], chunk):
-        r = rows[lo:hi]
-        users = data.row_user[r]
-        g = worst_if_nan(ranker.goodness_all(users, data.windows_before(r, maxlen)).clone())
-        target = data.items[r]  # g: (B, I)
-        g_t = g.gather(1, target[:, None])  # (B, 1)
-        # Competitors: every real item except those the user had before the target and
-        # the target itself; (chunk row, item) pairs cleared with one scatter.
-        compete = data.item_valid[None, :].repeat(r.shape[0], 1)  # (B, I)
-        hist = data.row_pos[r]  # (B,) number of earlier rows
-        b = torch.repeat_interleave(torch.arange(r.shape[0], device=r.device), hist)
-        within = torch.arange(b.shape[0], device=r.device) - torch.repeat_interleave(
-            torch.cumsum(hist, 0) - hist, hist)
-        compete[b, data.items[data.offsets[users][b] + within]] = False
-        compete[torch.arange(r.shape[0], device=r.device), target] = False
-        out.append(((g >= g_t) & compete).sum(dim=1))
+    for c, lo in enumerate(starts):
+        hi = min(hi_q, lo + chunk)
+        users, ends, avail = phase.users[lo:hi], phase.ends[lo:hi], phase.avail[lo:hi]
+        g = worst_if_nan(ranker.goodness_all(users, data.query_windows(
+            phase, maxlen, lo, hi)).clone())  # (B, I)
+        b_n = hi - lo
+        tq = phase.rank_owner[cuts[c]:cuts[c + 1]] - lo  # (Mc,) query of each target
+        ti = data.items[phase.rank_rows[cuts[c]:cuts[c + 1]]]  # (Mc,) its item
+        # Competitors: every real item except the user's earlier items and the targets;
+        # (query, item) pairs cleared with one scatter each.
+        compete = data.item_valid[None, :].repeat(b_n, 1)  # (B, I)
+        b = torch.repeat_interleave(torch.arange(b_n, device=g.device), avail)
+        within = torch.arange(b.shape[0], device=g.device) - torch.repeat_interleave(
+            torch.cumsum(avail, 0) - avail, avail)
+        compete[b, data.items[(ends - avail)[b] + within]] = False
+        compete[tq, ti] = False
+        g_t = g[tq, ti]  # (Mc,)
+        if tq.shape[0] == b_n:  # one target per query: tq is 0..B-1
+            r = ((g >= g_t[:, None]) & compete).sum(dim=1)
+        else:  # several: the targets' rows, gathered at most B at a time
+            r = torch.cat([((g[tq[s:s + b_n]] >= g_t[s:s + b_n, None]) & compete[
+                tq[s:s + b_n]]).sum(dim=1) for s in range(0, tq.shape[0], b_n)])
+            srt = torch.sort(tq * (data.n_items + 1) + r, stable=True).values
+            k = torch.arange(tq.shape[0], device=g.device) - torch.searchsorted(tq, tq)
+            r = srt - tq * (data.n_items + 1) + k  # (Mc,) positions, ascending per query
+        out.append(r)
     if not out:
         return torch.zeros(0, dtype=torch.long, device=data.device)
     return torch.cat(out)
@@ -169,16 +237,20 @@ def evaluate(ranker: Ranker, data: DeviceData, maxlen: int, protocol: str = "bot
     ranks are gathered, so every process returns the same metrics."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}")
+    if protocol in ("sampled", "sasrec") and not data.leave_one_out:
+        raise UserError(f"the {protocol} protocol ranks one test item per user against "
+                        f"sampled negatives, which only the leave-one-out split has; this "
+                        f"dataset's split is {data.split}, so use protocol full (or both, "
+                        f"which is full alone for it).")
     n = data.test_rows.shape[0]
     res: dict[str, dict] = {}
-    if protocol in ("sampled", "both"):
+    if protocol in ("sampled", "both") and data.leave_one_out:
         lo, hi = (0, n) if dist is None else dist.bounds(n)
         ranks = sampled_ranks(ranker, data, maxlen, users=(lo, hi))
         ranks = ranks if dist is None else dist.gather(ranks, n)
         res["sampled"] = metrics_from_ranks(ranks, ks, ndcg_log)
     if protocol in ("full", "both"):
-        ranks = full_ranks_of(ranker, data, data.test_rows, maxlen, dist)
-        res["full"] = metrics_from_ranks(ranks, ks, ndcg_log)
+        res["full"] = phase_metrics(ranker, data, data.test, maxlen, ks, ndcg_log, dist)
     if protocol == "sasrec":
         lo, hi = (0, n) if dist is None else dist.bounds(n)
         ranks = sampled_ranks(ranker, data, maxlen, users=(lo, hi),
@@ -196,10 +268,23 @@ def sasrec_negatives(data: DeviceData, seed: int = 0) -> torch.Tensor:
     return data.sample_negatives(gen, SASREC_NEGATIVES, rows=data.test_rows)
 
 
-def full_ranks_of(ranker: Ranker, data: DeviceData, rows: torch.Tensor, maxlen: int,
-                  dist=None) -> torch.Tensor:
-    """`full_ranks` of all `rows`; with `dist`, each process ranks its share and the ranks
-    are gathered, so every process returns all of them."""
+def phase_metrics(ranker: Ranker, data: DeviceData, phase: Phase, maxlen: int,
+                  ks: Sequence[int] = DEFAULT_KS, ndcg_log: str = "2",
+                  dist=None) -> dict[str, float]:
+    """Full-ranking metrics of a phase's queries (`data.val` or `data.test`); Recall@K as
+    well unless the split is leave-one-out (where it is HR@K). With `dist`, each process
+    ranks its share of the queries and the positions are gathered, so every process
+    returns the same metrics."""
     if dist is None:
-        return full_ranks(ranker, data, rows, maxlen)
-    return dist.gather(full_ranks(ranker, data, dist.shard(rows), maxlen), rows.shape[0])
+        ranks = target_ranks(ranker, data, phase, maxlen)
+    else:
+        lo, hi = dist.bounds(phase.n)
+        # every process's share of the targets, known to all from the query bounds
+        edges = torch.searchsorted(phase.rank_owner, torch.tensor(
+            [dist.bounds(phase.n, r)[0] for r in range(dist.world)] + [phase.n],
+            device=phase.rank_owner.device)).tolist()
+        sizes = [edges[r + 1] - edges[r] for r in range(dist.world)]
+        ranks = dist.gather(target_ranks(ranker, data, phase, maxlen, queries=(lo, hi)),
+                            phase.rank_rows.shape[0], sizes)
+    return metrics_from_ranks(ranks, ks, ndcg_log, phase.rank_owner,
+                              recall=not data.leave_one_out)

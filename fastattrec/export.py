@@ -2,7 +2,7 @@
 `.pt2` program or an ONNX graph, both computing the run's goodness of every item.
 
 The exported function is `goodness(users, windows)`: user rows (B,) int64 (0: a user the
-model was not trained on, scored with the mean trained user, spec §4.9) and windows (B, L)
+model was not trained on, scored with the mean trained user, spec §4.10) and windows (B, L)
 int64 of item rows, oldest first, left-padded with 0 -> (B, n_item_rows) float32, higher is
 better, -inf on rows that are not items. The id maps (raw id -> row) travel inside the
 file as JSON, so a caller needs nothing else from the run folder; leaving out the items a

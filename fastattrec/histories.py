@@ -1,4 +1,4 @@
-"""New or updated histories scored without retraining (docs/spec.md §4.9).
+"""New or updated histories scored without retraining (docs/spec.md §4.10).
 
 A history is a user's items, oldest first. Its window is its last L items the model
 knows; a user of the dataset keeps their long-term embedding (and their dataset history

@@ -213,7 +213,7 @@ class AttRec(nn.Module):
     def user_rows(self, users: torch.Tensor) -> torch.Tensor:
         """(B, d) long-term user embeddings of users (B,); user 0, one the model was not
         trained on (a new history), gets the mean of the trained users' rows 1.. (docs/spec.md
-        §4.9)."""
+        §4.10)."""
         rows = F.embedding(users, self.user_emb)  # (B, d)
         mean = self.user_emb[1:].mean(0)  # (d,)
         return torch.where((users == 0)[:, None], mean[None, :], rows)

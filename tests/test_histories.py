@@ -1,4 +1,4 @@
-"""Histories the model was not trained on, scored without retraining (docs/spec.md §4.9):
+"""Histories the model was not trained on, scored without retraining (docs/spec.md §4.10):
 the scores are recomputed here in float64 numpy from the trained tables, the window is the
 history's last L known items, seen items are the dataset history plus the given one, a new
 user gets the mean trained user, and every mistake is one sentence."""

@@ -9,10 +9,13 @@ A prepared dataset is a folder (docs/formats.md §1):
   validation target is row n-2 and its negative is the validation negative; the test
   target is row n-1 (its negatives are in `test_negatives.parquet`).
 - `users.parquet`  `user` (int32 dense id 1..U), `raw_user`, `offset` (int64 first row in
-  `sequences.parquet`), `length` (int32 n >= 2).
+  `sequences.parquet`), `length` (int32 n >= 2); with the time or ratio split also
+  `n_val`, `n_test` (int32): how many of the user's last rows are validation and test
+  targets (leave-one-out: one and one, not stored; docs/spec.md §1.11).
 - `items.parquet`  `item` (int32 dense id), `raw_item`.
 - `test_negatives.parquet`  `user`, `neg`: the test negatives of every user with n >= 2,
-  users in id order, the same count for each, in draw order.
+  users in id order, the same count for each, in draw order (none for the time and
+  ratio splits, which have no sampled protocol).
 - `meta.json`  counts, every parameter, the source file's size and SHA-256, the versions.
 
 Windows of any length are cut from the flat sequences later, on the device.
@@ -30,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from fastattrec.data import FORMAT_VERSION
+from fastattrec.data.splits import LEAVE_ONE_OUT, SPLITS
 from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.outputs import foreign_files, read_json_dict
 
@@ -51,6 +55,13 @@ class Prepared:
     raw_users: pl.Series  # (U,) raw id of dense user u+1
     raw_items: pl.Series  # raw id of each item row listed in `item_rows`
     item_rows: np.ndarray  # (I,) int32 embedding rows that are real items
+    n_val: np.ndarray | None = None  # (U,) int32 validation targets per user (None: 1 each)
+    n_test: np.ndarray | None = None  # (U,) int32 test targets per user (None: 1 each)
+
+    @property
+    def split(self) -> str:
+        """leave-one-out, time or ratio (docs/spec.md §1.11)."""
+        return split_of(self.meta)
 
     @property
     def n_users(self) -> int:
@@ -68,6 +79,11 @@ class Prepared:
     def test_users(self) -> np.ndarray:
         """(U_test,) dense ids of users with a test sample (length >= 2), ascending."""
         return np.flatnonzero(self.lengths >= 2).astype(np.int64) + 1
+
+
+def split_of(meta: dict[str, Any]) -> str:
+    """The split a dataset's meta.json records (leave-one-out before there was a choice)."""
+    return meta["params"].get("split", LEAVE_ONE_OUT)
 
 
 def is_prepared_dataset(path: Path) -> bool:
@@ -136,9 +152,11 @@ def read_meta(path: Path) -> dict[str, Any]:
         problems = [f"counts.{k}" for k in _COUNT_KEYS if not _is_int(counts.get(k))]
         if not _is_int(params.get("test_negatives_per_user")):
             problems.append("params.test_negatives_per_user")
+        if params.get("split", LEAVE_ONE_OUT) not in SPLITS:
+            problems.append("params.split")
     if problems:
         raise UserError(f"{file} lacks or garbles {', '.join(problems)}; {again}.")
-    if params["test_negatives_per_user"] < 1:
+    if params["test_negatives_per_user"] < 1 and split_of(meta) == LEAVE_ONE_OUT:
         raise UserError(f"{file} gives params.test_negatives_per_user as 0, so every test "
                         f"target would rank first against no negatives (HR@K 1.0); prepare "
                         f"it again with `fastattrec prep INPUT -o {quoted(path)} --force "
@@ -165,7 +183,10 @@ def load_prepared(path: Path) -> Prepared:
     every file against meta.json and the other files (one sentence naming the file)."""
     path = Path(path)
     meta = read_meta(path)
-    frames = {name: _read_parquet(path, name, cols) for name, cols in _COLUMNS.items()}
+    loo = split_of(meta) == LEAVE_ONE_OUT
+    columns = {**_COLUMNS, "users.parquet": _COLUMNS["users.parquet"] + (
+        () if loo else ("n_val", "n_test"))}
+    frames = {name: _read_parquet(path, name, cols) for name, cols in columns.items()}
     for name, frame in frames.items():
         _check_values(path, name, frame)
     seq, users = frames["sequences.parquet"], frames["users.parquet"]
@@ -188,6 +209,14 @@ def load_prepared(path: Path) -> Prepared:
             and np.array_equal(offsets, np.cumsum(lengths) - lengths)):
         _disagree(path, "users.parquet's offset and length columns do not cut "
                         "sequences.parquet into the users' sequences (each at least 2 long)")
+    n_val = n_test = None
+    if not loo:
+        n_val = users.get_column("n_val").to_numpy().astype(np.int64)
+        n_test = users.get_column("n_test").to_numpy().astype(np.int64)
+        if not ((n_val >= 0).all() and (n_test >= 0).all()
+                and (n_val + n_test <= lengths).all()):
+            _disagree(path, "users.parquet's n_val and n_test columns are negative or add "
+                            "up to more than the user's length")
     for name, col, ids in (("sequences.parquet", "item", seq_items),
                            ("sequences.parquet", "neg", seq_negs),
                            ("test_negatives.parquet", "neg", test_negs),
@@ -220,6 +249,8 @@ def load_prepared(path: Path) -> Prepared:
         raw_users=users.get_column("raw_user"),
         raw_items=items.get_column("raw_item"),
         item_rows=items.get_column("item").to_numpy().astype(np.int32),
+        n_val=None if n_val is None else n_val.astype(np.int32),
+        n_test=None if n_test is None else n_test.astype(np.int32),
     )
 
 

@@ -7,8 +7,11 @@ anti-joins over the whole log; the loop is over rounds, never over users or item
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
+
+from fastattrec.errors import UserError
 
 
 @dataclass
@@ -53,3 +56,19 @@ def kcore(raw: pl.LazyFrame, min_user: int, min_item: int, streaming: bool) -> K
             .join(items.lazy(), on="item", how="semi"))
     return KCore(kept, pairs.height, rounds, rows0 - pairs.height, users0 - users.height,
                  items0 - items.height)
+
+
+def kcore_rows(raw: pl.LazyFrame, source: Path, min_user: int, min_item: int,
+               streaming: bool) -> tuple[pl.LazyFrame, dict[str, int]]:
+    """The k-core's rows and its counts for meta.json; one sentence naming `source` when
+    it leaves nothing."""
+    core = kcore(raw, min_user, min_item, streaming)
+    if core.rows_left == 0:
+        raise UserError(
+            f"{source}: no interactions are left after the k-core filter (users with at "
+            f"least {min_user} and items with at least {min_item} interactions, "
+            f"{core.rounds} rounds); lower --min-user-interactions or "
+            f"--min-item-interactions.")
+    return core.kept, {"dropped_users": core.dropped_users,
+                       "dropped_interactions": core.dropped_rows,
+                       "dropped_items": core.dropped_items, "kcore_rounds": core.rounds}

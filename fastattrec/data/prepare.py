@@ -22,11 +22,19 @@ from fastattrec.atomic import atomic_dir, atomic_write_json
 from fastattrec.data import DATASET_KIND, FORMAT_VERSION
 from fastattrec.data.compressed import decompress_to
 from fastattrec.data.dataset import replaceable_dataset
-from fastattrec.data.filters import kcore
+from fastattrec.data.filters import kcore_rows
 from fastattrec.data.negatives import distinct_test_draws, map_unseen, seen_reference
 from fastattrec.data.ratings import read_ratings, sink_ratings
-from fastattrec.data.readers import ColumnNames, check_file
+from fastattrec.data.readers import SEQUENCES, ColumnNames, check_file
 from fastattrec.data.rng import STREAM_TEST_NEG, STREAM_TRAIN_NEG, random_below
+from fastattrec.data.splits import (
+    LEAVE_ONE_OUT,
+    SplitOptions,
+    TimeCuts,
+    check_split,
+    split_counts,
+    split_users,
+)
 from fastattrec.errors import UserError, first_error_line
 from fastattrec.outputs import claim_output, file_sha256
 from fastattrec.version import VERSION as __version__
@@ -49,6 +57,7 @@ class PrepOptions:
     streaming: bool = False
     min_user_interactions: int | None = None  # None: 2 (single-item users dropped)
     min_item_interactions: int | None = None  # None: no minimum; either one: k-core
+    split: SplitOptions = field(default_factory=SplitOptions)  # leave-one-out by default
 
     @property
     def kcore(self) -> bool:
@@ -79,8 +88,9 @@ def prepare(
 ) -> PrepSummary:
     """Prepare `source` into `out_dir` (written atomically; see module docstring).
 
-    Phases: read the log (and filter ratings), split off single-item users and number the
-    ids, order each user's sequence, draw the negatives, write the files and meta.json.
+    Phases: read the log (and filter ratings), split off single-item users (or keep the
+    k-core) and number the ids, order each user's sequence and split it (validation and
+    test counts), draw the negatives, write the files and meta.json.
     `force` replaces an existing prepared dataset, never anything else (outputs.py)."""
     source, out_dir = Path(source), Path(out_dir)
     n_test_neg = _check_options(opts)
@@ -106,13 +116,16 @@ def prepare(
         step("splitting users")
         ids = _split_users(raw, source, opts)
         step("ordering sequences")
-        seq, users = _order_sequences(ids, opts.streaming)
+        seq, users = _order_sequences(ids, opts.streaming, opts.split.split == "time")
+        users, cuts = split_users(seq, users, source, opts.split)
+        seq = seq.select("user", "item")
         _check_enough_unseen(users, ids.universe, n_test_neg, source, opts)
         step("drawing negatives")
         train_negs, test_negs = _draw_negatives(seq, users, ids.universe, n_test_neg, opts)
         step("writing " + str(out_dir))
-        _write_tables(tmp, out_dir, seq, train_negs, users, ids.item_map, test_negs)
-        lengths = users.get_column("length")
+        loo = opts.split.split == LEAVE_ONE_OUT
+        _write_tables(tmp, out_dir, seq, train_negs, users, ids.item_map, test_negs, loo)
+        phases = split_counts(users)
         counts = {
             "rows_read": rows_read,
             "rows_after_trans_score": ids.rows_kept,
@@ -120,24 +133,38 @@ def prepare(
             "items": ids.item_map.height,
             "item_rows": ids.universe + 1,
             "interactions": seq.height,
-            "train_samples": int((lengths - 3).clip(lower_bound=0).sum()),
-            "val_samples": int((lengths >= 3).sum()),
-            "test_samples": int((lengths >= 2).sum()),
+            "train_samples": phases["train_samples"],
+            "val_samples": phases["val_samples"],
+            "test_samples": phases["test_samples"],
             **ids.dropped,
+            **({} if loo else {k: v for k, v in phases.items() if "users" in k}),
         }
         _same_source(source, before)  # (streaming reads the source until here)
         atomic_write_json(tmp / "meta.json", _meta(source, scan.fmt, opts, n_test_neg,
                                                    ids.universe, counts, sha256,
-                                                   before[0], id_types))
+                                                   before[0], id_types, cuts))
     seconds = time.perf_counter() - t0
     steps.append(("done", seconds))
     return PrepSummary(out_dir=out_dir, counts=counts, seconds=seconds, steps=steps)
 
 
 def _check_options(opts: PrepOptions) -> int:
-    """Refuse bad options before any work; returns the number of test negatives."""
+    """Refuse bad options before any work; returns the number of test negatives (0 for
+    the time and ratio splits, which have no sampled protocol)."""
     if opts.compat not in COMPAT_MODES:
         raise UserError(f"unknown --compat {opts.compat!r}; use one of {', '.join(COMPAT_MODES)}.")
+    check_split(opts.split, opts.fmt, SEQUENCES)
+    if opts.split.split != LEAVE_ONE_OUT:
+        if opts.compat == "notebook":
+            raise UserError(f"--compat notebook reproduces the notebook's leave-one-out "
+                            f"split, so it cannot be used with --split {opts.split.split}; "
+                            f"drop one of them.")
+        if opts.test_negatives is not None:
+            raise UserError(f"--test-negatives draws the negatives of the sampled protocol, "
+                            f"which ranks one test item per user and exists only for the "
+                            f"leave-one-out split; --split {opts.split.split} is evaluated "
+                            f"over all items, so drop --test-negatives.")
+        return 0
     n_test_neg = opts.test_negatives
     if n_test_neg is None:
         n_test_neg = NOTEBOOK_TEST_NEGATIVES if opts.compat == "notebook" else 100
@@ -212,7 +239,8 @@ def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
             f"(ratings below it are dropped)."
         )
     if opts.kcore:
-        kept, dropped = _kcore(raw, source, opts)
+        kept, dropped = kcore_rows(raw, source, opts.min_user_interactions or 2,
+                                   opts.min_item_interactions or 1, streaming)
     else:
         kept = raw.join(
             per_user.lazy().filter(pl.col("n") >= 2).select("user"), on="user", how="semi"
@@ -243,33 +271,17 @@ def _split_users(raw: pl.LazyFrame, source: Path, opts: PrepOptions) -> _Ids:
                 universe)
 
 
-def _kcore(raw: pl.LazyFrame, source: Path, opts: PrepOptions
-           ) -> tuple[pl.LazyFrame, dict[str, int]]:
-    """The k-core's rows and its counts; one sentence when it leaves nothing."""
-    min_user = opts.min_user_interactions or 2
-    min_item = opts.min_item_interactions or 1
-    core = kcore(raw, min_user, min_item, opts.streaming)
-    dropped = {"dropped_users": core.dropped_users, "dropped_interactions": core.dropped_rows,
-               "dropped_items": core.dropped_items, "kcore_rounds": core.rounds}
-    if core.rows_left == 0:
-        raise UserError(
-            f"{source}: no interactions are left after the k-core filter (users with at "
-            f"least {min_user} and items with at least {min_item} interactions, "
-            f"{core.rounds} rounds); lower --min-user-interactions or "
-            f"--min-item-interactions.")
-    return core.kept, dropped
-
-
-def _order_sequences(ids: _Ids, streaming: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Flat sequences (user, item) in (user, time, file line) order, and the users table
-    (user, length, distinct, offset, raw_user) (docs/spec.md §1.4)."""
+def _order_sequences(ids: _Ids, streaming: bool, keep_time: bool = False
+                     ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Flat sequences (user, item[, time]) in (user, time, file line) order, and the users
+    table (user, length, distinct, offset, raw_user) (docs/spec.md §1.4)."""
     seq = _collect(
         ids.kept.join(ids.user_map.lazy(), left_on="user", right_on="raw_user")
         .drop("user").rename({"user_right": "user"})
         .join(ids.item_map.lazy(), left_on="item", right_on="raw_item")
         .drop("item").rename({"item_right": "item"})
         .sort("user", "time", "_line")
-        .select("user", "item"),
+        .select("user", "item", *(["time"] if keep_time else [])),
         streaming,
     )
     users = _collect(
@@ -294,7 +306,7 @@ def _check_enough_unseen(users: pl.DataFrame, universe: int, n_test_neg: int, so
             f"{source}: user {full.item(0, 'raw_user')} has interacted with every one of "
             f"the {universe} items, so no negative can be drawn; remove that user."
         )
-    if opts.compat != "notebook":
+    if opts.compat != "notebook" and n_test_neg:
         short = users.filter(pl.col("unseen") < n_test_neg)
         if short.height:
             row = short.row(0, named=True)
@@ -318,6 +330,11 @@ def _draw_negatives(seq: pl.DataFrame, users: pl.DataFrame, universe: int, n_tes
         ref.lazy(), stride,
     ).sort("g").select("neg")
     test_users = users.filter(pl.col("length") >= 2).select("user", "unseen")
+    if n_test_neg == 0:  # the time and ratio splits: no sampled protocol, no test negatives
+        test_plan = pl.LazyFrame(schema={"user": pl.Int32, "neg": pl.Int32})
+        train_negs, test_negs = pl.collect_all(
+            [train_plan, test_plan], engine="streaming" if opts.streaming else "auto")
+        return train_negs, test_negs
     if opts.compat == "notebook":  # independent draws, repeats allowed
         draws = (
             test_users.lazy()
@@ -342,13 +359,17 @@ def _draw_negatives(seq: pl.DataFrame, users: pl.DataFrame, universe: int, n_tes
 
 
 def _write_tables(tmp: Path, out_dir: Path, seq: pl.DataFrame, train_negs: pl.DataFrame,
-                  users: pl.DataFrame, item_map: pl.DataFrame, test_negs: pl.DataFrame) -> None:
-    """The four Parquet files (docs/formats.md §1); a failed write is one sentence."""
+                  users: pl.DataFrame, item_map: pl.DataFrame, test_negs: pl.DataFrame,
+                  loo: bool = True) -> None:
+    """The four Parquet files (docs/formats.md §1); a failed write is one sentence. The
+    users' n_val and n_test columns are written for the time and ratio splits only
+    (leave-one-out's are one and one)."""
     try:
         write_parquet(pl.DataFrame({"item": seq.get_column("item").cast(pl.Int32),
                                     "neg": train_negs.get_column("neg")}),
                       tmp / "sequences.parquet")
-        write_parquet(users.select("user", "raw_user", "offset", "length"),
+        write_parquet(users.select("user", "raw_user", "offset", "length",
+                                   *([] if loo else ["n_val", "n_test"])),
                       tmp / "users.parquet")
         write_parquet(item_map, tmp / "items.parquet")
         write_parquet(test_negs, tmp / "test_negatives.parquet")
@@ -384,8 +405,8 @@ def _same_source(source: Path, before: tuple[int, int, int]) -> None:
 
 
 def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: int,
-          counts: dict[str, int], sha256: str, size: int, id_types: dict[str, str]
-          ) -> dict[str, Any]:
+          counts: dict[str, int], sha256: str, size: int, id_types: dict[str, str],
+          cuts: TimeCuts | None = None) -> dict[str, Any]:
     """meta.json: versions, the source's identity, every parameter, the counts."""
     return {
         "kind": DATASET_KIND,
@@ -408,6 +429,12 @@ def _meta(source: Path, fmt: str, opts: PrepOptions, n_test_neg: int, universe: 
             "seed": opts.seed,
             "min_user_interactions": opts.min_user_interactions,
             "min_item_interactions": opts.min_item_interactions,
+            "split": opts.split.split,
+            "val_fraction": opts.split.val_fraction,
+            "test_fraction": opts.split.test_fraction,
+            "val_from": opts.split.val_from,
+            "test_from": opts.split.test_from,
+            "time_cuts": None if cuts is None else [cuts.val, cuts.test],
             "negative_universe": [1, universe],
             "streaming": opts.streaming,
         },

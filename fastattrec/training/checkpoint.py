@@ -171,8 +171,8 @@ def _csv_text(history: list[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(LOG_COLUMNS)
     for h in history:
-        if "test" in h:
-            s = h["test"]["sampled"]
+        if "test" in h:  # the sampled protocol; full ranking where there is none
+            s = h["test"].get("sampled") or h["test"]["full"]
             k = h["k"]
             w.writerow([h["epoch"], f"{h['fit_time']:.4f}", f"{h['eval_time']:.4f}",
                         f"{s[f'HR@{k}']:.6f}", f"{s[f'NDCG@{k}']:.6f}", f"{s['MRR']:.6f}"])
@@ -209,7 +209,7 @@ def plot_curves(run_dir: Path, history: list[dict]) -> bool:
     loss.set(title="losses", ylabel="loss per sample")
     val.plot(ep, [h["val_metric"] for h in history], marker=".", label=history[0]["val_name"])
     val.set(title="validation (full ranking)", ylabel=history[0]["val_name"])
-    for proto in ("sampled", "full"):
+    for proto in (tested[0]["test"] if tested else ()):
         for name, style in ((f"HR@{k}", "o-"), (f"NDCG@{k}", "s--")):
             test.plot([h["epoch"] for h in tested], [h["test"][proto][name] for h in tested],
                       style, label=f"{name} ({proto})")

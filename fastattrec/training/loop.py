@@ -23,13 +23,7 @@ from fastattrec.batches import DeviceData
 from fastattrec.config import TrainConfig
 from fastattrec.data.dataset import load_prepared, read_meta
 from fastattrec.errors import UserError
-from fastattrec.evaluate import (
-    DEFAULT_KS,
-    ModelRanker,
-    evaluate,
-    full_ranks_of,
-    metrics_from_ranks,
-)
+from fastattrec.evaluate import DEFAULT_KS, ModelRanker, evaluate, phase_metrics
 from fastattrec.model import AttRec
 from fastattrec.outputs import absolute
 from fastattrec.training import checkpoint as ck
@@ -93,7 +87,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     data = DeviceData.from_prepared(load_prepared(data_dir), device)
     if data.train_rows.shape[0] == 0:
         raise UserError(f"{data_dir} has no train samples (every user has fewer than 4 "
-                        f"items); use a larger log.")
+                        f"items, or too few before the split's cuts); use a larger log.")
     n_items = int(data.item_valid.sum())
     if cfg.n_negatives >= n_items:
         raise UserError(f"--n-negatives {cfg.n_negatives} is not less than the {n_items:,} "
@@ -239,13 +233,19 @@ def _check_finite(model: AttRec, cfg: TrainConfig, epoch: int, **values: float) 
 def validation_loss(model: AttRec, data: DeviceData, maxlen: int, chunk: int = 65536,
                     dist: Any = None) -> float:
     """Mean per-sample loss (the run's objective, no dropout) of the validation targets
-    with their fixed negatives (prep's one per sample; none for the full softmax)."""
-    rows_all = data.val_rows if dist is None else dist.shard(data.val_rows)
+    with their fixed negatives (prep's one per sample; none for the full softmax). Every
+    validation target of a user is scored from the same window, the one before the
+    user's first validation item (docs/spec.md §1.11)."""
+    val = data.val
+    rows_all, owner_all = val.rows, val.owner
+    if dist is not None:
+        rows_all, owner_all = dist.shard(rows_all), dist.shard(owner_all)
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     for lo in range(0, rows_all.shape[0], chunk):
-        rows = rows_all[lo:lo + chunk]
-        losses = model.sample_losses(data.row_user[rows], data.windows_before(rows, maxlen),
-                                   data.items[rows], data.negs[rows])
+        rows, q = rows_all[lo:lo + chunk], owner_all[lo:lo + chunk]
+        windows = data.windows_ending(val.ends[q], val.avail[q], maxlen)
+        losses = model.sample_losses(data.row_user[rows], windows, data.items[rows],
+                                     data.negs[rows])
         total += losses.double().sum()
     if dist is not None:
         total = dist.all_sum(total)
@@ -260,10 +260,11 @@ def _evaluate_epoch(model: AttRec, data: DeviceData, cfg: TrainConfig, epoch: in
         reg = float(model.reg_loss())
     ranker = ModelRanker(model)
     val_loss = validation_loss(model, data, cfg.maxlen, dist=distributed) + reg
-    val_ranks = full_ranks_of(ranker, data, data.val_rows, cfg.maxlen, distributed)
+    val_metrics = phase_metrics(ranker, data, data.val, cfg.maxlen, (cfg.k,), "2",
+                                distributed)
     row: dict[str, Any] = {
         "val_loss": val_loss,
-        "val_metric": metrics_from_ranks(val_ranks, (cfg.k,))[f"NDCG@{cfg.k}"],
+        "val_metric": val_metrics[f"NDCG@{cfg.k}"],
         "val_name": f"NDCG@{cfg.k}(full)",
     }
     if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
@@ -280,10 +281,10 @@ def _epoch_line(row: dict[str, Any], cfg: TrainConfig) -> str:
     line = (f"epoch {row['epoch']:3d}/{cfg.epochs}  loss {row['train_loss']:.4f} (+reg "
             f"{row['reg_loss']:.4f})  val loss {row['val_loss']:.4f}  val {row['val_name']} "
             f"{row['val_metric']:.4f}  fit {row['fit_time']:.2f}s")
-    if "test" in row:
+    if "test" in row:  # both protocols (full alone for the time and ratio splits), named
         k = cfg.k
         line += "\n  test"
-        for proto in ("sampled", "full"):
+        for proto in row["test"]:
             s = row["test"][proto]
             line += (f"  {proto} HR@{k} {s[f'HR@{k}']:.4f} NDCG@{k} {s[f'NDCG@{k}']:.4f} "
                      f"MRR {s['MRR']:.4f}")
