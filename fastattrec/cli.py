@@ -257,10 +257,22 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
     click.echo(text_table(rows, f"prepared {out_dir}"))
 
 
+def _time_text(t: float) -> str:
+    """A time cut as stored, and as a date when it reads as one: dates are stored as
+    microseconds since 1970 (docs/spec.md §1.1), 1e14-1e17 being the years 1973-5138."""
+    if 1e14 <= t < 1e17:
+        import datetime
+
+        when = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=int(t))
+        return f"{when:%Y-%m-%d %H:%M:%S}"
+    return f"{t:g}" if isinstance(t, float) else str(t)
+
+
 def _split_rows(params: dict, c: dict) -> list[tuple[str, str]]:
     """The summary's rows of a time or ratio split: the cuts, the users evaluated."""
     cuts = params.get("time_cuts")
-    how = (f"time (validation from {cuts[0]}, test from {cuts[1]})" if cuts else
+    how = (f"time (validation from {_time_text(cuts[0])}, test from {_time_text(cuts[1])})"
+           if cuts else
            f"ratio (validation {params['val_fraction'] or 0.1:g}, test "
            f"{params['test_fraction'] or 0.1:g} of each user)")
     return [("split", how),

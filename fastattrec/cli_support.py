@@ -112,15 +112,31 @@ def clip_arg(arg: str) -> str:
     return arg if len(arg) <= 4096 else arg[:60] + "..."
 
 
-def print_metrics(frame, title: str) -> None:
-    """One table: a row per (model, protocol), columns HR@K, NDCG@K, [Recall@K,] MRR."""
+def print_metrics(frame, title: str, width: int = 100) -> None:
+    """One table: a row per (model, protocol), columns HR@K, NDCG@K, [Recall@K,] MRR;
+    when they do not fit in `width` columns, in blocks of whole metric families, stacked."""
     cols = [c for c in frame.columns
             if c.startswith(("HR@", "NDCG@", "Recall@")) or c == "MRR"]
-    header = ["model", "protocol", *cols]
     rows = [[r["model"], r["protocol"], *(f"{r[c]:.4f}" for c in cols)]
             for r in frame.iter_rows(named=True)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lead = [max(len(r[j]) for r in [["model", "protocol"], *rows]) for j in (0, 1)]
+    widths = [max(len(c), *(len(r[2 + i]) for r in rows)) for i, c in enumerate(cols)]
+    families: list[list[int]] = []
+    for i, c in enumerate(cols):
+        if families and c.split("@")[0] == cols[families[-1][0]].split("@")[0]:
+            families[-1].append(i)
+        else:
+            families.append([i])
+    blocks: list[list[int]] = []
+    for fam in families:
+        if blocks and sum(lead) + 2 + sum(widths[i] + 2 for i in blocks[-1] + fam) <= width:
+            blocks[-1] += fam
+        else:
+            blocks.append(list(fam))
     click.echo(title)
-    for r in [header, *rows]:
-        click.echo("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    for n, idx in enumerate(blocks):
+        if n:
+            click.echo("")
+        for r in [["model", "protocol", *cols], *rows]:
+            click.echo("  ".join([r[0].ljust(lead[0]), r[1].ljust(lead[1]),
+                                  *(r[2 + i].rjust(widths[i]) for i in idx)]))

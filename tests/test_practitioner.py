@@ -1,7 +1,8 @@
 """A new user's whole path on their own CSV (string ids, dates, a cold user and item):
-prep, train, metrics that name their protocol, top-10 lists as CSV and JSON, a history the
-model never saw, and an export; each checked against the CSV itself."""
+filter and split by time, train, metrics that name their protocol, top-10 lists as CSV
+and JSON, a history the model never saw, and an export; each checked against the CSV."""
 
+import datetime
 import json
 import re
 
@@ -15,16 +16,17 @@ N_USERS, N_ITEMS = 30, 40
 
 def log_csv() -> str:
     """user u00..u29 watches 12 films in a walk over m000..m039 (each user's own stride),
-    one a day from a user-specific start date; u99 watched one film (cold: dropped), and
-    m777 was watched once."""
+    one a day from a user-specific start in January 2024; u99 watched one film (cold:
+    dropped), and m777 was watched once (dropped by the k-core)."""
+    start = datetime.datetime(2024, 1, 1, 10)
     rows = ["user_id,movie_id,watched_at"]
     for u in range(N_USERS):
         for t in range(12):
             item = (u * 3 + t * (1 + u % 4)) % N_ITEMS
-            rows.append(f"u{u:02d},m{item:03d},2024-{1 + t // 28:02d}-{1 + (u + t) % 28:02d} "
-                        f"{10 + t % 10}:00:00")
-    rows.append("u99,m001,2024-03-01 09:00:00")
-    rows.append("u05,m777,2024-02-27 08:00:00")
+            when = start + datetime.timedelta(days=u % 10 + t, hours=u)
+            rows.append(f"u{u:02d},m{item:03d},{when:%Y-%m-%d %H:%M:%S}")
+    rows.append("u99,m001,2024-01-05 09:00:00")
+    rows.append("u05,m777,2024-01-09 08:00:00")
     return "\n".join(rows) + "\n"
 
 
@@ -33,7 +35,7 @@ def path(tmp_path_factory):
     root = tmp_path_factory.mktemp("practitioner")
     write(root / "log.csv", log_csv())
     r = cli("prep", str(root / "log.csv"), "-o", str(root / "data"), "--time-col",
-            "watched_at", "--test-negatives", "5", "--min-item-interactions", "2")
+            "watched_at", "--min-item-interactions", "2", "--split", "time")
     assert r.exit_code == 0, r.output
     assert re.search(r"users dropped \(k-core\) +1\n", r.output)  # u99
     assert re.search(r"items dropped \(k-core\) +1\n", r.output)  # m777
@@ -48,14 +50,23 @@ def seen_of(root):
     return {u: set(g["movie_id"]) for (u,), g in log.group_by("user_id")}
 
 
-def test_metrics_name_their_protocol(path):
+def test_time_split_metrics_name_their_protocol(path):
+    # the test cut by hand: the last 10% of the 360 rows the k-core keeps, by time
+    log = pl.read_csv(path / "log.csv").filter(
+        ~pl.col("user_id").is_in(["u99"]) & ~pl.col("movie_id").is_in(["m777"]))
+    assert log.height == 360
+    cut = log["watched_at"].sort()[360 - 36]
+    per_user = log.group_by("user_id").agg(
+        (pl.col("watched_at") >= cut).any().alias("test"),
+        (pl.col("watched_at") < cut).any().alias("before"))
+    evaluated = per_user.filter(pl.col("test") & pl.col("before")).height
     r = cli("evaluate", str(path / "run"), "--json", "-k", "10")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"]
-    assert set(res["AttRec"]) == {"sampled", "full"}
-    for proto in ("sampled", "full"):
-        m = res["AttRec"][proto]
-        assert m["users"] == N_USERS and 0 <= m["NDCG@10"] <= m["HR@10"] <= 1
+    assert set(res["AttRec"]) == {"full"}  # several targets a user: full ranking only
+    m = res["AttRec"]["full"]
+    assert m["users"] == evaluated
+    assert 0 <= m["Recall@10"] <= m["HR@10"] <= 1 and 0 <= m["NDCG@10"] <= 1
 
 
 def test_top10_lists_as_csv_and_json(path):
