@@ -23,6 +23,8 @@ Outputs (PNG, about 30-60 KB each):
                               its arithmetic floor, across batch sizes
 - quality_vs_notebook.png     HR@10, NDCG@10 and MRR per seed, fastattrec against the
                               notebook, modes inner and dist
+- quality_ablation.png        full-ranking NDCG@10 of each training configuration on real
+                              ML-100K and on synthetic data of its shape
 - bench_train_<name>.png, bench_kernel_<name>[_L<L>_d<d>].png   for fresh inputs
 """
 
@@ -301,6 +303,36 @@ def quality_vs_notebook(results: Path, out: Path, machine: str = "CPU-AVX2") -> 
     return save(fig, out / "quality_vs_notebook.png")
 
 
+def quality_ablation(results: Path, out: Path) -> Path:
+    """Full-ranking NDCG@10 (mean and standard deviation over seeds) of each training
+    configuration, one panel per dataset, configurations sorted by validation NDCG."""
+    plt = pyplot()
+    rows = read_rows(results / "quality_ablation.csv")
+    datasets = list(dict.fromkeys(r["data"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(10, 3.8))
+    for ax, data in zip(axes, datasets, strict=True):
+        part = sorted((r for r in rows if r["data"] == data), key=lambda r: num(r["val_NDCG@10"]))
+        ys = range(len(part))
+        colours = [COLOURS["notebook"] if r["configuration"] == "notebook defaults" else
+                   COLOURS["fastattrec"] for r in part]
+        bars = ax.barh(ys, [num(r["full_NDCG@10"]) for r in part],
+                       xerr=[num(r["full_NDCG@10_sd"]) for r in part], color=colours,
+                       capsize=2, height=0.6)
+        ax.bar_label(bars, labels=[f"{num(r['full_NDCG@10']):.3f}" for r in part],
+                     padding=6, fontsize=7)
+        ax.set_yticks(list(ys), [f"{r['configuration']} ({r['seeds']})" for r in part],
+                      fontsize=7)
+        ax.set_xlabel("test NDCG@10, full ranking")
+        ax.set_xlim(0, max(num(r["full_NDCG@10"]) for r in part) * 1.3)
+        ax.set_title(data.split(" (")[0], fontsize=9)
+    fig.suptitle("Training configurations (best validation epoch tested): mean ± sd over "
+                 "seeds, sorted by validation NDCG", fontsize=10)
+    footnote(fig, "Source: docs/results/quality_ablation.csv (benchmarks/quality.py, "
+                  "CPU-EPYC, 2026-12-02 and 2026-12-03)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "quality_ablation.png")
+
+
 # --------------------------------------------------------------------------------------
 # Figures from fresh benchmark output
 # --------------------------------------------------------------------------------------
@@ -397,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_speed(args.results, args.out),
         kernel_vs_baselines(args.results, args.out),
         quality_vs_notebook(args.results, args.out),
+        quality_ablation(args.results, args.out),
     ]
     for p in args.bench_train:
         written.append(bench_train_figure(p, args.out))
