@@ -254,7 +254,8 @@ class Run:
                   titles: str | Path | pl.DataFrame | None = None,
                   data: Dataset | str | Path | None = None,
                   allow_missing: bool = False, histories: Any = None,
-                  skip_unknown: bool = False) -> pl.DataFrame:
+                  skip_unknown: bool = False,
+                  history_source: str = "histories") -> pl.DataFrame:
         """Top-k unseen items per user (raw ids, each user once in the order first given;
         None: every user) from their latest window: columns raw_user, rank, raw_item,
         score, and title with `titles` (the dataset's item file, any format `recommend
@@ -264,7 +265,8 @@ class Run:
 
         `histories` (instead of `users`) scores histories the model was not trained on
         (docs/spec.md §4.10): a dict {user: [item ids, oldest first]} (key None: a new user
-        without an id) or a frame of user, item (and optionally time) rows. A user of the
+        without an id), a frame of user, item (and optionally time) rows, or the path of a
+        file of such rows (`recommend --histories`). A user of the
         dataset keeps their long-term embedding and their dataset items count as seen; any
         other user gets the mean trained user (their ids are then in `self.new_users`).
         An item the dataset lacks is refused, or left out with `skip_unknown`."""
@@ -302,10 +304,13 @@ class Run:
         if histories is not None:
             from fastattrec import histories as hist
 
-            if isinstance(histories, pl.DataFrame):
+            if isinstance(histories, str | Path):
+                h = hist.from_frame(loaded, hist.read_histories(Path(histories)),
+                                    quoted(histories), skip_unknown)
+            elif isinstance(histories, pl.DataFrame):
                 h = hist.from_frame(loaded, histories, "histories", skip_unknown)
             else:
-                h = hist.from_mapping(loaded, histories, skip_unknown)
+                h = hist.from_mapping(loaded, histories, skip_unknown, history_source)
             self.new_users = [u for u, row in zip(h.raw_users.to_list(), h.users.tolist(),
                                                   strict=True) if row == 0 and u is not None]
             return hist.recommend_histories(loaded, h, k, titles)

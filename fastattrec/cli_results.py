@@ -51,7 +51,8 @@ _TABLE_HELP = (".csv, .parquet, .json (a list of row objects) or .jsonl (one row
 @user_errors
 def evaluate(run_dir, protocol, ks, ndcg_log, checkpoint, data_dir, device, no_baseline,
              output, force, as_json) -> None:
-    """Evaluate a trained run beside the popularity baseline (HR@K, NDCG@K, MRR).
+    """Evaluate a trained run beside the popularity baseline (HR@K, NDCG@K, MRR; Recall@K
+    too for a time or ratio split).
 
     Writes eval.json into RUN_DIR (unless another command is working on the run), and with
     -o the metrics table to OUTPUT.
@@ -204,9 +205,7 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
                             f"separated by commas, oldest first, such as 12,7,31.")
         histories = {raw_user: listed}
     elif histories_file is not None:
-        from fastattrec.histories import read_histories
-
-        histories = read_histories(histories_file)
+        histories = histories_file
     if allow_missing and items is None:
         raise UserError("--allow-missing is for --items FILE; give the item file too.")
     if k < 1:
@@ -217,7 +216,7 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
     users = None if all_users or histories is not None else [raw_user]
     with _claim_table(output, force, run_dir, "recommendations", "recommend") as out:
         frame = run.recommend(users, k, checkpoint, device, items, data_dir, allow_missing,
-                              histories, skip_unknown_items)
+                              histories, skip_unknown_items, "--history")
         if out is not None:
             from fastattrec.tables import write_table
 

@@ -127,8 +127,18 @@ def print_metrics(frame, title: str, width: int = 100) -> None:
             families[-1].append(i)
         else:
             families.append([i])
-    blocks: list[list[int]] = []
+    room = width - sum(lead) - 2
+    pieces: list[list[int]] = []  # a family wider than the room, in pieces that fit
     for fam in families:
+        piece: list[int] = []
+        for i in fam:
+            if piece and sum(widths[j] + 2 for j in piece + [i]) > room:
+                pieces.append(piece)
+                piece = []
+            piece.append(i)
+        pieces.append(piece)
+    blocks: list[list[int]] = []
+    for fam in pieces:
         if blocks and sum(lead) + 2 + sum(widths[i] + 2 for i in blocks[-1] + fam) <= width:
             blocks[-1] += fam
         else:

@@ -17,15 +17,15 @@ def parse_duration(text: str) -> float:
     """'90s', '30m', '1.5h' or a number of minutes -> seconds."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"--time-budget {text!r} is not a duration; give minutes, or a "
-                        f"number with s, m or h, such as 30m or 2h.")
+        raise UserError(f"--time-budget {text!r} is not a positive duration; give minutes, "
+                        f"or a number with s, m or h, such as 30m or 2h.")
     return float(m.group(1)) * _UNITS[m.group(2) or "m"]
 
 
 def _interrupted(_before, out_dir: Path, data_dir: Path, **_) -> str:
-    return (f"interrupted: the trials that finished are kept in {quoted(out_dir)} "
-            f"(trials.csv, best.toml); fastattrec tune {quoted(data_dir)} -o "
-            f"{quoted(out_dir)} --resume goes on.")
+    return (f"interrupted: the finished trials are kept in {quoted(out_dir)} "
+            f"(trials.csv);\nfastattrec tune {quoted(data_dir)} -o {quoted(out_dir)} "
+            f"--resume goes on.")
 
 
 @click.command()

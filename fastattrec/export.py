@@ -91,6 +91,8 @@ def export_run(run: LoadedRun, path: Path) -> None:
     `claim_output(path, kind="file")`."""
     ext = export_format(path)
     module = Goodness(run).eval()
+    for p in module.parameters():  # a serving call returns plain tensors, no autograd
+        p.requires_grad_(False)
     users = torch.tensor([1, 0])  # (2,): a trained user and a new one
     windows = run.data.latest_windows(torch.tensor([1, 1], device=run.data.device),
                                       run.model.cfg.maxlen).cpu()  # (2, L)
@@ -103,7 +105,9 @@ def export_run(run: LoadedRun, path: Path) -> None:
         try:
             if ext == ".pt2":
                 program = torch.export.export(module, (users, windows), dynamic_shapes=shapes)
-                torch.export.save(program, tmp, extra_files={META_NAME: meta})
+                buffer = io.BytesIO()  # (torch names a file archive by its .pt2 suffix)
+                torch.export.save(program, buffer, extra_files={META_NAME: meta})
+                tmp.write_bytes(buffer.getvalue())
             else:
                 import onnx
 

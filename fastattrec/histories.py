@@ -21,9 +21,11 @@ from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.recommend import id_texts, match_ids, top_k_of
 from fastattrec.runs import LoadedRun
 
-USER_COLUMNS = ("user", "raw_user", "user_id", "userId", "UserID", "uid")
-ITEM_COLUMNS = ("item", "raw_item", "item_id", "movieId", "MovieID", "iid")
-TIME_COLUMNS = ("time", "timestamp", "Timestamp", "date")
+USER_COLUMNS = ("user", "raw_user", "user_id", "userId", "UserID", "uid", "user_id:token")
+ITEM_COLUMNS = ("item", "raw_item", "item_id", "movieId", "movie_id", "MovieID", "iid",
+                "item_id:token")
+TIME_COLUMNS = ("time", "timestamp", "Timestamp", "date", "datetime", "ts",
+                "timestamp:float")
 FILE_HINT = ("give a CSV, TSV, Parquet or JSON-lines file of user and item columns (and "
              "optionally time), one row per interaction, each user's rows oldest first")
 
@@ -39,7 +41,8 @@ class Histories:
     counts: np.ndarray  # (B,) int64
 
 
-def from_mapping(run: LoadedRun, histories: Any, skip_unknown: bool) -> Histories:
+def from_mapping(run: LoadedRun, histories: Any, skip_unknown: bool,
+                 source: str = "histories") -> Histories:
     """{user: [items oldest first]} -> Histories; a key of None is a new user without an
     id. Each user once; every history needs an item the model knows."""
     if not isinstance(histories, dict) or not histories:
@@ -66,7 +69,7 @@ def from_mapping(run: LoadedRun, histories: Any, skip_unknown: bool) -> Historie
     given = pl.DataFrame({"key": id_texts(users), "item": id_texts(items)})
     shown_users = _typed_users(run, keys)
     return _build(run, given, pl.DataFrame({"key": id_texts(keys), "raw_user": shown_users}),
-                  "histories", skip_unknown)
+                  source, skip_unknown)
 
 
 def from_frame(run: LoadedRun, frame: pl.DataFrame, source: str,
@@ -88,6 +91,7 @@ def from_frame(run: LoadedRun, frame: pl.DataFrame, source: str,
                             f"row needs one.")
     raw = rows.get_column("user").unique(maintain_order=True)  # users in the file's order
     if time_col:
+        rows = rows.with_columns(_times(rows.get_column("time"), time_col, source))
         rows = rows.with_row_index("order").sort(["time", "order"]).drop("order")
     given = rows.select(pl.col("user").cast(pl.String).alias("key"),
                         pl.col("item").cast(pl.String))
@@ -172,16 +176,17 @@ def _build(run: LoadedRun, given: pl.DataFrame, queries: pl.DataFrame, source: s
         more = f" (and {n - 1:,} other item{'s' if n > 2 else ''})" if n > 1 else ""
         raise UserError(f"item {shown(first['item'])}{more} in {source} is not an item of the "
                         f"run's dataset ({quoted(prepared.path)}), so the model has no "
-                        f"embedding for it; check the ids, or pass --skip-unknown-items "
-                        f"(skip_unknown=True) to leave such items out.")
+                        f"embedding for it; check the ids, or leave such items out "
+                        f"(--skip-unknown-items; skip_unknown=True in Python).")
     kept = given.filter(pl.col("row") > 0)
     per = queries.join(kept.group_by("key", maintain_order=True).agg(pl.len().alias("n")),
                        on="key", how="left", maintain_order="left")
     empty = per.filter(pl.col("n").is_null())
     if empty.height:
-        raise UserError(f"the history of user {shown(empty.get_column('raw_user')[0])} in "
-                        f"{source} has no item the model knows, so there is no window to "
-                        f"score; give at least one item of the run's dataset.")
+        who = empty.get_column("raw_user")[0]
+        whose = "the history" if who is None else f"the history of user {shown(who)}"
+        raise UserError(f"{whose} in {source} has no item the model knows, so there is no "
+                        f"window to score; give at least one item of the run's dataset.")
     order = pl.DataFrame({"key": queries.get_column("key")}).with_row_index("q")
     kept = kept.join(order, on="key", how="left", maintain_order="left")
     kept = kept.with_row_index("pos").sort(["q", "pos"])
@@ -190,6 +195,32 @@ def _build(run: LoadedRun, given: pl.DataFrame, queries: pl.DataFrame, source: s
     return Histories(queries.get_column("raw_user"), users,
                      kept.get_column("row").to_numpy().astype(np.int64),
                      per.get_column("n").to_numpy().astype(np.int64))
+
+
+def _times(t: pl.Series, col: str, source: str) -> pl.Series:
+    """A time column as numbers (as read, or text of numbers) or as dates (text parsed, a
+    zone's offset converted to UTC), so that rows sort by time, not by text; a missing or
+    unreadable time is refused naming its row."""
+    if t.null_count():
+        raise UserError(f"{source}, row {int(t.is_null().arg_max()) + 1}: no time in column "
+                        f"{shown(col)}; give every row a time, or drop the column.")
+    if t.dtype.is_numeric() or t.dtype.is_temporal():
+        return t.cast(pl.Float64) if t.dtype.is_numeric() else t
+    text = t.cast(pl.String).str.strip_chars()
+    num = text.cast(pl.Float64, strict=False)
+    if not num.null_count():
+        return num
+    for zone in (None, "UTC"):
+        try:
+            when = text.str.to_datetime(strict=False, time_unit="us", time_zone=zone)
+        except Exception:  # noqa: BLE001 - a format Polars cannot infer: try the next
+            continue
+        if not when.null_count():
+            return when.dt.epoch("us").cast(pl.Float64)
+    bad = int(num.is_null().arg_max()) + 1
+    raise UserError(f"{source}, row {bad}: time {shown(text[bad - 1])} in column "
+                    f"{shown(col)} is neither a number nor a date; give numbers, or dates "
+                    f"such as 2024-01-05 10:00:00 (with or without a zone, not mixed).")
 
 
 def _typed_users(run: LoadedRun, keys: list) -> pl.Series:

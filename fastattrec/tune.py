@@ -161,7 +161,7 @@ def tune(data_dir: Path, out_dir: Path, base: dict[str, Any], *, trials: int,
                 if x.value is not None and x.number != trial.number]
         mark = "  (best so far)" if not prev or value > max(prev) else ""
         log(f"trial {trial.number}: val NDCG@{base.get('k', 10)}(full) {value:.4f} at epoch "
-            f"{best['epoch']} of {hist.height}, {time.monotonic() - t:.0f} s{mark}  "
+            f"{best['epoch']} of {hist.height}, {time.monotonic() - t:.0f} s{mark}\n  "
             + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
         return value
 
@@ -260,6 +260,11 @@ def check_base(base: dict[str, Any]) -> dict[str, Any]:
     if clash:
         raise UserError(f"the --config file sets {', '.join(clash)}, which the search chooses; "
                         f"remove {'it' if len(clash) == 1 else 'them'} from the file.")
+    fixed = sorted(k for k in set(base) & set(FIXED) if base[k] != FIXED[k])
+    if fixed:
+        raise UserError(f"the --config file sets {fixed[0]} = {base[fixed[0]]!r}, but every "
+                        f"trial trains with {fixed[0]} = {FIXED[fixed[0]]!r} (more than one "
+                        f"negative needs it); remove it from the file.")
     cfg = TrainConfig.of_preset(**base)
     cfg.check()
     return {k: v for k, v in asdict(cfg).items() if k in base}

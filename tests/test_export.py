@@ -85,9 +85,8 @@ def test_pt2_gives_the_runs_scores(run, tmp_path):
     assert sorted(meta["user_rows"]["raw_user"]) == sorted(HISTORY)
     module = program.module()
 
-    def score(users, windows):
-        with torch.no_grad():
-            return module(torch.from_numpy(users), torch.from_numpy(windows)).numpy()
+    def score(users, windows):  # a plain call, as a serving stack makes it
+        return module(torch.from_numpy(users), torch.from_numpy(windows)).numpy()
 
     check_against_run(run, meta, score, atol=1e-6)
     assert np.isneginf(score(*inputs(meta, [(None, [101])])[:2])[0, 0])  # padding row

@@ -165,7 +165,7 @@ def test_cli_history_and_histories_file(run, tmp_path):
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--history", "101,,102"], "has an empty item"),
-    (["--history", "555"], "item '555' in histories is not an item of the run's dataset"),
+    (["--history", "555"], "item '555' in --history is not an item of the run's dataset"),
     (["--history", "101", "--all-users"], "drop --all-users"),
     (["--skip-unknown-items", "--user", "1"], "--skip-unknown-items is for --history"),
     (["--histories", "nowhere.csv", "--json"], "does not exist"),
@@ -175,6 +175,20 @@ def test_cli_mistakes_are_one_line(run, args, says):
     assert r.exit_code != 0, r.output
     assert "Traceback" not in r.output
     assert says in r.output.strip().splitlines()[-1]
+
+
+def test_file_times_sort_as_numbers_and_dates(run, tmp_path):
+    # as text "10" < "100" < "9"; as numbers 9 < 10 < 100: the window is 103, 101, 102
+    src = write(tmp_path / "n.csv", "user,item,time\nz,103,9\nz,101,10\nz,102,100\n")
+    frame = run.recommend(histories=src, k=8)
+    check(frame, expected(run, 0, [103, 101, 102]), 8)
+    src = write(tmp_path / "d.csv", "user,item,time\nz,102,2024-01-10T00:00:00+02:00\n"
+                                    "z,101,2024-01-09T23:30:00Z\n")  # 22:00 UTC, then 23:30
+    check(run.recommend(histories=src, k=8), expected(run, 0, [102, 101]), 8)
+    bad = write(tmp_path / "b.csv", "user,item,time\nz,102,5\nz,101,soon\n")
+    with pytest.raises(UserError, match=r"b.csv.*row 2: time 'soon' in column 'time' is "
+                                         r"neither a number nor a date"):
+        run.recommend(histories=bad)
 
 
 def test_histories_file_without_output_is_refused(run, tmp_path):

@@ -105,13 +105,15 @@ def test_time_budget_stops_starting_trials(data):
     (["-o", "{t}"], "holds a search already; --resume continues"),
     (["-o", "{data}", "--resume"], "is not a tuning folder"),
     (["-o", "{new}", "--config", "{dim}"], "sets dim, which the search chooses"),
-    (["-o", "{new}", "--time-budget", "soon"], "is not a duration"),
+    (["-o", "{new}", "--time-budget", "soon"], "is not a positive duration"),
+    (["-o", "{new}", "--config", "{fixed}"], "every trial trains with negatives = 'resample'"),
     (["-o", "{t}", "--resume", "--force"], "give one of them"),
 ])
 def test_mistakes_are_one_line(searched, data, args, says):
     write(data / "dim.toml", "dim = 8\n")
+    write(data / "fixed.toml", 'negatives = "fixed"\n')
     paths = {"t": data / "t", "data": data / "data", "new": data / "new",
-             "dim": data / "dim.toml"}
+             "dim": data / "dim.toml", "fixed": data / "fixed.toml"}
     r = cli("tune", str(data / "data"), *[a.format(**paths) for a in args])
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert says in r.output.strip().splitlines()[-1]
