@@ -190,6 +190,8 @@ class Run:
     # The users of the last `recommend(histories=...)` that the dataset lacks (scored with
     # the mean trained user).
     new_users: list[Any] = field(default_factory=list, repr=False)
+    # How the last histories file's rows were put in order (by its time column, or as given).
+    history_order: str = field(default="", repr=False)
 
     @property
     def data(self) -> Dataset:
@@ -307,6 +309,7 @@ class Run:
             if isinstance(histories, str | Path):
                 h = hist.from_frame(loaded, hist.read_histories(Path(histories)),
                                     quoted(histories), skip_unknown)
+                self.history_order = h.order
             elif isinstance(histories, pl.DataFrame):
                 h = hist.from_frame(loaded, histories, "histories", skip_unknown)
             else:

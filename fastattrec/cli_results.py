@@ -221,10 +221,13 @@ def recommend(run_dir, raw_user, all_users, history, histories_file, skip_unknow
             from fastattrec.tables import write_table
 
             write_table(frame, out, "recommendations")
+    from fastattrec.cli_support import say
+
+    if histories_file is not None:
+        say(f"each user's rows of {quoted(histories_file)} taken oldest first "
+            f"{run.history_order}")
     new = run.new_users
     if new:
-        from fastattrec.cli_support import say
-
         who = (f"user {new[0]} is" if len(new) == 1 else f"{len(new):,} users are")
         say(f"{who} not in the run's dataset: scored with the mean trained user "
             f"(docs/spec.md §4.10)")

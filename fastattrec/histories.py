@@ -39,6 +39,7 @@ class Histories:
     users: np.ndarray  # (B,) int64
     items: np.ndarray  # (S,) int64
     counts: np.ndarray  # (B,) int64
+    order: str = "as given"  # how each user's rows were ordered: by which column, or as given
 
 
 def from_mapping(run: LoadedRun, histories: Any, skip_unknown: bool,
@@ -100,8 +101,10 @@ def from_frame(run: LoadedRun, frame: pl.DataFrame, source: str,
         as_int = raw.cast(pl.Int64, strict=False)
         if not as_int.null_count() and bool((as_int.cast(pl.String) == raw).all()):
             raw = as_int  # integer ids read as text: shown as the dataset's integers
-    return _build(run, given, pl.DataFrame({"key": keys, "raw_user": raw}), source,
-                  skip_unknown)
+    h = _build(run, given, pl.DataFrame({"key": keys, "raw_user": raw}), source, skip_unknown)
+    h.order = (f"by column {shown(time_col)}" if time_col else
+               f"in the order of the rows (no time column: {', '.join(TIME_COLUMNS[:4])}, ...)")
+    return h
 
 
 def read_histories(path: Path) -> pl.DataFrame:

@@ -159,6 +159,7 @@ def test_cli_history_and_histories_file(run, tmp_path):
     r = cli("recommend", str(run.path), "--histories", str(src), "-o",
             str(tmp_path / "out.csv"))
     assert r.exit_code == 0, r.output
+    assert "taken oldest first by column 'timestamp'" in r.output
     out = pl.read_csv(tmp_path / "out.csv")
     check(out.filter(pl.col("raw_user") == "x"), expected(run, 0, [102, 104]), 10)
 
