@@ -218,7 +218,8 @@ def plot_curves(run_dir: Path, history: list[dict]) -> bool:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # (no test epoch yet: an empty panel)
+            ax.legend(fontsize="small")
     fig.suptitle(f"{run_dir.name}: AttRec training curves")
     fig.tight_layout()
     with atomic_path(run_dir / "curves.png") as tmp:
