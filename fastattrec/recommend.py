@@ -62,7 +62,7 @@ def match_ids(raw: pl.Series, rows: np.ndarray, given: pl.Series) -> np.ndarray:
     ' 10'); text ids by their text."""
     texts = given.cast(pl.String)
     if raw.dtype.is_integer():
-        query = (pl.when(texts.str.contains(r"^-?[0-9]{1,19}$"))
+        query = (pl.when(texts.str.contains(r"^(0|-?[1-9][0-9]{0,18})$"))
                  .then(texts).otherwise(None))
         query = pl.select(query.cast(pl.Int64, strict=False)).to_series()
     else:
@@ -101,7 +101,7 @@ def dense_users(run: LoadedRun, raw_ids: list) -> np.ndarray:
     return dense[np.sort(first)]  # one list per user, in the order first given
 
 
-_DECIMAL = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"0|-?[1-9][0-9]*")  # an integer as it is written: not 007, not -0
 
 
 def item_lookup(run: LoadedRun) -> pl.DataFrame:

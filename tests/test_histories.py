@@ -167,6 +167,8 @@ def test_cli_history_and_histories_file(run, tmp_path):
 @pytest.mark.parametrize(("args", "says"), [
     (["--history", "101,,102"], "has an empty item"),
     (["--history", "555"], "item '555' in --history is not an item of the run's dataset"),
+    (["--history", "0101"], "item '0101' in --history is not an item"),  # 101 is written 101
+    (["--user", "01"], "user ids in this dataset are integers; '01' is not one"),
     (["--history", "101", "--all-users"], "drop --all-users"),
     (["--skip-unknown-items", "--user", "1"], "--skip-unknown-items is for --history"),
     (["--histories", "nowhere.csv", "--json"], "does not exist"),
