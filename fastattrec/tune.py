@@ -104,12 +104,17 @@ def tune(data_dir: Path, out_dir: Path, base: dict[str, Any], *, trials: int,
                             f"{RECORD}); start one with fastattrec tune DATA -o "
                             f"{quoted(out_dir)}.")
         if old["data"]["fingerprint"] != record["data"]["fingerprint"]:
-            raise UserError(f"{quoted(out_dir)} tunes another dataset ({old['data']['path']}); "
-                            f"give that dataset, or start a new tuning folder.")
-        if old["base"] != base or old["space"] != record["space"]:
+            raise UserError(f"{quoted(out_dir)} tunes another dataset than {quoted(data_dir)} "
+                            f"(the one at {old['data']['path']} when it began; a dataset "
+                            f"prepared again is another); give that one, or start a new "
+                            f"tuning folder.")
+        same = {k: v for k, v in old["base"].items() if k != "device"}
+        if same != {k: v for k, v in base.items() if k != "device"} \
+                or old["space"] != record["space"]:
             raise UserError(f"{quoted(out_dir)} searched other options (its {RECORD}); "
-                            f"resume without --config changes, or start a new folder.")
-        record = old
+                            f"resume it with the fastattrec version that made it, or start "
+                            f"a new folder.")
+        record = old  # (a resumed search may move to another --device)
     else:
         if is_tune_folder(out_dir) and not force:
             raise UserError(f"{quoted(out_dir)} holds a search already; --resume continues "

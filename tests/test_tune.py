@@ -82,7 +82,8 @@ def test_resume_draws_new_points_and_closes_interrupted_trials(searched, data):
     study = optuna.load_study(study_name="fastattrec", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
     study.ask()  # a trial left running, as by a killed tune
-    r = cli("tune", str(data / "data"), "-o", str(out), "--trials", "4", "--resume")
+    r = cli("tune", str(data / "data"), "-o", str(out), "--trials", "4", "--resume",
+            "--device", "cpu")  # a resumed search may name its device again
     assert r.exit_code == 0, r.output
     assert "trial 3 was interrupted; it is recorded as failed" in r.output
     table = pl.read_csv(out / "trials.csv")
