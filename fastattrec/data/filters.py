@@ -67,8 +67,8 @@ def kcore_rows(raw: pl.LazyFrame, source: Path, min_user: int, min_item: int,
         raise UserError(
             f"{source}: no interactions are left after the k-core filter (users with at "
             f"least {min_user} and items with at least {min_item} interactions, "
-            f"{core.rounds} rounds); lower --min-user-interactions or "
-            f"--min-item-interactions.")
+            f"{core.rounds} round{'' if core.rounds == 1 else 's'}); lower "
+            f"--min-user-interactions or --min-item-interactions.")
     return core.kept, {"dropped_users": core.dropped_users,
                        "dropped_interactions": core.dropped_rows,
                        "dropped_items": core.dropped_items, "kcore_rounds": core.rounds}
