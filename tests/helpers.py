@@ -102,3 +102,24 @@ def synthetic_dataset(root: Path, users: int, items: int, interactions: int, see
     synthesize(root / "r.dat", users, items, interactions, seed=seed, clusters=clusters)
     prepare(root / "r.dat", root / "data", PrepOptions(test_negatives=test_negatives))
     return root / "data"
+
+
+def trained_on_histories(root: Path, history: dict, text_ids: bool = False,
+                         **options) -> Path:
+    """A tiny run trained on hand-written histories {user: [items, oldest first]} (one
+    interaction a time step), on the CPU, uncompiled: root/"run". `text_ids`: a CSV, so ids
+    stay text; else a MovieLens `::` log of integers."""
+    from fastattrec.data.prepare import PrepOptions, prepare
+    from fastattrec.training import TrainConfig, train
+
+    rows = [(u, i, t) for u, h in history.items() for t, i in enumerate(h, start=1)]
+    if text_ids:
+        log = write(root / "r.csv", "user,item,time\n" + "".join(f"{u},{i},{t}\n"
+                                                                 for u, i, t in rows))
+    else:
+        log = write(root / "r.dat", "".join(f"{u}::{i}::5::{t}\n" for u, i, t in rows))
+    prepare(log, root / "data", PrepOptions(test_negatives=2))
+    train(root / "data", root / "run", TrainConfig(**{"epochs": 2, "dim": 8, "batch_size": 4,
+                                                     "device": "cpu", "compile": False,
+                                                     **options}), log=lambda s: None)
+    return root / "run"

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 import fastattrec as fa
-from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.errors import UserError
-from fastattrec.training import TrainConfig, train
 
-from helpers import cli, write
+from helpers import cli, trained_on_histories, write
 
 HISTORY = {"ann": [101, 102, 103, 104], "bob": [102, 103, 105], "cy": [101, 106, 107, 108],
            "dee": [104, 105, 106], "eve": [107, 108, 101], "fay": [103, 104, 105, 106]}
@@ -23,13 +21,7 @@ L = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    log = "user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, h in HISTORY.items()
-                                       for t, i in enumerate(h, start=1))
-    prepare(write(root / "r.csv", log), root / "data", PrepOptions(test_negatives=2))
-    train(root / "data", root / "run", TrainConfig(epochs=2, dim=8, batch_size=4, maxlen=L,
-                                                   device="cpu", compile=False),
-          log=lambda s: None)
-    return fa.load_run(root / "run")
+    return fa.load_run(trained_on_histories(root, HISTORY, text_ids=True, maxlen=L))
 
 
 def inputs(meta, queries):

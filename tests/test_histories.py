@@ -11,11 +11,9 @@ import polars as pl
 import pytest
 
 import fastattrec as fa
-from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.errors import UserError
-from fastattrec.training import TrainConfig, train
 
-from helpers import cli, write
+from helpers import cli, trained_on_histories, write
 
 # user::item::rating::time over items 101..108; prep numbers users 1..6 and items 101..108
 # as rows 1..8 in sorted order (docs/spec.md §1.3).
@@ -28,13 +26,7 @@ L = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hist")
-    log = "".join(f"{u}::{i}::5::{t}\n" for u, h in HISTORY.items()
-                  for t, i in enumerate(h, start=1))
-    prepare(write(root / "r.dat", log), root / "data", PrepOptions(test_negatives=2))
-    train(root / "data", root / "run", TrainConfig(epochs=2, dim=8, batch_size=4, maxlen=L,
-                                                   device="cpu", compile=False),
-          log=lambda s: None)
-    return fa.load_run(root / "run")
+    return fa.load_run(trained_on_histories(root, HISTORY, maxlen=L))
 
 
 def tables(run):

@@ -10,11 +10,9 @@ import polars as pl
 import pytest
 
 import fastattrec as fa
-from fastattrec.data.prepare import PrepOptions, prepare
 from fastattrec.errors import UserError
-from fastattrec.training import TrainConfig, train
 
-from helpers import cli, write
+from helpers import cli, trained_on_histories, write
 
 # A hand-written log (user::item::rating::time) over items 101..108. Each user's history,
 # so the items left to recommend to each are known without the code: the unseen ones.
@@ -31,13 +29,7 @@ COLUMNS = ["raw_user", "rank", "raw_item", "score"]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("recout")
-    log = "".join(f"{u}::{i}::5::{t}\n" for u, h in HISTORY.items()
-                  for t, i in enumerate(h, start=1))
-    prepare(write(root / "r.dat", log), root / "data", PrepOptions(test_negatives=2))
-    train(root / "data", root / "run", TrainConfig(epochs=1, dim=8, batch_size=16,
-                                                   device="cpu", compile=False),
-          log=lambda s: None)
-    return root / "run"
+    return trained_on_histories(root, HISTORY, epochs=1, batch_size=16)
 
 
 def error_line(r):
