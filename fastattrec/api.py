@@ -354,26 +354,12 @@ class Run:
         `.onnx`, from the name's extension, computing goodness(users, windows) of every
         item with the id maps inside (docs/formats.md §5). `force` replaces only an export
         fastattrec wrote."""
-        from fastattrec.errors import quoted
-        from fastattrec.export import export_format, export_run, read_metadata
-        from fastattrec.outputs import claim_output, refuse_inputs, resolve_output
-        from fastattrec.runs import load_run as open_run
+        from fastattrec.export import export_folder
 
-        out = Path(_path("out", out))
         _text("checkpoint", checkpoint)
         _flag("force", force)
-        refuse_inputs(resolve_output(out), [self.path])
-        if out.is_dir():
-            raise UserError(f"-o {quoted(out)} is a folder; give a file name such as "
-                            f"{quoted(out / 'model.pt2')}.")
-        export_format(out)
-        loaded = open_run(self.path, checkpoint, "cpu", None if data is None
-                          else _data("data", data), kernel="torch")
-        with claim_output(out, force=force, made_by_us=lambda p: read_metadata(p) is not None,
-                          what="model file that `fastattrec export` wrote", kind="file",
-                          inputs=[self.path]) as target:
-            export_run(loaded, target)
-        return out
+        return export_folder(self.path, Path(_path("out", out)), checkpoint,
+                             None if data is None else _data("data", data), force)
 
     def __repr__(self) -> str:
         done = self._history[-1]["epoch"] if self._history else 0

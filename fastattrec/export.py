@@ -132,6 +132,26 @@ def export_run(run: LoadedRun, path: Path) -> None:
                             ) from None
 
 
+def export_folder(run_dir: Path, out: Path, checkpoint: str, data_dir: Path | None,
+                  force: bool) -> Path:
+    """Export the run in `run_dir` to `out` (`export_run`), after checking `out` before any
+    work; `force` replaces only an export fastattrec wrote (`read_metadata`)."""
+    from fastattrec.outputs import claim_output, refuse_inputs, resolve_output
+    from fastattrec.runs import load_run
+
+    refuse_inputs(resolve_output(out), [run_dir])
+    if out.is_dir():
+        raise UserError(f"-o {quoted(out)} is a folder; give a file name such as "
+                        f"{quoted(out / 'model.pt2')}.")
+    export_format(out)
+    loaded = load_run(run_dir, checkpoint, "cpu", data_dir, kernel="torch")
+    with claim_output(out, force=force, made_by_us=lambda p: read_metadata(p) is not None,
+                      what="model file that `fastattrec export` wrote", kind="file",
+                      inputs=[run_dir]) as target:
+        export_run(loaded, target)
+    return out
+
+
 def read_metadata(path: Path) -> dict[str, Any] | None:
     """The metadata of an export fastattrec wrote, or None for any other file."""
     path = Path(path)
