@@ -201,10 +201,9 @@ def _finished(study: Any, optuna: Any) -> int:
 def _close_interrupted(study: Any, optuna: Any, log: Callable[[str], None]) -> None:
     """A trial a killed tune left running is recorded as failed (a Ctrl-C already records
     it so); it is not scored, and the search goes on with new trials."""
-    storage = study._storage  # noqa: SLF001 - the study's own storage
     for t in study.trials:
         if t.state == optuna.trial.TrialState.RUNNING:
-            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # noqa: SLF001
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             log(f"trial {t.number} was interrupted; it is recorded as failed")
 
 
