@@ -97,7 +97,7 @@ def test_resume_draws_new_points_and_closes_interrupted_trials(searched, data):
 
 def test_time_budget_stops_starting_trials(data):
     r = cli("tune", str(data / "data"), "-o", str(data / "b"), "--trials", "5",
-            "--time-budget", "1s", "--config", str(data / "base.toml"))
+            "--time-budget", "0.05s", "--config", str(data / "base.toml"))
     assert r.exit_code == 0, r.output
     assert pl.read_csv(data / "b" / "trials.csv").height == 1  # the one in flight finished
 
