@@ -34,6 +34,8 @@ PRESETS: dict[str, dict] = {
     "quality": dict(objective="sampled-softmax", n_negatives=16, negatives="resample",
                     epochs=200, early_stop=5, eval_every=200),
 }
+# The objectives the CPU's hand-written step computes (fastattrec/training/cpu_step.py).
+HAND_WRITTEN_OBJECTIVES = ("pair", "bce", "gbce", "sampled-softmax")
 SEED_MAX = 2**63 - 3  # the largest seed whose shuffle and negatives seeds (+1, +2) fit int64
 
 
@@ -150,10 +152,17 @@ class TrainConfig:
                             f"objective is {self.objective}); drop it or add --objective gbce.")
 
     def default_step(self) -> bool:
-        """Whether the CPU's hand-written step computes this run's loss: the notebook's
-        objective, one negative, no dropout (else the step is autograd's)."""
+        """Whether this run trains the notebook's objective with one negative and no
+        dropout (what the experimental one_scatter step computes)."""
         return (self.objective == "pair" and self.n_negatives == 1
                 and self.negatives != "shared" and self.dropout == 0.0)
+
+    def hand_written_step(self) -> bool:
+        """Whether the CPU's hand-written step computes this run's loss: objective pair,
+        bce, gbce or sampled-softmax with per-sample negatives, no dropout (else the step
+        is autograd's)."""
+        return (self.objective in HAND_WRITTEN_OBJECTIVES and self.negatives != "shared"
+                and self.dropout == 0.0)
 
     def experimental(self) -> list[str]:
         """The experimental options this run sets away from their defaults."""

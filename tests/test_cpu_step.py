@@ -9,9 +9,11 @@ from fastattrec.model import AttRec, AttRecConfig
 from fastattrec.training.cpu_step import ManualStep
 
 
-def make(mode: str, seed: int, scale: float) -> AttRec:
+def make(mode: str, seed: int, scale: float, objective: str = "pair",
+         n_negatives: int = 1) -> AttRec:
     cfg = AttRecConfig(n_users=9, n_items=13, dim=6, maxlen=4, mode=mode, w=0.3, gamma=0.5,
-                       kernel="torch")
+                       kernel="torch", objective=objective, n_negatives=n_negatives,
+                       gbce_t=0.6)
     m = AttRec(cfg, generator=torch.Generator().manual_seed(seed)).double()
     with torch.no_grad():  # rows longer and shorter than 1, so clipping is exercised
         for t in m.tables():
@@ -61,6 +63,62 @@ def test_manual_step_equals_autograd_of_the_reference(mode, scale, index_dtype, 
     if scale > 1:  # clipping was really exercised: rows on both sides of length 1
         n = torch.linalg.vector_norm(mine.item_emb.detach()[pos], dim=1)
         assert (n > 1).any() and (n < 1).any()
+
+
+@pytest.mark.parametrize("objective,n", [("pair", 3), ("bce", 1), ("bce", 4), ("gbce", 4),
+                                         ("sampled-softmax", 1), ("sampled-softmax", 5)])
+@pytest.mark.parametrize("mode", ["inner", "dist"])
+@pytest.mark.parametrize("table", [True, False])
+def test_every_objective_with_n_negatives_equals_autograd(objective, n, mode, table):
+    """bce, gbce, sampled softmax and the pair loss with N negatives per sample (B, N):
+    the step's loss and gradients are autograd's of the model's own loss, float64."""
+    ref = make(mode, 2, 2.0, objective, n)
+    mine = make(mode, 2, 2.0, objective, n)
+    mine.cfg.kernel = "structured"
+    assert (ref.beta != 1.0) == (objective == "gbce")  # gbce's power is exercised
+    users, windows, pos, _, valid, count = batch(4)
+    neg = torch.randint(1, 13, (users.shape[0], n), generator=torch.Generator().manual_seed(9))
+    neg[5, 0] = pos[5]  # a negative equal to its target counts as drawn
+    neg[6] = neg[6, :1]  # one negative drawn N times
+    loss_ref = ref(users, windows, pos, neg, valid, count)
+    loss_ref.backward()
+    loss = ManualStep(mine, table=table)(users, windows, pos, neg, valid, count)
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(ref.named_parameters(), mine.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("objective,mode", [("sampled-softmax", "inner"), ("bce", "dist")])
+def test_score_gradients_equal_central_differences(objective, mode):
+    """score_grads against finite differences of the objectives' formulas written here in
+    float64 numpy, independent of model.py (the gradient's definition, not its code)."""
+    import numpy as np
+
+    from fastattrec.training.cpu_step import score_grads
+
+    g = np.random.default_rng(3)
+    s = g.normal(size=(5, 4)) * 2
+    valid = np.array([1.0, 1, 0, 1, 1])
+    count = 4.0
+
+    def loss(s):
+        lg = s if mode == "inner" else -s
+        if objective == "bce":
+            sp = lambda v: np.log1p(np.exp(v))  # noqa: E731 - softplus
+            t = sp(-lg[:, 0]) + sp(lg[:, 1:]).sum(1)
+        else:
+            t = np.log(np.exp(lg).sum(1)) - lg[:, 0]
+        return (t * valid).sum() / count
+
+    eps, num = 1e-6, np.zeros_like(s)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            d = np.zeros_like(s)
+            d[i, j] = eps
+            num[i, j] = (loss(s + d) - loss(s - d)) / (2 * eps)
+    got = score_grads(torch.tensor(s), objective, mode, 0.5, 1.0, torch.tensor(valid),
+                      torch.tensor(count))
+    np.testing.assert_allclose(got.numpy(), num, rtol=1e-6, atol=1e-9)
 
 
 def test_unit_rows_take_the_radial_term_as_autograd_does():

@@ -267,13 +267,19 @@ def test_one_scatter_refuses_other_objectives(data_dir, tmp_path):
                                                     one_scatter=True, **SMALL))
 
 
-def test_the_notebook_objective_keeps_the_hand_written_cpu_step(data_dir, tmp_path):
+def test_which_objectives_train_with_the_hand_written_cpu_step(data_dir, tmp_path):
+    """pair, bce, gbce and sampled-softmax with per-sample negatives: the hand-written step;
+    the full softmax, shared negatives and dropout: autograd."""
     lines = []
-    train(data_dir, tmp_path / "a", TrainConfig(epochs=1, **SMALL), log=lines.append)
-    train(data_dir, tmp_path / "b", TrainConfig(epochs=1, objective="bce", **SMALL),
-          log=lines.append)
+    for i, opts in enumerate([{}, dict(objective="sampled-softmax", n_negatives=4,
+                                       negatives="resample"),
+                              dict(objective="softmax"),
+                              dict(objective="bce", n_negatives=4, negatives="shared"),
+                              dict(objective="bce", dropout=0.1)]):
+        train(data_dir, tmp_path / str(i), TrainConfig(epochs=1, **opts, **SMALL),
+              log=lines.append)
     steps = [line.split("step: ")[1].split(";")[0] for line in lines if "step: " in line]
-    assert steps == ["hand-written", "autograd, eager loss"]
+    assert steps == ["hand-written"] * 2 + ["autograd, eager loss"] * 3
 
 
 def test_a_fixed_negative_equal_to_its_target_still_counts():

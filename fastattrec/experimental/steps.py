@@ -39,7 +39,7 @@ def build_experimental(cfg: TrainConfig, model: AttRec, samples: Samples,
     opt = make_optimizer(model, cfg, device, capturable=use_graph, cls=TritonKerasAdam,
                          zero_grads_after=cfg.one_scatter)
     hand = (device.type == "cpu" and distributed is None and model.cfg.kernel == "structured"
-            and cfg.default_step())
+            and cfg.hand_written_step())
     if hand:  # the CPU default ignores one_scatter and graph_steps
         return opt, CpuStep(model, opt, samples, compile=cfg.compile)
     forward = distributed.wrap(model) if distributed else None

@@ -60,7 +60,7 @@ def build(cfg: TrainConfig, data: DeviceData, device: torch.device, kernel: str,
         return Built(model, mcfg, opt, gens, step)
     opt = make_optimizer(model, cfg, device, capturable=use_graph)
     if (device.type == "cpu" and distributed is None and kernel == "structured"
-            and cfg.default_step()):
+            and cfg.hand_written_step()):
         return Built(model, mcfg, opt, gens, CpuStep(model, opt, samples, compile=cfg.compile))
     step = AutogradStep(model, opt, samples, distributed.wrap(model) if distributed else None)
     if use_graph:

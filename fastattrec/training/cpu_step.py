@@ -19,12 +19,15 @@ Two rearrangements cut the arithmetic, both exact in real numbers (float roundin
 - Inside torch.compile, the batched (L, L) products are broadcast sums, which Inductor
   fuses into its loops (`kernels/structured.py`'s `pairwise` and `mix`).
 
-The maths is the model's (docs/spec.md §2.4-2.5): the scores, pair losses and clipping are
-model.py's functions, the short-term attention is `fastattrec.kernels.structured.attend`
-with its backward; only the chain rule through the scores is written here. tests/
-test_cpu_step.py checks the loss and every gradient against autograd of the plain
-reference model, in both modes and both projection layouts, with padding, repeated items
-and masked samples.
+The maths is the model's (docs/spec.md §2.4-2.5): the scores, the objectives' losses and
+clipping are model.py's functions, the short-term attention is
+`fastattrec.kernels.structured.attend` with its backward; only the objectives' gradients
+at the scores (`score_grads`) and the chain rule through the scores are written here. It
+computes the objectives pair, bce, gbce and sampled-softmax with N negatives per sample
+(`HAND_WRITTEN_OBJECTIVES`); softmax over all items, shared negatives and dropout train
+through autograd. tests/test_cpu_step.py checks the loss and every gradient against
+autograd of the plain reference model, for each objective, in both modes and both
+projection layouts, with padding, repeated items and masked samples.
 """
 
 from __future__ import annotations
@@ -36,8 +39,35 @@ import torch.nn.functional as F
 
 from fastattrec.errors import first_error_line
 from fastattrec.kernels.structured import attend, attend_backward
-from fastattrec.model import AttRec, clip_parts, pair_scores, pair_terms, reduce_batch
+from fastattrec.model import (AttRec, clip_parts, logits_of, mean_reduced, pair_scores,
+                              reduce_batch, sample_terms)
 from fastattrec.training.step import Samples, add_batch_loss
+
+
+def score_grads(s: torch.Tensor, objective: str, mode: str, gamma: float, beta: float,
+                valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """d loss / d s (B, K): the gradient of the batch loss (`sample_terms` reduced as
+    `reduce_batch`) at the scores s (B, K) [target, K - 1 negatives], written out; tests/
+    test_cpu_step.py checks it against autograd of those functions for every objective."""
+    if objective == "pair":  # mean of the K - 1 pair losses; inner: mean, dist: sum
+        pos, neg = s[:, :1], s[:, 1:]
+        if mode == "inner":
+            g = torch.sigmoid(neg - pos) * valid[:, None] / count  # d / d s_neg
+        else:
+            g = -((pos - neg + gamma) > 0).to(s.dtype) * valid[:, None]
+        if neg.shape[1] > 1:
+            g = g / neg.shape[1]
+        return torch.cat([-g.sum(1, keepdim=True), g], dim=1)
+    lg = logits_of(s, mode)
+    if objective in ("bce", "gbce"):  # beta softplus(-l+) + sum_j softplus(l-_j)
+        dl = torch.cat([-beta * torch.sigmoid(-lg[:, :1]), torch.sigmoid(lg[:, 1:])], dim=1)
+    elif objective == "sampled-softmax":  # logsumexp(l) - l+
+        dl = torch.softmax(lg, dim=1)
+        dl = torch.cat([dl[:, :1] - 1, dl[:, 1:]], dim=1)
+    else:
+        raise ValueError(f"the hand-written step has no objective {objective!r}")
+    ds = logits_of(dl, mode)  # d l / d s is +1 (inner) or -1 (dist)
+    return ds * (valid / count)[:, None]
 
 
 def _clip_backward(vc: torch.Tensor, n: torch.Tensor, moves: torch.Tensor,
@@ -135,22 +165,26 @@ class ManualStep:
               neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
               table: bool) -> tuple[torch.Tensor, ...]:
         """Loss, the int64 rows looked up (users (B,), window slots (B·L,), candidates
-        (2B,)) and the gradients of those rows: du (B, d), dwin (B·L, 2d) through the table
-        or (B·L, d) dX, de and de2 (2B, d), and dw (d, d): P^T sum_b dH_b through the
+        (B·K,)) and the gradients of those rows: du (B, d), dwin (B·L, 2d) through the table
+        or (B·L, d) dX, de and de2 (B·K, d), and dw (d, d): P^T sum_b dH_b through the
         table, else dW. A pure function of its tensors."""
         cfg = self.model.cfg
-        w = cfg.w
+        w, b = cfg.w, idx.shape[0]
         users, windows = users[idx].long(), windows[idx].long()  # (B,), (B, L)
-        items = torch.stack([pos[idx], neg[idx]], dim=1).long()  # (B, 2)
+        items = torch.cat([pos[idx, None], neg[idx].reshape(b, -1)], dim=1).long()  # (B, K)
         short, saved = self._attention(item_emb, proj, pos_enc, windows, table)  # (B, d)
         u = F.embedding(users, user_emb)  # (B, d)
-        e = F.embedding(items, item_emb)  # (B, 2, d)
-        e2 = F.embedding(items, item2_emb)  # (B, 2, d)
-        s = pair_scores(u, e, e2, short, cfg.mode, w)  # (B, 2) [positive, negative]
-        loss = reduce_batch(pair_terms(s, cfg.mode, cfg.gamma), valid, count, cfg.mode)
+        e = F.embedding(items, item_emb)  # (B, K, d)
+        e2 = F.embedding(items, item2_emb)  # (B, K, d)
+        s = pair_scores(u, e, e2, short, cfg.mode, w)  # (B, K) [target, negatives]
+        beta = self.model.beta
+        ok = torch.ones_like(s[:, 1:], dtype=torch.bool)
+        terms = sample_terms(s, ok, cfg.objective, cfg.mode, cfg.gamma, beta)  # (B,)
+        mean = mean_reduced(cfg.objective, cfg.mode)
+        loss = reduce_batch(terms, valid, count, "inner" if mean else "dist")
+        ds = score_grads(s, cfg.objective, cfg.mode, cfg.gamma, beta, valid,
+                         count)[..., None]  # (B, K, 1) d loss / d s
         if cfg.mode == "inner":
-            g = torch.sigmoid(s[:, 1] - s[:, 0]) * valid / count  # d loss / d s_neg
-            ds = torch.stack([-g, g], dim=1)[..., None]  # (B, 2, 1) d loss / d s
             du = w * (ds * e2).sum(1)
             de2 = w * ds * u[:, None]
             dshort = (1 - w) * (ds * e).sum(1)
@@ -159,8 +193,6 @@ class ManualStep:
             uc, nu, mu = clip_parts(u)
             ec, ne, me = clip_parts(e)
             e2c, ne2, me2 = clip_parts(e2)
-            g = ((s[:, 0] - s[:, 1] + cfg.gamma) > 0).to(s.dtype) * valid
-            ds = torch.stack([g, -g], dim=1)[..., None]  # (B, 2, 1)
             dlong = 2 * w * ds * (uc[:, None] - e2c)  # d loss / d (u - e2)
             dsh = 2 * (1 - w) * ds * (short[:, None] - ec)
             du = _clip_backward(uc, nu, mu, dlong.sum(1))
