@@ -23,6 +23,8 @@ Outputs (PNG, about 30-60 KB each):
                               its arithmetic floor, across batch sizes
 - quality_vs_notebook.png     HR@10, NDCG@10 and MRR per seed, fastattrec against the
                               notebook, modes inner and dist
+- long_windows.png            seconds of a CPU training epoch against L, by where the time
+                              goes
 - quality_ablation.png        full-ranking NDCG@10 of each training configuration on real
                               ML-100K and on synthetic data of its shape
 - bench_train_<name>.png, bench_kernel_<name>[_L<L>_d<d>].png   for fresh inputs
@@ -333,6 +335,43 @@ def quality_ablation(results: Path, out: Path) -> Path:
     return save(fig, out / "quality_ablation.png")
 
 
+def long_windows(results: Path, out: Path) -> Path:
+    """Seconds of one training epoch against the window length L on the CPU, stacked by
+    where the time goes, with each L's median epoch and its ratio to L = 5."""
+    plt = pyplot()
+    rows = read_rows(results / "long_windows.csv")
+    parts = [("LxL_products_s", "(L, L) products", "#d62728"),
+             ("fused_loops_s", "fused loops", "#ff7f0e"),
+             ("scatters_s", "scatters", "#9467bd"),
+             ("dxd_products_s", "d x d products", "#2ca02c"),
+             ("adam_s", "Adam", "#9aa5b1"), ("other_s", "other", "#c7c7c7")]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    xs = range(len(rows))
+    bottom = [0.0] * len(rows)
+    for key, label, colour in parts:
+        vals = [num(r[key]) for r in rows]
+        ax.bar(xs, vals, bottom=bottom, color=colour, label=label, width=0.6)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    for x, r, top in zip(xs, rows, bottom, strict=True):
+        ax.annotate(f"{num(r['epoch_s_median']):.2f} s ({num(r['ratio_to_L5']):.1f}x)",
+                    (x, top), xytext=(0, 3), textcoords="offset points", ha="center",
+                    fontsize=8)
+    goal = 4 * bottom[0]  # the issue's goal for L = 50: 4x the L = 5 epoch
+    ax.axhline(goal, color=COLOURS["floor"], linestyle="--", linewidth=0.8)
+    ax.annotate("4x the L = 5 epoch", (0.5, goal), xytext=(0, 3), textcoords="offset points",
+                fontsize=7)
+    ax.set_xticks(list(xs), [f"L = {r['L']}" for r in rows])
+    ax.set_ylabel("seconds of one epoch (profiled)")
+    ax.set_ylim(0, max(bottom) * 1.15)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("CPU training epoch against the window length (real ML-100K); labels: "
+                 "median epoch, ratio to L = 5", fontsize=9)
+    footnote(fig, "Source: docs/results/long_windows.csv (benchmarks/bench_window.py, "
+                  "CPU-EPYC, 2 threads, 2026-12-03)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "long_windows.png")
+
+
 # --------------------------------------------------------------------------------------
 # Figures from fresh benchmark output
 # --------------------------------------------------------------------------------------
@@ -430,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel_vs_baselines(args.results, args.out),
         quality_vs_notebook(args.results, args.out),
         quality_ablation(args.results, args.out),
+        long_windows(args.results, args.out),
     ]
     for p in args.bench_train:
         written.append(bench_train_figure(p, args.out))

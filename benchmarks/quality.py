@@ -1,6 +1,8 @@
 """Recommendation quality of training configurations, chosen on validation only.
 
     python benchmarks/quality.py --data DATA_DIR --seeds 0 1 2 --out results/quality.csv
+    python benchmarks/quality.py --data DATA_DIR --configs "sampled softmax, 16 negatives" \
+        --maxlens 5 20 50 --seeds 0 1 --epochs 40
 
 Each configuration trains with early stopping on the validation NDCG@10 (full ranking);
 its best epoch (best.pt, chosen on validation) is then tested once: sampled HR@10 /
@@ -67,13 +69,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=60, help="at most this many epochs")
     ap.add_argument("--patience", type=int, default=5, help="early stopping patience")
+    ap.add_argument("--maxlens", type=int, nargs="*", default=[],
+                    help="run every configuration at each of these window lengths L "
+                         "(default: the configuration's own, the notebook's L = 5)")
     ap.add_argument("--out", type=Path, default=Path("results/quality.csv"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
+    runs = [(f"{name}, L {length}", {**CONFIGS[name], "maxlen": length})
+            for name in args.configs for length in args.maxlens] if args.maxlens else [
+        (name, CONFIGS[name]) for name in args.configs]
     rows = []
-    for name in args.configs:
+    for name, opts in runs:
         for seed in args.seeds:
-            r = run_one(args.data, work / "run", CONFIGS[name], seed, args.epochs, args.patience)
+            r = run_one(args.data, work / "run", opts, seed, args.epochs, args.patience)
             rows.append({"config": name, "seed": seed, **r})
             print(f"{name:<30} seed {seed}: " + ", ".join(
                 f"{k} {r[k]:.4f}" for k in METRICS if k in r), flush=True)
@@ -85,7 +93,7 @@ def main() -> None:
     shown = ("val_NDCG@10", "full_NDCG@10", "full_HR@10", "sasrec_HR@10", "sampled_HR@10",
              "train_s")
     print(f"\n| config | {' | '.join(shown)} |\n|---|{'---|' * len(shown)}")
-    for name in args.configs:
+    for name, _ in runs:
         mine = [r for r in rows if r["config"] == name]
         cells = []
         for k in shown:
