@@ -378,7 +378,8 @@ def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts,
                             "DATA_DIR -o RUN_DIR --force).")
         changed = _resume_changes(resume_dir, opts)
         run = api.resume(resume_dir, epochs=changed.get("epochs"), device=changed.get("device"),
-                         data=data_dir, progress=progress, log=log, distributed=dist)
+                         time_budget=changed.get("time_budget"), data=data_dir,
+                         progress=progress, log=log, distributed=dist)
     else:
         if run_dir is None or (data_dir is None and config_file is None):
             raise UserError("usage: fastattrec train DATA_DIR -o RUN_DIR (or --resume RUN_DIR, "
@@ -412,23 +413,27 @@ def _spelled(flag: str, value) -> str:
     return f"{flag} {value}"
 
 
+RESUME_CHANGES = ("epochs", "device", "time_budget")  # the options --resume may change
+
+
 def _resume_changes(resume_dir: Path, opts: dict) -> dict:
     """The options given on the command line with --resume. Repeating the run's own value
-    is accepted; a different value is refused, except for --epochs and --device."""
+    is accepted; a different value is refused, except for --epochs, --device and
+    --time-budget."""
     from fastattrec.config import TrainConfig, flag_of
     from fastattrec.training.checkpoint import read_run_config
 
     given = _given(opts)
     saved = read_run_config(resume_dir)["train"]
     other = [k for k, v in given.items()
-             if k not in ("epochs", "device") and (k not in saved or saved[k] != v)]
+             if k not in RESUME_CHANGES and (k not in saved or saved[k] != v)]
     if other:
         flags = {f.name: flag_of(f) for f in TrainConfig.__dataclass_fields__.values()}
         names = ", ".join(_spelled(flags[k], given[k]) + f" (the run's: "
                           f"{_spelled(flags[k], saved[k]) if k in saved else 'unset'})"
                           for k in other)
-        raise UserError(f"--resume keeps the run's options; only --epochs and --device may "
-                        f"change (got {names}).")
+        raise UserError(f"--resume keeps the run's options; only --epochs, --device and "
+                        f"--time-budget may change (got {names}).")
     return given
 
 

@@ -609,7 +609,8 @@ def test_resume_accepts_the_runs_own_option_values(data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
     msg = error_line(cli("train", "--resume", run, "--epochs", "3", *ARGS[:-1], "--dim", "9"))
-    assert "only --epochs and --device may change (got --dim 9 (the run's: --dim 8))" in msg
+    assert ("only --epochs, --device and --time-budget may change (got --dim 9 (the run's: "
+            "--dim 8))") in msg
 
 
 def test_a_full_disk_while_saving_a_checkpoint_says_so(data_dir, tmp_path, monkeypatch):

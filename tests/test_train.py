@@ -77,6 +77,31 @@ def test_early_stop_keeps_best(data_dir, tmp_path):
     assert len(res.history) - best["epoch"] == 2
 
 
+def test_time_budget_stops_between_epochs_and_resumes_with_a_larger_one(data_dir, tmp_path):
+    """A budget already spent by the first epoch stops the run after it (best.pt kept);
+    --resume alone has nothing to do; --resume --time-budget 0 trains on to --epochs, to
+    the weights of a run never stopped."""
+    cfg = dict(epochs=3, negatives="resample", **SMALL)
+    lines = []
+    res = train(data_dir, tmp_path / "cut", TrainConfig(time_budget=1e-6, **cfg),
+                log=lines.append)
+    assert res.stopped_early and [h["epoch"] for h in res.history] == [1]
+    assert any("reached --time-budget" in line for line in lines), lines
+    assert torch.load(tmp_path / "cut" / "best.pt", weights_only=False)["epoch"] == 1
+    r = cli("train", "--resume", tmp_path / "cut")
+    assert r.exit_code == 0 and "nothing to resume" in r.output, r.output
+    r = cli("train", "--resume", tmp_path / "cut", "--time-budget", "0")
+    assert r.exit_code == 0, r.output
+    full = train(data_dir, tmp_path / "full", TrainConfig(**cfg), log=print)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 3 == len(full.history)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    r = cli("train", "--resume", tmp_path / "cut", "--time-budget", "-1")
+    assert r.exit_code != 0 and "--time-budget" in r.output, r.output
+
+
 def test_triton_backend_in_interpreter_matches_reference(tmp_path):
     pytest.importorskip("triton")
     import os
@@ -134,7 +159,7 @@ def test_cli_errors(data_dir, tmp_path):
     r = cli("train", data_dir, "-o", tmp_path / "done", "--epochs", "1")
     assert r.exit_code != 0 and "--resume" in r.output
     r = cli("train", "--resume", tmp_path / "done", "--lr", "0.1")
-    assert r.exit_code != 0 and "only --epochs and --device" in r.output
+    assert r.exit_code != 0 and "only --epochs, --device and --time-budget" in r.output
 
 
 def test_config_choices_match_the_kernels():
@@ -189,7 +214,7 @@ def test_the_thread_count_used_is_saved_and_reused(data_dir, tmp_path):
     train(data_dir, tmp_path / "auto", TrainConfig(epochs=1, **SMALL), log=print)
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["threads"] >= 1
     r = cli("train", "--resume", tmp_path / "run", "--threads", "2")
-    assert r.exit_code != 0 and "only --epochs and --device" in r.output
+    assert r.exit_code != 0 and "only --epochs, --device and --time-budget" in r.output
 
 
 def test_huge_option_values_are_not_echoed_whole(tmp_path):

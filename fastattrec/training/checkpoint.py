@@ -332,8 +332,9 @@ class RunState:
 def open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resume: bool,
               log: Callable[[str], None]) -> tuple[TrainConfig, dict | None, dict]:
     """Set-up: the run's options, its checkpoint (None for a fresh start) and the saved
-    config.json (empty for a new run). Resuming keeps the saved options, except --epochs
-    and --device; a run killed before its first checkpoint starts over from them."""
+    config.json (empty for a new run). Resuming keeps the saved options, except --epochs,
+    --device and --time-budget; a run killed before its first checkpoint starts over from
+    them."""
     if not resume:
         cfg = cfg or TrainConfig()
         cfg.data_dir = str(Path(data_dir).resolve())
@@ -354,12 +355,13 @@ def open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resu
     except (TypeError, UserError) as e:
         raise UserError(f"{quoted(run_dir / CONFIG)} holds options this fastattrec cannot use "
                         f"({str(e).rstrip('.')}); start the run again with --force.") from None
-    if cfg is not None:  # only the epoch count and the device may change on resume
+    if cfg is not None:  # only the epoch count, device and time budget change on resume
         done = ckpt["epoch"] if ckpt is not None else 0
         if cfg.epochs < done:
             raise UserError(f"--epochs {cfg.epochs} is fewer than the {done} epochs "
                             f"{quoted(run_dir)} has done; give --epochs {done} or more.")
         resumed.epochs, resumed.device = cfg.epochs, cfg.device
+        resumed.time_budget = cfg.time_budget
     return resumed, ckpt, saved
 
 

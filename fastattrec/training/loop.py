@@ -109,6 +109,11 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     if stopped_early:  # the run had already stopped early: resuming changes nothing
         log(f"{run_dir} stopped early after epoch {state.epoch} (no better validation "
             f"{state.history[-1]['val_name']} for {state.stale} epochs); nothing to resume")
+    elif _out_of_time(cfg, state) and state.epoch < cfg.epochs:
+        stopped_early = True
+        log(f"{run_dir} has used its --time-budget of {cfg.time_budget:g} s "
+            f"({_spent(state):.1f} s, {state.epoch} of {cfg.epochs} epochs); nothing to "
+            f"resume (give --resume with a larger --time-budget, or 0 for none)")
     writer = ck.CheckpointWriter(run_dir)
     try:
         first = state.epoch + 1  # the epoch whose first step compiles or captures the step
@@ -124,12 +129,28 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
                     f"{state.stale} epochs; best epoch {state.best['epoch']} is kept in best.pt")
                 stopped_early = True
                 break
+            if _out_of_time(cfg, state) and epoch < cfg.epochs:
+                log(f"time budget: {_spent(state):.1f} s of training reached --time-budget "
+                    f"{cfg.time_budget:g} s after epoch {epoch}; best epoch "
+                    f"{state.best['epoch']} is kept in best.pt")
+                stopped_early = True
+                break
     finally:
         writer.wait()
     if main_proc and state.history and not ck.plot_curves(run_dir, state.history):
         log("curves.png not drawn: it needs matplotlib (pip install 'fastattrec[plot]' "
             "or pip install matplotlib)")
     return TrainResult(run_dir, state.history, kernel, str(device), stopped_early)
+
+
+def _spent(state: ck.RunState) -> float:
+    """Seconds the run has trained: fit and evaluation of every epoch done."""
+    return sum(h["fit_time"] + h["eval_time"] for h in state.history)
+
+
+def _out_of_time(cfg: TrainConfig, state: ck.RunState) -> bool:
+    """Whether --time-budget stops the run before another epoch."""
+    return cfg.time_budget > 0 and _spent(state) >= cfg.time_budget
 
 
 def _run_epoch(b: Built, data: DeviceData, cfg: TrainConfig, epoch: int,
