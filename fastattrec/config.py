@@ -97,10 +97,10 @@ class TrainConfig:
                            low=0.0, high=1.0)
     dropout: float = option(0.0, "Dropout rate on the user and window-item embeddings "
                             "during training (0: off, the notebook).", low=0.0, high=0.9)
-    time_budget: float = option(0.0, "Seconds of training (fit and validation of every epoch "
-                                "done, resumed epochs included) after which no new epoch "
-                                "starts; best.pt keeps the best one. 0: no limit. May change "
-                                "on --resume.", low=0.0)
+    time_budget: float = option(0.0, "Seconds of training (fit and validation of every epoch, "
+                                "resumed epochs included) to stay within: no epoch starts "
+                                "that would, at the last one's pace, end later; best.pt keeps "
+                                "the best. 0: no limit. May change on --resume.", low=0.0)
     early_stop: int = option(0, "Stop after N epochs without a better validation NDCG@K "
                              "(full ranking of the validation targets); 0: never. best.pt "
                              "keeps the best epoch.", low=0)

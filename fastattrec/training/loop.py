@@ -111,7 +111,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
             f"{state.history[-1]['val_name']} for {state.stale} epochs); nothing to resume")
     elif _out_of_time(cfg, state) and state.epoch < cfg.epochs:
         stopped_early = True
-        log(f"{run_dir} has used its --time-budget of {cfg.time_budget:g} s "
+        log(f"{run_dir} has spent its --time-budget of {cfg.time_budget:g} s "
             f"({_spent(state):.1f} s, {state.epoch} of {cfg.epochs} epochs); nothing to "
             f"resume (give --resume with a larger --time-budget, or 0 for none)")
     writer = ck.CheckpointWriter(run_dir)
@@ -130,9 +130,9 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
                 stopped_early = True
                 break
             if _out_of_time(cfg, state) and epoch < cfg.epochs:
-                log(f"time budget: {_spent(state):.1f} s of training reached --time-budget "
-                    f"{cfg.time_budget:g} s after epoch {epoch}; best epoch "
-                    f"{state.best['epoch']} is kept in best.pt")
+                log(f"time budget: after {_spent(state):.1f} s of training another epoch "
+                    f"would end past --time-budget {cfg.time_budget:g} s; stopped after "
+                    f"epoch {epoch}, best epoch {state.best['epoch']} is kept in best.pt")
                 stopped_early = True
                 break
     finally:
@@ -149,8 +149,12 @@ def _spent(state: ck.RunState) -> float:
 
 
 def _out_of_time(cfg: TrainConfig, state: ck.RunState) -> bool:
-    """Whether --time-budget stops the run before another epoch."""
-    return cfg.time_budget > 0 and _spent(state) >= cfg.time_budget
+    """Whether --time-budget stops the run before another epoch: one more, as long as the
+    last one took, would end after the budget."""
+    if cfg.time_budget <= 0 or not state.history:
+        return False
+    last = state.history[-1]["fit_time"] + state.history[-1]["eval_time"]
+    return _spent(state) + last > cfg.time_budget
 
 
 def _run_epoch(b: Built, data: DeviceData, cfg: TrainConfig, epoch: int,
