@@ -63,3 +63,18 @@ def test_sharded_evaluation_of_several_targets_gathers_every_user(tmp_path):
     assert b["users"] == a["users"] > 0
     for name in ("HR@10", "Recall@10", "NDCG@10", "MRR"):
         assert abs(b[name] - a[name]) <= 1 / a["users"], name  # one user's rank at most
+
+
+def test_a_time_budget_stops_every_process_after_the_same_epoch(tmp_path):
+    """Under torchrun the budget's decision goes through a collective (each process times
+    itself): both processes stop after epoch 1 and the run ends cleanly."""
+    synthesize(tmp_path / "r.dat", 40, 120, 1500, seed=5)
+    prepare(tmp_path / "r.dat", tmp_path / "data", PrepOptions(test_negatives=20))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "fastattrec", "train", str(tmp_path / "data"), "-o", str(tmp_path / "two"),
+           "--epochs", "3", "--dim", "8", "--batch-size", "100", "--device", "cpu",
+           "--time-budget", "1e-9", "--no-progress", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "would end past --time-budget" in out.stderr + out.stdout
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["epoch"] == 1

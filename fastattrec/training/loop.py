@@ -109,7 +109,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
     if stopped_early:  # the run had already stopped early: resuming changes nothing
         log(f"{run_dir} stopped early after epoch {state.epoch} (no better validation "
             f"{state.history[-1]['val_name']} for {state.stale} epochs); nothing to resume")
-    elif _out_of_time(cfg, state) and state.epoch < cfg.epochs:
+    elif state.epoch < cfg.epochs and _out_of_time(cfg, state, distributed):
         stopped_early = True
         log(f"{run_dir} has spent its --time-budget of {cfg.time_budget:g} s "
             f"({_spent(state):.1f} s, {state.epoch} of {cfg.epochs} epochs); nothing to "
@@ -129,7 +129,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
                     f"{state.stale} epochs; best epoch {state.best['epoch']} is kept in best.pt")
                 stopped_early = True
                 break
-            if _out_of_time(cfg, state) and epoch < cfg.epochs:
+            if epoch < cfg.epochs and _out_of_time(cfg, state, distributed):
                 log(f"time budget: after {_spent(state):.1f} s of training another epoch "
                     f"would end past --time-budget {cfg.time_budget:g} s; stopped after "
                     f"epoch {epoch}, best epoch {state.best['epoch']} is kept in best.pt")
@@ -148,13 +148,17 @@ def _spent(state: ck.RunState) -> float:
     return sum(h["fit_time"] + h["eval_time"] for h in state.history)
 
 
-def _out_of_time(cfg: TrainConfig, state: ck.RunState) -> bool:
+def _out_of_time(cfg: TrainConfig, state: ck.RunState, distributed: Any = None) -> bool:
     """Whether --time-budget stops the run before another epoch: one more, as long as the
-    last one took, would end after the budget."""
+    last one took, would end after the budget. With several processes, when any of them
+    says so (each times itself; all must stop together)."""
     if cfg.time_budget <= 0 or not state.history:
         return False
     last = state.history[-1]["fit_time"] + state.history[-1]["eval_time"]
-    return _spent(state) + last > cfg.time_budget
+    over = _spent(state) + last > cfg.time_budget
+    if distributed is not None:
+        return float(distributed.all_sum(torch.tensor(float(over), device=distributed.device))) > 0
+    return over
 
 
 def _run_epoch(b: Built, data: DeviceData, cfg: TrainConfig, epoch: int,
