@@ -472,9 +472,8 @@ def train(data: Dataset | str | Path | None, out: str | Path, *, force: bool = F
 def resume(path: str | Path, *, epochs: int | None = None, device: str | None = None,
            time_budget: float | None = None, data: Dataset | str | Path | None = None,
            progress: bool = False, log: Log = _quiet, distributed: Any = None) -> Run:
-    """Continue an interrupted run (same data and options; `epochs` may be raised and
-    `time_budget` changed; `data` if the dataset moved, which must have the run's
-    fingerprint)."""
+    """Continue an interrupted run (same data and options but `epochs`, `device` and
+    `time_budget`; `data` if the dataset moved, with the run's fingerprint)."""
     from fastattrec.config import TrainConfig
     from fastattrec.training import train as run_training
     from fastattrec.training.checkpoint import read_run_config
@@ -489,12 +488,10 @@ def resume(path: str | Path, *, epochs: int | None = None, device: str | None = 
     data = None if data is None else _data("data", data)
     _flag("progress", progress)
     _log("log", log)
-    base = None
-    changes = {"epochs": epochs, "device": device, "time_budget": time_budget}
-    if any(v is not None for v in changes.values()):
-        saved = dict(read_run_config(path)["train"])
-        saved.update({k: v for k, v in changes.items() if v is not None})
-        base = TrainConfig.from_dict(saved)
+    changes = {k: v for k, v in (("epochs", epochs), ("device", device),
+                                 ("time_budget", time_budget)) if v is not None}
+    base = (TrainConfig.from_dict({**read_run_config(path)["train"], **changes})
+            if changes else None)
     res = run_training(data, path, base, resume=True, log=log, progress=progress,
                        distributed=distributed)
     run = load_run(res.run_dir)

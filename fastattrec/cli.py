@@ -413,14 +413,11 @@ def _spelled(flag: str, value) -> str:
     return f"{flag} {value}"
 
 
-RESUME_CHANGES = ("epochs", "device", "time_budget")  # the options --resume may change
-
-
 def _resume_changes(resume_dir: Path, opts: dict) -> dict:
     """The options given on the command line with --resume. Repeating the run's own value
     is accepted; a different value is refused, except for --epochs, --device and
     --time-budget."""
-    from fastattrec.config import TrainConfig, flag_of
+    from fastattrec.config import RESUME_CHANGES, TrainConfig, flag_of
     from fastattrec.training.checkpoint import read_run_config
 
     given = _given(opts)

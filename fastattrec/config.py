@@ -34,6 +34,8 @@ PRESETS: dict[str, dict] = {
     "quality": dict(objective="sampled-softmax", n_negatives=16, negatives="resample",
                     epochs=200, early_stop=5, eval_every=200),
 }
+# The options `train --resume` may change; every other one is the run's own.
+RESUME_CHANGES = ("epochs", "device", "time_budget")
 # The objectives the CPU's hand-written step computes (fastattrec/training/cpu_step.py).
 HAND_WRITTEN_OBJECTIVES = ("pair", "bce", "gbce", "sampled-softmax")
 SEED_MAX = 2**63 - 3  # the largest seed whose shuffle and negatives seeds (+1, +2) fit int64

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fastattrec.atomic import atomic_path, atomic_write_json, atomic_write_text
-from fastattrec.config import AttRecConfig, TrainConfig
+from fastattrec.config import RESUME_CHANGES, AttRecConfig, TrainConfig
 from fastattrec.data.dataset import fingerprint
 from fastattrec.errors import UserError, first_error_line, quoted, shown
 from fastattrec.outputs import claim_output, read_json_dict
@@ -355,13 +355,13 @@ def open_run(data_dir: Path | None, run_dir: Path, cfg: TrainConfig | None, resu
     except (TypeError, UserError) as e:
         raise UserError(f"{quoted(run_dir / CONFIG)} holds options this fastattrec cannot use "
                         f"({str(e).rstrip('.')}); start the run again with --force.") from None
-    if cfg is not None:  # only the epoch count, device and time budget change on resume
+    if cfg is not None:  # only the options of RESUME_CHANGES change on resume
         done = ckpt["epoch"] if ckpt is not None else 0
         if cfg.epochs < done:
             raise UserError(f"--epochs {cfg.epochs} is fewer than the {done} epochs "
                             f"{quoted(run_dir)} has done; give --epochs {done} or more.")
-        resumed.epochs, resumed.device = cfg.epochs, cfg.device
-        resumed.time_budget = cfg.time_budget
+        for name in RESUME_CHANGES:
+            setattr(resumed, name, getattr(cfg, name))
     return resumed, ckpt, saved
 
 

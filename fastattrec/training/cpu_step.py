@@ -39,8 +39,15 @@ import torch.nn.functional as F
 
 from fastattrec.errors import first_error_line
 from fastattrec.kernels.structured import attend, attend_backward
-from fastattrec.model import (AttRec, clip_parts, logits_of, mean_reduced, pair_scores,
-                              reduce_batch, sample_terms)
+from fastattrec.model import (
+    AttRec,
+    clip_parts,
+    logits_of,
+    mean_reduced,
+    pair_scores,
+    reduce_batch,
+    sample_terms,
+)
 from fastattrec.training.step import Samples, add_batch_loss
 
 
