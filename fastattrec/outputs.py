@@ -114,6 +114,7 @@ def exclusive_lock(target: Path) -> Iterator[list[Path]]:
 
     target = absolute(target)
     path = lock_path(target)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -161,6 +162,17 @@ def exclusive_lock(target: Path) -> Iterator[list[Path]]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         os.close(fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that this command created and left empty, such
+    as the parents of an output that failed; a folder with anything in it stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _same_file(path: Path, st: os.stat_result) -> bool:

@@ -373,3 +373,22 @@ def test_a_fifo_output_is_refused_not_waited_on(tmp_path):
     for args in (("synth", "-o", fifo, "--force"), ("prep", src, "-o", fifo, "--force")):
         msg = one_line_error(cli(*args))
         assert "not a regular file or folder" in msg
+
+
+def test_a_failed_command_removes_the_folders_it_made_for_its_output(tmp_path):
+    """-o a/b/out on a bad input or a missing dataset leaves no empty a/ or a/b/ behind;
+    a folder that was there before, or that holds something else, stays."""
+    bad = write(tmp_path / "bad.csv", "user,item,time\n1,2,x\n")
+    r = prep(bad, tmp_path / "a" / "b" / "out")
+    assert r.exit_code != 0 and "'x' is not a date" in r.output
+    assert not (tmp_path / "a").exists()
+    r = cli("train", tmp_path / "missing", "-o", tmp_path / "runs" / "r1")
+    assert r.exit_code != 0 and "does not exist" in r.output
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "kept" / "other").mkdir(parents=True)
+    r = prep(bad, tmp_path / "kept" / "new" / "out")
+    assert r.exit_code != 0
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["other"]
+    good = write(tmp_path / "ratings.dat", TINY_ML1M)
+    assert prep(good, tmp_path / "made" / "out").exit_code == 0
+    assert (tmp_path / "made" / "out").is_dir()
