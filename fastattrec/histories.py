@@ -18,7 +18,7 @@ import polars as pl
 import torch
 
 from fastattrec.errors import UserError, first_error_line, quoted, shown
-from fastattrec.recommend import id_texts, match_ids, top_k_of
+from fastattrec.recommend import id_texts, match_ids, top_k_of, whole_ids
 from fastattrec.runs import LoadedRun
 
 USER_COLUMNS = ("user", "raw_user", "user_id", "userId", "UserID", "uid", "user_id:token")
@@ -85,6 +85,8 @@ def from_frame(run: LoadedRun, frame: pl.DataFrame, source: str,
         raise UserError(f"{source} holds no rows; {FILE_HINT}.")
     rows = frame.select(pl.col(user_col).alias("user"), pl.col(item_col).alias("item"),
                         *([pl.col(time_col).alias("time")] if time_col else []))
+    rows = rows.with_columns(whole_ids(rows.get_column("user")),
+                             whole_ids(rows.get_column("item")))
     for col, what in ((user_col, "user"), (item_col, "item")):
         if rows.get_column(what).null_count():
             n = int(rows.get_column(what).is_null().arg_max()) + 1

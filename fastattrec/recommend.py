@@ -73,6 +73,17 @@ def match_ids(raw: pl.Series, rows: np.ndarray, given: pl.Series) -> np.ndarray:
     return found.get_column("row").fill_null(0).to_numpy().astype(np.int64)
 
 
+def whole_ids(ids: pl.Series) -> pl.Series:
+    """Ids stored as floats (1.0, as a table with missing values often holds them) as text,
+    whole numbers written as the integers they are ('1'), so they match the dataset's
+    integer ids; a series of another type unchanged."""
+    if not ids.dtype.is_float():
+        return ids
+    whole = ids.is_finite() & (ids % 1 == 0)
+    return pl.select(pl.when(whole).then(ids.cast(pl.Int64, strict=False).cast(pl.String))
+                     .otherwise(ids.cast(pl.String)).alias(ids.name)).to_series()
+
+
 def id_texts(values: list) -> pl.Series:
     """Ids given in Python or on the command line as text (a bool is no id: '')."""
     return pl.Series([("" if isinstance(v, bool) or v is None else str(v)) for v in values],
@@ -250,9 +261,7 @@ def _read_parquet(path: Path) -> pl.DataFrame:
 def _from_columns(path: Path, frame: pl.DataFrame, word: str, first_row: int) -> pl.DataFrame:
     """A CSV, TSV or Parquet item table: its id and title columns, ids as text."""
     id_col, title_col = _pick(path, frame.columns, ", ".join(frame.columns), "its header")
-    ids = frame.to_series(id_col)
-    if ids.dtype.is_float() and bool((ids.drop_nulls() % 1 == 0).all()):
-        ids = ids.cast(pl.Int64)  # ids stored as floats (1.0): the integers they hold
+    ids = whole_ids(frame.to_series(id_col))
     out = pl.DataFrame({"raw_item": ids.cast(pl.String).str.strip_chars(),
                         "title": frame.to_series(title_col).cast(pl.String)})
     col = frame.columns[id_col]

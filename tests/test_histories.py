@@ -126,6 +126,19 @@ def test_frame_rows_are_put_in_time_order(run):
     check(frame.filter(pl.col("raw_user") == 9), expected(run, 0, [101, 105]), 8)
 
 
+def test_ids_stored_as_floats_are_the_integers_they_hold(run, tmp_path):
+    """A Parquet file whose id columns are floats (1.0, as pandas writes integer columns
+    with missing values) names the dataset's users and items; 7.5 is no dataset user."""
+    rows = pl.DataFrame({"user": [3.0, 3.0, 7.5], "item": [102.0, 104.0, 101.0]})
+    rows.write_parquet(tmp_path / "h.parquet")
+    frame = run.recommend(histories=tmp_path / "h.parquet", k=8)
+    assert frame.get_column("raw_user").unique(maintain_order=True).to_list() == ["3", "7.5"]
+    check(frame.filter(pl.col("raw_user") == "3"), expected(run, 3, [102, 104]), 8)
+    check(frame.filter(pl.col("raw_user") == "7.5"), expected(run, 0, [101]), 8)
+    frame = run.recommend(histories=rows.head(2), k=8)
+    assert frame.get_column("raw_user").unique().to_list() == [3]
+
+
 def test_item_embeddings_give_the_scores(run):
     emb = run.item_embeddings()
     assert emb.get_column("raw_item").to_list() == ITEMS
