@@ -14,6 +14,7 @@ target of that phase, and whose targets are all of the user's items in that phas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -65,6 +66,59 @@ class Phase:
         before it in its user are its history."""
         q = torch.arange(rows.shape[0], device=rows.device)
         return cls(data.row_user[rows], rows, data.row_pos[rows], rows, q, rows, q, 0)
+
+
+# Users x items up to which sample_negatives looks negatives up in a table of every user's
+# unseen items (int32, at most 128 MiB) instead of searching for each one.
+UNSEEN_TABLE_MAX = 2**25
+
+
+@dataclass
+class UnseenIndex:
+    """Where user u's r-th unseen item is, for r in 0..unseen[u] - 1 (items 1..I-1 in
+    ascending order, without the items of the user's sequence).
+
+    With the user's distinct seen items v_0 < v_1 < ... (0-based) and c_j = v_j - j, the
+    r-th unseen item is r + #{j : c_j <= r} + 1: `cs` holds the keys u * stride + c_j,
+    sorted, and `user_start[u]` where user u's keys begin, so one searchsorted counts. Where
+    users x items is at most UNSEEN_TABLE_MAX, `table[table_start[u] + r]` holds the same
+    item, found by one gather."""
+
+    unseen: torch.Tensor  # (U + 1,) long, unseen items per user
+    stride: int
+    cs: torch.Tensor  # (S,) long, u * stride + c_j over every user's distinct seen items
+    user_start: torch.Tensor  # (U + 1,) long, first index of user u's keys in cs
+    table: torch.Tensor | None  # (sum of unseen,) int32, every user's unseen items in order
+    table_start: torch.Tensor | None  # (U + 1,) long, offset of user u's items in table
+
+    @classmethod
+    def build(cls, row_user: torch.Tensor, items: torch.Tensor, n_users: int,
+              n_items: int) -> UnseenIndex:
+        universe = n_items - 1  # item ids 1..n_items-1, as in `prep`
+        stride = universe + 1
+        keys = torch.unique(row_user * stride + (items - 1))  # sorted, distinct
+        users = keys // stride
+        first = torch.searchsorted(keys, users * stride)  # first key of each user's run
+        cs = keys - (torch.arange(keys.shape[0], device=keys.device) - first)
+        unseen = universe - torch.bincount(users, minlength=n_users)
+        user_start = torch.searchsorted(
+            cs, torch.arange(n_users, device=keys.device) * stride)
+        table = table_start = None
+        if n_users * universe <= UNSEEN_TABLE_MAX:
+            seen = torch.zeros(n_users * universe, dtype=torch.bool, device=keys.device)
+            seen[users * universe + keys % stride] = True
+            flat = torch.nonzero(~seen).flatten()  # row-major: user by user, items ascending
+            table = (flat % universe + 1).to(torch.int32)
+            table_start = torch.cumsum(unseen, 0) - unseen
+        return cls(unseen, stride, cs, user_start, table, table_start)
+
+    def pick(self, user: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The r-th unseen item (long, r's shape) of each `user` (r's shape)."""
+        if self.table is not None:
+            return self.table[self.table_start[user] + r].long()
+        below = torch.searchsorted(self.cs, (user * self.stride + r).contiguous(),
+                                   right=True) - self.user_start[user]
+        return r + below + 1
 
 
 @dataclass
@@ -182,28 +236,24 @@ class DeviceData:
         (N, per_row) with `per_row` > 1 (drawn independently, with replacement); only for
         the flat rows `rows` (R,) when given.
 
-        Exact and loop-free: with a user's distinct seen items v_0 < v_1 < ... (0-based)
-        and c_j = v_j - j, the r-th unseen item is r + #{j : c_j <= r}; one searchsorted
-        over the keys u * stride + c_j answers that count for all rows at once.
+        Exact and loop-free: a uniform r in 0..unseen_u - 1 per draw picks user u's r-th
+        unseen item, looked up in `unseen_index` (a table of every user's unseen items,
+        or a search where that table would be too large; both give the same item).
         """
-        universe = self.n_items - 1  # item ids 1..n_items-1, as in `prep`
-        stride = universe + 1
-        keys = torch.unique(self.row_user * stride + (self.items - 1))  # sorted, distinct
-        users = keys // stride
-        first = torch.searchsorted(keys, users * stride)  # first key of each user's run
-        j = torch.arange(keys.shape[0], device=self.device) - first
-        cs = keys - j  # u * stride + c_j, nondecreasing
-        seen = torch.bincount(users, minlength=self.n_users)  # distinct seen per user
+        index = self.unseen_index
         row_user = self.row_user if rows is None else self.row_user[rows]  # (R,)
-        unseen = universe - seen[row_user]  # (R,)
+        unseen = index.unseen[row_user]  # (R,)
         shape = (row_user.shape[0],) if per_row == 1 else (row_user.shape[0], per_row)
         u = torch.rand(shape, generator=generator, device=self.device, dtype=torch.float64)
         if per_row > 1:
             row_user, unseen = row_user[:, None].expand(shape), unseen[:, None]
         r = torch.minimum((u * unseen).long(), unseen - 1)
-        start = torch.searchsorted(cs, (row_user * stride).contiguous())
-        below = torch.searchsorted(cs, (row_user * stride + r).contiguous(), right=True) - start
-        return r + below + 1
+        return index.pick(row_user, r)
+
+    @cached_property
+    def unseen_index(self) -> UnseenIndex:
+        """Every user's unseen items, built once per dataset (the sequences never change)."""
+        return UnseenIndex.build(self.row_user, self.items, self.n_users, self.n_items)
 
     def shared_negatives(self, generator: torch.Generator, steps: int, n: int) -> torch.Tensor:
         """(steps, n) negatives shared by every sample of a step: uniform over all items

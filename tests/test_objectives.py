@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastattrec import batches
 from fastattrec.batches import DeviceData
 from fastattrec.config import AttRecConfig, TrainConfig
 from fastattrec.data.dataset import load_prepared
@@ -197,6 +198,28 @@ def test_n_negatives_per_row_are_unseen_and_cover_the_catalogue(data_dir):
     rows = torch.nonzero(data.row_user == u).flatten()
     many = data.sample_negatives(torch.Generator().manual_seed(2), per_row=400, rows=rows)
     assert set(many.flatten().tolist()) == set(range(1, data.n_items)) - seen[u]
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_the_r_th_unseen_item_is_found_with_and_without_the_table(data_dir, monkeypatch,
+                                                                  table):
+    """Both lookups of sample_negatives (the table of unseen items, and the search used
+    where that table would be too large) give user u's r-th unseen item in ascending
+    order, for every user and every r, as a plain sorted set difference does."""
+    monkeypatch.setattr(batches, "UNSEEN_TABLE_MAX", 2**25 if table else 0)
+    data = DeviceData.from_prepared(load_prepared(data_dir), "cpu")
+    index = data.unseen_index
+    assert (index.table is not None) == table
+    seen = seen_items(data)
+    users, ranks, want = [], [], []
+    for u, items in seen.items():
+        unseen = sorted(set(range(1, data.n_items)) - items)
+        assert int(index.unseen[u]) == len(unseen)
+        users += [u] * len(unseen)
+        ranks += list(range(len(unseen)))
+        want += unseen
+    got = index.pick(torch.tensor(users), torch.tensor(ranks))
+    assert got.tolist() == want
 
 
 def test_shared_negatives_are_real_items(data_dir):
