@@ -309,6 +309,37 @@ def test_time_split_needs_times(tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_cuts_of_another_kind_than_the_logs_times_are_one_sentence(tmp_path):
+    """A date against number times (their unit is unknown), a number against dates, and
+    a zoned date against dates without a zone are refused, naming the kinds; a date
+    without a zone against zoned dates is read as UTC, as the log's dates are."""
+    numbers = write(tmp_path / "log.csv", LOG)
+    naive = write(tmp_path / "naive.csv", "user,item,time\n" + "".join(
+        f"{u},{i},2020-01-{d:02d}T12:00:00\n" for u, i, d in
+        [(1, 1, 1), (1, 2, 2), (1, 3, 5), (1, 4, 8), (2, 2, 1), (2, 3, 3), (2, 5, 6),
+         (2, 1, 9)]))
+    zoned = write(tmp_path / "zoned.csv", naive.read_text().replace(":00\n", ":00Z\n"))
+    for src, cuts, words in (
+            (numbers, ("2020-01-05", "2020-01-08"),
+             "log.csv: its times are numbers (1 to 12), not dates, so --val-from must be "
+             "a number in the same units, not '2020-01-05' (as Unix seconds that date is "
+             "1578182400)"),
+            (naive, ("5", "8"), "naive.csv: its times are dates, so --val-from must be a "
+                                "date"),
+            (naive, ("2020-01-05", "2020-01-08T00:00:00+01:00"),
+             "naive.csv: its dates have no time zone, so --test-from "
+             "'2020-01-08T00:00:00+01:00' cannot be placed among them")):
+        r = cli("prep", src, "-o", tmp_path / "out", "--split", "time", "--val-from",
+                cuts[0], "--test-from", cuts[1])
+        assert r.exit_code != 0 and "Traceback" not in r.output
+        assert words in r.output.strip().splitlines()[-1], r.output
+        assert not (tmp_path / "out").exists()
+    # 2020-01-08 (no zone) is midnight UTC: user 1's 12:00Z on Jan 8 is test
+    d = fa.prepare(zoned, tmp_path / "z", split="time", val_from="2020-01-05",
+                   test_from="2020-01-08")
+    assert (d.counts["val_samples"], d.counts["test_samples"]) == (2, 2)
+
+
 def test_dates_as_cuts(tmp_path):
     src = write(tmp_path / "log.csv", "user,item,time\n" + "".join(
         f"{u},{i},2020-01-{d:02d}\n" for u, i, d in

@@ -117,7 +117,7 @@ def prepare(
         ids = _split_users(raw, source, opts)
         step("ordering sequences")
         seq, users = _order_sequences(ids, opts.streaming, opts.split.split == "time")
-        users, cuts = split_users(seq, users, source, opts.split)
+        users, cuts = split_users(seq, users, source, opts.split, scan.time_dates)
         seq = seq.select("user", "item")
         _check_enough_unseen(users, ids.universe, n_test_neg, source, opts)
         step("drawing negatives")

@@ -14,6 +14,7 @@ blank lines are ignored; a blank line mid-file is named.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -124,8 +125,9 @@ def _explain_value(lf: pl.LazyFrame, scan: Scan, path: Path, col: str, bad: pl.E
 
 
 def coerce_types(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = False
-                 ) -> pl.LazyFrame:
-    """Give the canonical columns their types, judging each from the whole column.
+                 ) -> tuple[pl.LazyFrame, str | None]:
+    """Give the canonical columns their types, judging each from the whole column; and
+    what the times were (None numbers, "naive" dates without a zone, "UTC" zoned dates).
 
     user/item: Int64 when every value is an integer (its text exactly that integer's, for
     text columns), else String, the text unchanged (ids may be names or zero-padded codes);
@@ -165,29 +167,30 @@ def coerce_types(lf: pl.LazyFrame, scan: Scan, path: Path, streaming: bool = Fal
         else:
             raise UserError(f"{path}: the {scan.label('rating')} holds {dt} values; ratings "
                             f"must be numbers (choose another --rating-col).")
-    out.append(_time_expr(lf, scan, path, schema["time"], streaming))
-    return lf.with_columns(out)
+    time, dates = _time_expr(lf, scan, path, schema["time"], streaming)
+    return lf.with_columns(*out, time), dates
 
 
 def _time_expr(lf: pl.LazyFrame, scan: Scan, path: Path, dt: pl.DataType,
-               streaming: bool) -> pl.Expr:
+               streaming: bool) -> tuple[pl.Expr, str | None]:
     t = pl.col("time")
     if dt.is_integer():
         if not _fits_int64(lf, "time", dt, streaming):
             raise _beyond_int64(lf, scan, path, t.cast(pl.Int64, strict=False).is_null()
                                 & t.is_not_null(), streaming)
-        return t.cast(pl.Int64)
+        return t.cast(pl.Int64), None
     if dt.is_float():
         bad = t.is_not_null() & ~t.is_finite()
         if _collect(lf.select(bad.any()), streaming).item():
             raise _explain_value(lf, scan, path, "time", bad, "a finite number", streaming)
-        return t
+        return t, None
     if dt in (pl.Date,) or isinstance(dt, pl.Datetime):
-        return t.cast(pl.Datetime("us")).dt.epoch("us")
+        zone = "UTC" if getattr(dt, "time_zone", None) else "naive"
+        return t.cast(pl.Datetime("us")).dt.epoch("us"), zone
     if dt == pl.String:
         v = t.str.strip_chars()
         if _all_cast(lf, "time", pl.Int64, streaming):
-            return v.cast(pl.Int64)
+            return v.cast(pl.Int64), None
         huge = v.str.contains(r"^[+-]?\d+$") & v.cast(pl.Int64, strict=False).is_null()
         if _collect(lf.select(huge.any()), streaming).item():
             raise _beyond_int64(lf, scan, path, huge, streaming)
@@ -199,7 +202,7 @@ def _time_expr(lf: pl.LazyFrame, scan: Scan, path: Path, dt: pl.DataType,
             if _collect(lf.select(bad.any()), streaming).item():
                 raise _explain_value(lf, scan, path, "time", bad, "a finite number",
                                      streaming)
-            return as_float
+            return as_float, None
         zone = _zoned_times(lf, scan, path, v, streaming)
         if zone:  # one spelling of the zone (`+hh:mm` right after the time), as Polars infers
             v = v.str.replace(r"\s*[Zz]$", "+00:00").str.replace(
@@ -209,7 +212,7 @@ def _time_expr(lf: pl.LazyFrame, scan: Scan, path: Path, dt: pl.DataType,
         if _collect(lf.select(bad.any()), streaming).item():
             raise _explain_value(lf, scan, path, "time", bad, "a date (the column's first "
                                  "value is one)", streaming)
-        return parsed.dt.epoch("us")
+        return parsed.dt.epoch("us"), zone or "naive"
     raise UserError(f"{path}: the {scan.label('time')} holds {dt} values; times must be "
                     f"numbers or dates (choose another --time-col).")
 
@@ -354,11 +357,11 @@ def read_ratings(
                 f"{path}: cannot read it as {scan.fmt} ({first_error_line(e2)}); check --format."
             ) from None
     lf = tidy_rows(frame.lazy(), scan, path)
-    frame = coerce_types(lf, scan, path).drop(
-        [c for c in (*STRAY, "_n", "_enc") if c in frame.columns]).collect()
+    lf, dates = coerce_types(lf, scan, path)
+    frame = lf.drop([c for c in (*STRAY, "_n", "_enc") if c in frame.columns]).collect()
     if frame.height == 0:
         raise UserError(f"{path} holds no ratings (only a header or blank lines).")
-    return frame, scan
+    return frame, replace(scan, time_dates=dates)
 
 
 def _sink(lf: pl.LazyFrame, dest: Path) -> None:
@@ -390,8 +393,8 @@ def sink_ratings(
             ) from None
     lf = tidy_rows(pl.scan_parquet(dest), scan, path, streaming=True)
     names = lf.collect_schema().names()
-    lf = coerce_types(lf, scan, path, streaming=True).drop(
-        [c for c in (*STRAY, "_n", "_enc") if c in names])
+    lf, dates = coerce_types(lf, scan, path, streaming=True)
+    lf = lf.drop([c for c in (*STRAY, "_n", "_enc") if c in names])
     if _collect(lf.select(pl.len()), True).item() == 0:
         raise UserError(f"{path} holds no ratings (only a header or blank lines).")
-    return lf, scan
+    return lf, replace(scan, time_dates=dates)

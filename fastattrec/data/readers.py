@@ -62,6 +62,9 @@ class Scan:
     text_frame: pl.LazyFrame | None = None
     # How each canonical column is called in messages ("'timestamp' column", "time field").
     labels: dict[str, str] = field(default_factory=dict)
+    # What the times were: None numbers (or no times), "naive" dates without a zone, "UTC"
+    # dates with one (converted to UTC); set when the time column is typed.
+    time_dates: str | None = None
 
     @property
     def sep_quotes(self) -> bool:

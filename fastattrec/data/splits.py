@@ -106,8 +106,7 @@ def parse_time(value: Any, flag: str) -> tuple[int | float, bool]:
             continue
         if math.isfinite(number):
             return number, False
-    zoned = text.endswith(("Z", "z")) or (len(text) > 10 and ("+" in text[10:]
-                                                               or "-" in text[10:]))
+    zoned = _zoned(text)
     try:
         parsed = pl.Series([text]).str.to_datetime(strict=False, time_unit="us",
                                                    time_zone="UTC" if zoned else None)
@@ -119,6 +118,12 @@ def parse_time(value: Any, flag: str) -> tuple[int | float, bool]:
                         f"2003-01-01 or 2003-01-01T10:00:00; give the time in the log's own "
                         f"units or as a date.")
     return int(micros), True
+
+
+def _zoned(text: str) -> bool:
+    """Whether a date given as text carries a zone (Z, +hh:mm or -hh:mm after the day)."""
+    return text.endswith(("Z", "z")) or (len(text) > 10 and ("+" in text[10:]
+                                                             or "-" in text[10:]))
 
 
 def _half_up(fraction: float, n: pl.Expr | int) -> pl.Expr | int:
@@ -158,27 +163,30 @@ class TimeCuts:
         return f"{t:g}" if isinstance(t, float) else str(t)
 
 
-def time_cuts(times: pl.Series, opts: SplitOptions, source: Path) -> TimeCuts:
+def time_cuts(times: pl.Series, opts: SplitOptions, source: Path,
+              log_dates: str | None = None) -> TimeCuts:
     """The cuts of --split time: the given times, or from the fractions, over the R rows'
     times sorted t_0 <= ... <= t_{R-1}: the test cut is t_{R - n_t} with
     n_t = max(1, ⌊f_test·R + ½⌋), the validation cut t_{max(0, R - n_t - n_v)} with n_v
     likewise. Every row at or after a cut is on its side, ties included. Refuses cuts that
-    leave no train, validation or test row."""
+    leave no train, validation or test row, and cuts of another kind than the log's times
+    (`log_dates`: None numbers, "naive" dates without a zone, "UTC" zoned dates)."""
     srt = times.sort()
     r = srt.len()
     first, last = srt[0], srt[r - 1]
     if opts.val_from is not None:
-        (val, dates), (test, _) = (parse_time(opts.val_from, "--val-from"),
-                                   parse_time(opts.test_from, "--test-from"))
+        (val, _), (test, _) = (parse_time(opts.val_from, "--val-from"),
+                             parse_time(opts.test_from, "--test-from"))
+        _same_kind(opts, log_dates, source, first, last)
         how = "--val-from and --test-from"
     else:
         f_val, f_test = opts.fractions()
         n_t = max(1, _half_up(f_test, r))
         i_test = r - n_t
         i_val = max(0, i_test - max(1, _half_up(f_val, r)))
-        val, test, dates = srt[i_val], srt[i_test], False
+        val, test = srt[i_val], srt[i_test]
         how = "--val-fraction and --test-fraction"
-    cuts = TimeCuts(val, test, first, last, dates)
+    cuts = TimeCuts(val, test, first, last, log_dates is not None)
     span = f"(its times run from {cuts.shown(first)} to {cuts.shown(last)})"
     if not last >= test:
         raise UserError(f"{source}: --test-from {cuts.shown(test)} leaves no test "
@@ -192,6 +200,36 @@ def time_cuts(times: pl.Series, opts: SplitOptions, source: Path) -> TimeCuts:
                         f"{cuts.shown(val)} and the test cut {cuts.shown(test)} {span}, "
                         f"so there is nothing to validate on; move the cuts apart with {how}.")
     return cuts
+
+
+def _same_kind(opts: SplitOptions, log_dates: str | None, source: Path,
+               first: int | float, last: int | float) -> None:
+    """Refuse --val-from/--test-from of another kind than the log's times: a date against
+    numbers (their unit is unknown), a number against dates, or a zoned date against dates
+    without a zone (their zone is unknown). A date without a zone against zoned dates is
+    read as UTC, as the log's dates are."""
+    given = [(flag, v) for flag, v in (("--val-from", opts.val_from),
+                                       ("--test-from", opts.test_from))]
+    for flag, value in given:
+        number, is_date = parse_time(value, flag)
+        if is_date and log_dates is None:
+            secs = number // 1_000_000
+            raise UserError(f"{source}: its times are numbers ({_number(first)} to "
+                            f"{_number(last)}), not dates, so {flag} must be a number in the "
+                            f"same units, not {shown(value)} (as Unix seconds that date is "
+                            f"{secs}).")
+        if not is_date and log_dates is not None:
+            raise UserError(f"{source}: its times are dates, so {flag} must be a date "
+                            f"(2003-01-01 or 2003-01-01T10:00:00), not the number "
+                            f"{shown(value)}.")
+        if is_date and log_dates == "naive" and _zoned(str(value).strip()):
+            raise UserError(f"{source}: its dates have no time zone, so {flag} "
+                            f"{shown(value)} cannot be placed among them; give it without "
+                            f"a zone, in the log's own local time.")
+
+
+def _number(t: int | float) -> str:
+    return f"{t:g}" if isinstance(t, float) else str(t)
 
 
 def time_counts(seq: pl.DataFrame, cuts: TimeCuts) -> pl.DataFrame:
@@ -222,18 +260,18 @@ def split_counts(users: pl.DataFrame) -> dict[str, int]:
     return {k: int(v or 0) for k, v in row.items()}
 
 
-def split_users(seq: pl.DataFrame, users: pl.DataFrame, source: Path, opts: SplitOptions
-                ) -> tuple[pl.DataFrame, TimeCuts | None]:
+def split_users(seq: pl.DataFrame, users: pl.DataFrame, source: Path, opts: SplitOptions,
+                log_dates: str | None = None) -> tuple[pl.DataFrame, TimeCuts | None]:
     """The users table with each user's validation and test counts (n_val, n_test; one
     and one for leave-one-out), and the cuts of a time split; `seq` holds the
-    time-ordered rows (user, item[, time]). A time split that leaves no user to validate
-    or to test is refused."""
+    time-ordered rows (user, item[, time]), `log_dates` what its times were (time_cuts).
+    A time split that leaves no user to validate or to test is refused."""
     if opts.split == LEAVE_ONE_OUT:
         return users.with_columns(pl.lit(1, pl.Int32).alias("n_val"),
                                   pl.lit(1, pl.Int32).alias("n_test")), None
     if opts.split == "ratio":
         return users.join(ratio_counts(users, opts), on="user").sort("user"), None
-    cuts = time_cuts(seq.get_column("time"), opts, source)
+    cuts = time_cuts(seq.get_column("time"), opts, source, log_dates)
     users = users.join(time_counts(seq, cuts), on="user").sort("user")
     phases = split_counts(users)
     shown = f"validation from {cuts.shown(cuts.val)}, test from {cuts.shown(cuts.test)}"
