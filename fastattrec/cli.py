@@ -29,6 +29,8 @@ from fastattrec.version import VERSION as __version__
 # `--help` does not import Polars.
 PREP_FORMATS = ["auto", "ml-1m", "ml-100k", "ml-20m", "recbole", "csv", "tsv", "parquet",
                 "sequence-pairs", "sequence-lines"]
+# A time split evaluating fewer users than this gets a note: its metrics are noisy.
+FEW_USERS = 30
 
 
 def _prep_snapshot(out_dir: Path, **_) -> tuple[int, int] | None:
@@ -255,6 +257,25 @@ def prep(input_file: Path, out_dir: Path, fmt: str, user_col, item_col, time_col
         ("time", f"{time.perf_counter() - t:.2f} s"),
     ]
     click.echo(text_table(rows, f"prepared {out_dir}"))
+    for note in _prep_notes(c, split):
+        say(f"note: {note}")
+
+
+def _prep_notes(c: dict, split: str) -> list[str]:
+    """What a prepared dataset will not do well, said before anyone trains on it."""
+    notes = []
+    if c["train_samples"] == 0:
+        notes.append("there are no train samples (no user has two items before the "
+                     "split's cuts), so `fastattrec train` will refuse this dataset; use a "
+                     "larger log, or lower --val-fraction and --test-fraction.")
+    few = [f"{c[k]:,} {what}" for k, what in (("val_users", "validation"),
+                                               ("test_users", "test"))
+           if split == "time" and c.get(k, FEW_USERS) < FEW_USERS]
+    if few:
+        notes.append(f"only {' and '.join(few)} users are evaluated; metrics over so few "
+                     f"users vary widely with the cuts (move --val-from and --test-from, or "
+                     f"the fractions, earlier for more).")
+    return notes
 
 
 def _time_text(t: float) -> str:

@@ -297,6 +297,26 @@ def test_bad_split_options_are_one_sentence(tmp_path, args, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_prep_notes_a_dataset_that_trains_or_evaluates_badly(tmp_path):
+    """A split with no train sample, and a time split evaluating few users, are said
+    after the summary (the dataset is still written: the user may want it anyway)."""
+    src = write(tmp_path / "log.csv", LOG)
+    # by the table above: validation users 1 and 2 (user 4 has no history), test 1, 2, 4
+    r = cli("prep", src, "-o", tmp_path / "time", "--split", "time", "--val-from", "7",
+            "--test-from", "9")
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "note: only 2 validation and 3 test users are evaluated; metrics over so few users "
+        "vary widely with the cuts (move --val-from and --test-from, or the fractions, "
+        "earlier for more).")
+    two = write(tmp_path / "two.csv", "user,item,time\n1,1,1\n1,2,2\n2,2,1\n2,3,2\n")
+    r = cli("prep", two, "-o", tmp_path / "ratio", "--split", "ratio")
+    assert r.exit_code == 0 and (tmp_path / "ratio").is_dir(), r.output
+    assert "note: there are no train samples" in r.output
+    r = cli("prep", src, "-o", tmp_path / "loo", "--test-negatives", "1")
+    assert r.exit_code == 0 and "note:" not in r.output, r.output
+
+
 def test_time_split_needs_times(tmp_path):
     src = write(tmp_path / "pairs.txt", "1 10\n1 20\n1 30\n2 10\n2 20\n2 40\n")
     r = cli("prep", src, "-o", tmp_path / "out", "--format", "sequence-pairs", "--split",
