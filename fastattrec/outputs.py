@@ -306,15 +306,18 @@ def claim_output(target: Path, *, force: bool, made_by_us: Callable[[Path], bool
             if not (target.is_dir() or target.is_file()):
                 raise UserError(f"{option} {target} is not a regular file or folder (a pipe, "
                                 f"device or socket); give a path on disk.")
-            if not (force or allow_existing):
-                raise UserError(f"{quoted(target)} already exists; pass --force to replace it or "
-                                f"choose another {option}.")
             empty = kind == "folder" and _empty_dir(target)
-            if force and not (empty or made_by_us(target)):
+            if allow_existing and not force:
+                yield target
+                return
+            if not (empty or made_by_us(target)):
                 found = "folder" if target.is_dir() else "file"
                 raise UserError(f"{target} is a {found} that fastattrec did not make (not a "
                                 f"{what}); --force only replaces fastattrec's own output, so "
                                 f"remove it yourself or choose another {option}.")
+            if not force:
+                raise UserError(f"{quoted(target)} already exists; pass --force to replace it or "
+                                f"choose another {option}.")
         yield target
 
 

@@ -150,7 +150,7 @@ def test_train_with_a_planted_list_inside_and_beside_the_run(run_dir, tmp_path):
     plant(run, [*victims(shared), run / "mine.txt", run / "checkpoint.pt", run])
     before = {p: snapshot(p) for p in [*victims(shared), run]}
     data = run_dir.parent / "data"
-    assert "already exists and is not empty" in error_line(cli("train", data, "-o", run))
+    assert "already holds a run" in error_line(cli("train", data, "-o", run))
     assert {p: snapshot(p) for p in before} == before
 
 

@@ -392,3 +392,23 @@ def test_a_failed_command_removes_the_folders_it_made_for_its_output(tmp_path):
     good = write(tmp_path / "ratings.dat", TINY_ML1M)
     assert prep(good, tmp_path / "made" / "out").exit_code == 0
     assert (tmp_path / "made" / "out").is_dir()
+
+
+def test_the_first_refusal_offers_force_only_where_force_would_work(tmp_path):
+    """Without --force, an existing output fastattrec made is refused with the --force
+    hint; a folder of the user's is refused saying --force would not replace it either."""
+    src = write(tmp_path / "ratings.dat", TINY_ML1M)
+    assert prep(src, tmp_path / "data").exit_code == 0
+    msg = one_line_error(prep(src, tmp_path / "data"))
+    assert "already exists; pass --force to replace it" in msg
+    mine = tmp_path / "mine"
+    write(mine / "notes.txt", "mine")
+    for r in (prep(src, mine), cli("train", tmp_path / "data", "-o", mine, "--epochs", "1")):
+        msg = one_line_error(r)
+        assert "pass --force" not in msg and "did not make" in msg or \
+            "is not a fastattrec run" in msg, msg
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert cli("train", tmp_path / "data", "-o", tmp_path / "run", "--epochs", "1",
+               "--device", "cpu").exit_code == 0
+    msg = one_line_error(cli("train", tmp_path / "data", "-o", tmp_path / "run"))
+    assert "already holds a run" in msg and "--force" in msg and "--resume" in msg

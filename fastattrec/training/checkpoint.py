@@ -392,9 +392,12 @@ def claim_run(run_dir: Path, data_dir: Path | None, resume: bool, force: bool,
     with claim_output(run_dir, force=force, made_by_us=is_run_folder, what="run folder",
                       inputs=[data_dir], log=log, allow_existing=not force):
         if run_dir.is_dir() and any(run_dir.iterdir()) and not force:
-            hint = " or --resume it" if is_run_folder(run_dir) else ""
-            raise UserError(f"{quoted(run_dir)} already exists and is not empty; choose "
-                            f"another -o, pass --force to replace the run{hint}.")
+            if is_run_folder(run_dir):
+                raise UserError(f"{quoted(run_dir)} already holds a run; choose another -o, "
+                                f"pass --force to replace the run, or --resume it.")
+            raise UserError(f"{quoted(run_dir)} already exists, is not empty and is not a "
+                            f"fastattrec run; choose another -o (--force replaces only "
+                            f"fastattrec's own runs).")
         yield
 
 
