@@ -135,12 +135,16 @@ def _chunks(n: int, size: int):
 @torch.no_grad()
 def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 8192,
                   users: tuple[int, int] | None = None,
-                  negs: torch.Tensor | None = None) -> torch.Tensor:
+                  negs: torch.Tensor | None = None,
+                  targets: torch.Tensor | None = None) -> torch.Tensor:
     """(U_test,) ranks of each test target among that user's test negatives (prep's, or
-    `negs` (U_test, n)); only test users lo..hi-1 with `users=(lo, hi)`. A negative that
-    scores the same as the target counts against it (once per copy)."""
+    `negs` (U_test, n)); only test users lo..hi-1 with `users=(lo, hi)`; the flat rows
+    `targets` (U, ) with their `negs` (U, n) instead of the test rows (the validation
+    rows, say). A negative that scores the same as the target counts against it (once
+    per copy)."""
     negs = data.test_negs if negs is None else negs
-    lo_u, hi_u = users or (0, data.test_rows.shape[0])
+    targets = data.test_rows if targets is None else targets
+    lo_u, hi_u = users or (0, targets.shape[0])
     out = []
     n_cand = 1 + negs.shape[1]
     # With a moderate catalogue one matrix product against every item and a gather beats
@@ -150,7 +154,7 @@ def sampled_ranks(ranker: Ranker, data: DeviceData, maxlen: int, chunk: int = 81
         chunk = min(chunk, _full_chunk_size(data.n_items, data.device))
     for lo, hi in _chunks(hi_u - lo_u, chunk):
         lo, hi = lo + lo_u, hi + lo_u
-        rows = data.test_rows[lo:hi]
+        rows = targets[lo:hi]
         who = data.row_user[rows]
         windows = data.windows_before(rows, maxlen)  # (B, L)
         cand = torch.cat([data.items[rows][:, None], negs[lo:hi]], dim=1)  # (B, 1+n)

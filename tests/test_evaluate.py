@@ -60,6 +60,15 @@ def test_sampled_ranks_ties_count_against_target(data):
     assert sampled_ranks(FixedRanker(), data, 3).tolist() == [1, 1, 2]
 
 
+def test_sampled_ranks_of_other_targets(data):
+    # the validation rows 2 and 5: user 1's item 3 (0.5), user 2's item 5 (0.6)
+    # user 1: 3 vs 4 (0.6), 6 (0.7), 7 (0.2) -> 2; user 2: 5 vs 5 (a copy: tie), 1 (0.1),
+    # 7 (0.2) -> 1
+    negs = torch.tensor([[4, 6, 7], [5, 1, 7]])
+    got = sampled_ranks(FixedRanker(), data, 3, negs=negs, targets=data.val_rows)
+    assert got.tolist() == [2, 1]
+
+
 def test_full_ranks_exclude_history_and_padding(data):
     # user 1: history {2, 1, 3} out; 5 (tie) and 6 beat 4; 7 does not -> 2
     # user 2: history {1, 5} out; 2 beats 6 -> 1
