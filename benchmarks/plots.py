@@ -335,6 +335,40 @@ def quality_ablation(results: Path, out: Path) -> Path:
     return save(fig, out / "quality_ablation.png")
 
 
+def preset_choice(results: Path, out: Path) -> Path:
+    """Validation NDCG@10 (full ranking) against validation sampled HR@10 of each
+    configuration (mean ± sd over seeds), the earlier and the current quality preset
+    marked: the two kinds of metric pull apart as the learning rate rises."""
+    plt = pyplot()
+    rows = read_rows(results / "preset_choice.csv")
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    short = {"sampled softmax": "ss", "negatives": "neg.", "dropout": "do"}
+    for i, r in enumerate(sorted(rows, key=lambda r: num(r["val_sampled_HR@10"]))):
+        chosen = r["preset"] == "quality"
+        colour = (COLOURS["notebook"] if chosen else COLOURS["baseline"]
+                  if r["preset"] else COLOURS["fastattrec"])
+        x, y = num(r["val_NDCG@10"]), num(r["val_sampled_HR@10"])
+        ax.errorbar(x, y, xerr=num(r["val_NDCG@10_sd"]), yerr=num(r["val_sampled_HR@10_sd"]),
+                    fmt="o", color=colour, capsize=2, markersize=6 if chosen else 4)
+        label = r["configuration"]
+        for word, abbrev in short.items():
+            label = label.replace(word, abbrev)
+        label += f", lr {r['lr']}" + (f" ({r['preset']} preset)" if r["preset"] else "")
+        right = i % 2 == 0  # neighbours' labels on alternate sides
+        ax.annotate(label, (x, y), xytext=(8 if right else -8, 3), textcoords="offset points",
+                    fontsize=6.5, ha="left" if right else "right", color=colour)
+    ax.set_xlabel("validation NDCG@10, full ranking (mean ± sd, 3 seeds)")
+    ax.set_ylabel("validation HR@10, SASRec's sampled protocol")
+    xs = [num(r["val_NDCG@10"]) for r in rows]
+    ax.set_xlim(min(xs) - 0.09, max(xs) + 0.09)
+    ax.set_title("Choosing the quality preset (real ML-100K): up and to the right is better "
+                 "on both", fontsize=9)
+    footnote(fig, "ss: sampled softmax; do: dropout. Source: docs/results/preset_choice.csv "
+                  "(benchmarks/quality.py, CPU-XEON-AMX, 2026-12-03)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, out / "preset_choice.png")
+
+
 def long_windows(results: Path, out: Path) -> Path:
     """Seconds of one training epoch against the window length L on the CPU, stacked by
     where the time goes, with each L's median epoch and its ratio to L = 5."""
@@ -470,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         quality_vs_notebook(args.results, args.out),
         quality_ablation(args.results, args.out),
         long_windows(args.results, args.out),
+        preset_choice(args.results, args.out),
     ]
     for p in args.bench_train:
         written.append(bench_train_figure(p, args.out))

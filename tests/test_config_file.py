@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import fastattrec as fa
 from fastattrec.cli import main
+from fastattrec.config import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def test_preset_in_the_file_then_file_then_command_line(data, tmp_path):
     cfg.write_text('preset = "quality"\nn_negatives = 4\ncompile = false\ndim = 8\n')
     run = fa.train(data, tmp_path / "run", config=cfg, n_negatives=2, epochs=1)
     t = saved(run.path)
-    assert t["objective"] == "sampled-softmax" and t["early_stop"] == 5  # the preset's
+    assert t["objective"] == PRESETS["quality"]["objective"] != "pair"  # the preset's
+    assert t["early_stop"] == 5 and t["lr"] == PRESETS["quality"]["lr"] != 1e-3
     assert t["n_negatives"] == 2 and t["dim"] == 8 and t["epochs"] == 1
 
 
