@@ -167,10 +167,9 @@ class TrainConfig:
 
     def hand_written_step(self) -> bool:
         """Whether the CPU's hand-written step computes this run's loss: objective pair,
-        bce, gbce or sampled-softmax with per-sample negatives, no dropout (else the step
-        is autograd's)."""
-        return (self.objective in HAND_WRITTEN_OBJECTIVES and self.negatives != "shared"
-                and self.dropout == 0.0)
+        bce, gbce or sampled-softmax with per-sample negatives, with or without dropout
+        (else the step is autograd's)."""
+        return self.objective in HAND_WRITTEN_OBJECTIVES and self.negatives != "shared"
 
     def experimental(self) -> list[str]:
         """The experimental options this run sets away from their defaults."""

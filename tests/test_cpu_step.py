@@ -88,6 +88,39 @@ def test_every_objective_with_n_negatives_equals_autograd(objective, n, mode, ta
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("objective,n,mode", [("bce", 4, "inner"), ("pair", 1, "inner"),
+                                              ("sampled-softmax", 3, "dist")])
+def test_dropout_equals_autograd_with_the_same_masks(objective, n, mode):
+    """With dropout the step draws the model's masks (the same generator, the same order)
+    and its loss and gradients are autograd's of the model's forward, float64; the two
+    generators end in the same state, so the next step's masks agree too. The masks are
+    real: without the same seed the gradients differ."""
+    grads = []
+    for seed in (5, 5, 6):
+        ref = make(mode, 2, 2.0, objective, n)
+        mine = make(mode, 2, 2.0, objective, n)
+        for m in (ref, mine):
+            m.cfg.dropout = 0.3
+        mine.cfg.kernel = "structured"
+        ref.dropout_generator = torch.Generator().manual_seed(5)
+        mine.dropout_generator = torch.Generator().manual_seed(seed)
+        users, windows, pos, _, valid, count = batch(4)
+        neg = torch.randint(1, 13, (users.shape[0], n),
+                            generator=torch.Generator().manual_seed(9))
+        loss_ref = ref(users, windows, pos, neg.squeeze(1) if n == 1 else neg, valid, count)
+        loss_ref.backward()
+        loss = ManualStep(mine, table=True)(users, windows, pos,
+                                            neg.squeeze(1) if n == 1 else neg, valid, count)
+        grads.append([b.grad.clone() for b in mine.parameters()])
+        if seed == 5:
+            torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-12, atol=1e-12)
+            for (name, a), b in zip(ref.named_parameters(), mine.parameters(), strict=True):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12, msg=name)
+            assert torch.equal(ref.dropout_generator.get_state(),
+                               mine.dropout_generator.get_state())
+    assert not torch.allclose(grads[0][0], grads[2][0])  # other masks, other gradients
+
+
 @pytest.mark.parametrize("objective,mode", [("sampled-softmax", "inner"), ("bce", "dist")])
 def test_score_gradients_equal_central_differences(objective, mode):
     """score_grads against finite differences of the objectives' formulas written here in

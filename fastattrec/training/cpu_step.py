@@ -24,10 +24,13 @@ clipping are model.py's functions, the short-term attention is
 `fastattrec.kernels.structured.attend` with its backward; only the objectives' gradients
 at the scores (`score_grads`) and the chain rule through the scores are written here. It
 computes the objectives pair, bce, gbce and sampled-softmax with N negatives per sample
-(`HAND_WRITTEN_OBJECTIVES`); softmax over all items, shared negatives and dropout train
-through autograd. tests/test_cpu_step.py checks the loss and every gradient against
-autograd of the plain reference model, for each objective, in both modes and both
-projection layouts, with padding, repeated items and masked samples.
+(`HAND_WRITTEN_OBJECTIVES`), with or without dropout (its masks drawn as the model's
+`dropout_rows` draws them, from the same generator in the same order, so both steps train
+alike; a dropped window row is no table row, so dropout projects the gathered rows);
+softmax over all items and shared negatives train through autograd. tests/test_cpu_step.py
+checks the loss and every gradient against autograd of the plain reference model, for
+each objective, in both modes and both projection layouts, with dropout, padding,
+repeated items and masked samples.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fastattrec.kernels.structured import attend, attend_backward
 from fastattrec.model import (
     AttRec,
     clip_parts,
+    dropout_rows,
     logits_of,
     mean_reduced,
     pair_scores,
@@ -136,9 +140,10 @@ class ManualStep:
         windows (T, L), pos (T,) and neg (T,): the gathers run inside the compiled code."""
         self._buffers()
         m = self.model
-        table = self.uses_table(idx.shape[0])
+        table = self.uses_table(idx.shape[0]) and m.cfg.dropout == 0
+        drop = self._dropout_scales(idx.shape[0])
         args = (m.user_emb, m.item_emb, m.item2_emb, m.proj, m.pos_enc, idx, users, windows,
-                pos, neg, valid, count, table)
+                pos, neg, valid, count, table, *drop)
         try:
             out = self.grads(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, exactly
@@ -166,21 +171,38 @@ class ManualStep:
         m.item2_emb.grad.zero_().index_add_(0, item_rows, de2)
         return loss
 
+    def _dropout_scales(self, b: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+        """With dropout p: the inverted-dropout factors (keep / (1 - p)) of the users' rows
+        (B, d) and the window rows (B, L, d), drawn as AttRec.forward draws them (users
+        first, from the run's dropout generator); without, nothing."""
+        cfg = self.model.cfg
+        if cfg.dropout == 0:
+            return ()
+        ones = self.model.user_emb.new_ones(())
+        gen = self.model.dropout_generator
+        return (dropout_rows(ones.expand(b, cfg.dim), cfg.dropout, gen),
+                dropout_rows(ones.expand(b, cfg.maxlen, cfg.dim), cfg.dropout, gen))
+
     def grads(self, user_emb: torch.Tensor, item_emb: torch.Tensor, item2_emb: torch.Tensor,
               proj: torch.Tensor, pos_enc: torch.Tensor, idx: torch.Tensor,
               users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
               neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-              table: bool) -> tuple[torch.Tensor, ...]:
+              table: bool, drop_u: torch.Tensor | None = None,
+              drop_x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Loss, the int64 rows looked up (users (B,), window slots (B·L,), candidates
         (B·K,)) and the gradients of those rows: du (B, d), dwin (B·L, 2d) through the table
         or (B·L, d) dX, de and de2 (B·K, d), and dw (d, d): P^T sum_b dH_b through the
-        table, else dW. A pure function of its tensors."""
+        table, else dW. With dropout, drop_u (B, d) and drop_x (B, L, d) scale the users'
+        and the window rows (not through the table). A pure function of its tensors."""
         cfg = self.model.cfg
         w, b = cfg.w, idx.shape[0]
         users, windows = users[idx].long(), windows[idx].long()  # (B,), (B, L)
         items = torch.cat([pos[idx, None], neg[idx].reshape(b, -1)], dim=1).long()  # (B, K)
-        short, saved = self._attention(item_emb, proj, pos_enc, windows, table)  # (B, d)
+        short, saved = self._attention(item_emb, proj, pos_enc, windows, table,
+                                       drop_x)  # (B, d)
         u = F.embedding(users, user_emb)  # (B, d)
+        if drop_u is not None:
+            u = u * drop_u
         e = F.embedding(items, item_emb)  # (B, K, d)
         e2 = F.embedding(items, item2_emb)  # (B, K, d)
         s = pair_scores(u, e, e2, short, cfg.mode, w)  # (B, K) [target, negatives]
@@ -208,18 +230,25 @@ class ManualStep:
             de = _clip_backward(ec, ne, me, -dsh)
         dwin, dw = self._attention_backward(saved, dshort, proj, pos_enc, table)
         d = proj.shape[0]
+        if drop_u is not None:  # d loss / d (raw row) = d loss / d (dropped row) * factor
+            du = du * drop_u
+            dwin = dwin * drop_x.reshape(-1, d)
         return (loss, users, windows.reshape(-1), items.reshape(-1), du, dwin,
                 de.reshape(-1, d), de2.reshape(-1, d), dw)
 
     @staticmethod
     def _attention(item_emb: torch.Tensor, proj: torch.Tensor, pos_enc: torch.Tensor,
-                   windows: torch.Tensor, table: bool) -> tuple[torch.Tensor, tuple]:
+                   windows: torch.Tensor, table: bool,
+                   drop_x: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         """(B, L) windows -> (B, d) short-term interest, and what the backward needs:
-        the structured attention, projected as `table` says."""
+        the structured attention, projected as `table` says, of the window rows scaled
+        by `drop_x` (B, L, d) when given (then never through the table)."""
         b, l = windows.shape
         d = proj.shape[0]
         mask = windows != 0  # (B, L)
         x = F.embedding(windows, item_emb)  # (B, L, d)
+        if drop_x is not None:
+            x = x * drop_x
         if table:
             h = F.embedding(windows, item_emb @ proj) + pos_enc @ proj  # (B, L, d)
             z = None
