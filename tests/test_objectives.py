@@ -245,8 +245,8 @@ def test_sasrec_protocol_negatives(data_dir):
     dict(objective="gbce", n_negatives=4, negatives="resample", dropout=0.2),
     dict(objective="softmax"),
     dict(objective="sampled-softmax", n_negatives=8, negatives="shared", mode="dist"),
-    dict(objective="bce", n_negatives=3, negatives="resample", compile=True),
-], ids=["gbce-dropout", "softmax", "sampled-softmax-shared", "bce-compiled"])
+    dict(objective="bce", n_negatives=3, negatives="resample", compile=True, dropout=0.1),
+], ids=["gbce-dropout", "softmax", "sampled-softmax-shared", "bce-compiled-dropout"])
 def test_resume_is_exact_with_each_objective(data_dir, tmp_path, opts):
     cfg = {**SMALL, **opts}
     full = train(data_dir, tmp_path / "full", TrainConfig(epochs=3, **cfg), log=print)
