@@ -100,6 +100,14 @@ def footnote(fig, text: str) -> None:
     fig.text(0.01, 0.01, text, fontsize=7, color="#555555", ha="left", va="bottom")
 
 
+def finish(fig, source: str, path: Path) -> Path:
+    """A figure's common ending: the source line at the bottom, the layout above it, the
+    file written."""
+    footnote(fig, source)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return save(fig, path)
+
+
 def seconds(v: float) -> str:
     """A duration for a bar label, with as many digits as the source gives."""
     if v >= 100:
@@ -173,10 +181,9 @@ def cpu_speed_vs_notebook(results: Path, out: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[0].set_ylabel("seconds per training epoch (lower is better)")
     fig.suptitle("Real ML-100K, notebook hyper-parameters: one training epoch")
-    footnote(fig, "Source: docs/results/cpu_speed_vs_notebook.csv, 2026-11-28 (the notebook "
-                  "side by side on the same CPU; AVX-512 dots: each of 6 repetitions)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "cpu_speed_vs_notebook.png")
+    return finish(fig, "Source: docs/results/cpu_speed_vs_notebook.csv, 2026-11-28 (the notebook "
+                       "side by side on the same CPU; AVX-512 dots: each of 6 repetitions)",
+                       out / "cpu_speed_vs_notebook.png")
 
 
 def gpu_speed(results: Path, out: Path) -> Path:
@@ -223,11 +230,10 @@ def gpu_speed(results: Path, out: Path) -> Path:
     b.set_title("Whole run: 40 epochs with evaluation, ML-1M size")
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=7)
-    footnote(fig, "Source: docs/results/gpu_speed.csv (benchmarks/bench_train.py, "
-                  "2026-11-28). * the notebook on its own machine (2021-11-16), "
-                  "preparation included: for scale only.")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "gpu_speed.png")
+    return finish(fig, "Source: docs/results/gpu_speed.csv (benchmarks/bench_train.py, "
+                       "2026-11-28). * the notebook on its own machine (2021-11-16), "
+                       "preparation included: for scale only.",
+                       out / "gpu_speed.png")
 
 
 def _kernel_panels(plt, rows: list[dict[str, str]], impls: Iterable[str], title: str,
@@ -298,11 +304,10 @@ def quality_vs_notebook(results: Path, out: Path, machine: str = "CPU-AVX2") -> 
         ax.set_title(title)
     fig.suptitle("Real ML-100K, 40 epochs, the notebook's sampled test protocol: "
                  "one dot per seed, bar = mean")
-    footnote(fig, f"Source: docs/results/quality_vs_notebook.csv, rows of {machine} "
-                  "(fastattrec prep --compat notebook; train --ndcg-log e; the notebook in "
-                  "TensorFlow 2.21, same CPU), 2026-11-28")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "quality_vs_notebook.png")
+    return finish(fig, f"Source: docs/results/quality_vs_notebook.csv, rows of {machine} "
+                       "(fastattrec prep --compat notebook; train --ndcg-log e; the notebook in "
+                       "TensorFlow 2.21, same CPU), 2026-11-28",
+                       out / "quality_vs_notebook.png")
 
 
 def quality_ablation(results: Path, out: Path) -> Path:
@@ -329,10 +334,9 @@ def quality_ablation(results: Path, out: Path) -> Path:
         ax.set_title(data.split(" (")[0], fontsize=9)
     fig.suptitle("Training configurations (best validation epoch tested): mean ± sd over "
                  "seeds, sorted by validation NDCG", fontsize=10)
-    footnote(fig, "Source: docs/results/quality_ablation.csv (benchmarks/quality.py, "
-                  "CPU-EPYC, 2026-12-02 and 2026-12-03)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "quality_ablation.png")
+    return finish(fig, "Source: docs/results/quality_ablation.csv (benchmarks/quality.py, "
+                       "CPU-EPYC, 2026-12-02 and 2026-12-03)",
+                       out / "quality_ablation.png")
 
 
 def preset_choice(results: Path, out: Path) -> Path:
@@ -363,10 +367,9 @@ def preset_choice(results: Path, out: Path) -> Path:
     ax.set_xlim(min(xs) - 0.09, max(xs) + 0.09)
     ax.set_title("Choosing the quality preset (real ML-100K): up and to the right is better "
                  "on both", fontsize=9)
-    footnote(fig, "ss: sampled softmax; do: dropout. Source: docs/results/preset_choice.csv "
-                  "(benchmarks/quality.py, CPU-XEON-AMX, 2026-12-03)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "preset_choice.png")
+    return finish(fig, "ss: sampled softmax; do: dropout. Source: docs/results/preset_choice.csv "
+                       "(benchmarks/quality.py, CPU-XEON-AMX, 2026-12-03)",
+                       out / "preset_choice.png")
 
 
 def long_windows(results: Path, out: Path) -> Path:
@@ -400,10 +403,9 @@ def long_windows(results: Path, out: Path) -> Path:
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("CPU training epoch against the window length (real ML-100K); labels: "
                  "median epoch, ratio to L = 5", fontsize=9)
-    footnote(fig, "Source: docs/results/long_windows.csv (benchmarks/bench_window.py, "
-                  "CPU-EPYC, 2 threads, 2026-12-03)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / "long_windows.png")
+    return finish(fig, "Source: docs/results/long_windows.csv (benchmarks/bench_window.py, "
+                       "CPU-EPYC, 2 threads, 2026-12-03)",
+                       out / "long_windows.png")
 
 
 # --------------------------------------------------------------------------------------
@@ -458,9 +460,8 @@ def bench_train_figure(path: Path, out: Path) -> Path:
     for ax in (a, b):
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(_describe(meta) or csv_path.name, fontsize=9)
-    footnote(fig, f"Source: {csv_path} (benchmarks/bench_train.py)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return save(fig, out / f"bench_train_{csv_path.stem}.png")
+    return finish(fig, f"Source: {csv_path} (benchmarks/bench_train.py)",
+                       out / f"bench_train_{csv_path.stem}.png")
 
 
 def bench_kernel_figures(path: Path, out: Path) -> list[Path]:
