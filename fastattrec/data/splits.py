@@ -160,7 +160,7 @@ class TimeCuts:
         """A time for a message: as a date when the cuts were given as dates."""
         if self.dates:
             return str(pl.Series([int(t)]).cast(pl.Datetime("us")).item())
-        return f"{t:g}" if isinstance(t, float) else str(t)
+        return _number(t)
 
 
 def time_cuts(times: pl.Series, opts: SplitOptions, source: Path,
@@ -175,9 +175,11 @@ def time_cuts(times: pl.Series, opts: SplitOptions, source: Path,
     r = srt.len()
     first, last = srt[0], srt[r - 1]
     if opts.val_from is not None:
-        (val, _), (test, _) = (parse_time(opts.val_from, "--val-from"),
-                             parse_time(opts.test_from, "--test-from"))
-        _same_kind(opts, log_dates, source, first, last)
+        given = [(flag, value, *parse_time(value, flag))
+                 for flag, value in (("--val-from", opts.val_from),
+                                     ("--test-from", opts.test_from))]
+        _same_kind(given, log_dates, source, first, last)
+        (_, _, val, _), (_, _, test, _) = given
         how = "--val-from and --test-from"
     else:
         f_val, f_test = opts.fractions()
@@ -202,22 +204,18 @@ def time_cuts(times: pl.Series, opts: SplitOptions, source: Path,
     return cuts
 
 
-def _same_kind(opts: SplitOptions, log_dates: str | None, source: Path,
-               first: int | float, last: int | float) -> None:
-    """Refuse --val-from/--test-from of another kind than the log's times: a date against
-    numbers (their unit is unknown), a number against dates, or a zoned date against dates
-    without a zone (their zone is unknown). A date without a zone against zoned dates is
-    read as UTC, as the log's dates are."""
-    given = [(flag, v) for flag, v in (("--val-from", opts.val_from),
-                                       ("--test-from", opts.test_from))]
-    for flag, value in given:
-        number, is_date = parse_time(value, flag)
+def _same_kind(given: list[tuple[str, Any, int | float, bool]], log_dates: str | None,
+               source: Path, first: int | float, last: int | float) -> None:
+    """Refuse cuts (flag, value as given, parse_time's number and whether it was a date)
+    of another kind than the log's times: a date against numbers (their unit is unknown),
+    a number against dates, or a zoned date against dates without a zone (their zone is
+    unknown). A date without a zone against zoned dates is read as UTC, as they are."""
+    for flag, value, number, is_date in given:
         if is_date and log_dates is None:
-            secs = number // 1_000_000
             raise UserError(f"{source}: its times are numbers ({_number(first)} to "
                             f"{_number(last)}), not dates, so {flag} must be a number in the "
                             f"same units, not {shown(value)} (as Unix seconds that date is "
-                            f"{secs}).")
+                            f"{number // 1_000_000}).")
         if not is_date and log_dates is not None:
             raise UserError(f"{source}: its times are dates, so {flag} must be a date "
                             f"(2003-01-01 or 2003-01-01T10:00:00), not the number "
@@ -229,6 +227,7 @@ def _same_kind(opts: SplitOptions, log_dates: str | None, source: Path,
 
 
 def _number(t: int | float) -> str:
+    """A time in the log's own units, for a message."""
     return f"{t:g}" if isinstance(t, float) else str(t)
 
 
