@@ -86,10 +86,14 @@ class UnseenIndex:
 
     unseen: torch.Tensor  # (U + 1,) long, unseen items per user
     stride: int
-    cs: torch.Tensor  # (S,) long, u * stride + c_j over every user's distinct seen items
-    user_start: torch.Tensor  # (U + 1,) long, first index of user u's keys in cs
-    table: torch.Tensor | None  # (sum of unseen,) int32, every user's unseen items in order
-    table_start: torch.Tensor | None  # (U + 1,) long, offset of user u's items in table
+    # the table's form: every user's unseen items in order (sum of unseen,) int32, and the
+    # offset of user u's (U + 1,) long; else None
+    table: torch.Tensor | None
+    table_start: torch.Tensor | None
+    # the search's form (without the table): u * stride + c_j over every user's distinct
+    # seen items (S,) long, and where user u's keys begin (U + 1,) long; else None
+    cs: torch.Tensor | None
+    user_start: torch.Tensor | None
 
     @classmethod
     def build(cls, row_user: torch.Tensor, items: torch.Tensor, n_users: int,
@@ -98,19 +102,17 @@ class UnseenIndex:
         stride = universe + 1
         keys = torch.unique(row_user * stride + (items - 1))  # sorted, distinct
         users = keys // stride
-        first = torch.searchsorted(keys, users * stride)  # first key of each user's run
-        cs = keys - (torch.arange(keys.shape[0], device=keys.device) - first)
         unseen = universe - torch.bincount(users, minlength=n_users)
-        user_start = torch.searchsorted(
-            cs, torch.arange(n_users, device=keys.device) * stride)
-        table = table_start = None
         if n_users * universe <= UNSEEN_TABLE_MAX:
             seen = torch.zeros(n_users * universe, dtype=torch.bool, device=keys.device)
             seen[users * universe + keys % stride] = True
             flat = torch.nonzero(~seen).flatten()  # row-major: user by user, items ascending
             table = (flat % universe + 1).to(torch.int32)
-            table_start = torch.cumsum(unseen, 0) - unseen
-        return cls(unseen, stride, cs, user_start, table, table_start)
+            return cls(unseen, stride, table, torch.cumsum(unseen, 0) - unseen, None, None)
+        first = torch.searchsorted(keys, users * stride)  # first key of each user's run
+        cs = keys - (torch.arange(keys.shape[0], device=keys.device) - first)
+        user_start = torch.searchsorted(cs, torch.arange(n_users, device=keys.device) * stride)
+        return cls(unseen, stride, None, None, cs, user_start)
 
     def pick(self, user: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The r-th unseen item (long, r's shape) of each `user` (r's shape)."""
