@@ -8,6 +8,8 @@ norm clipping are defined here once; the hand-written CPU step differentiates th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,11 +131,57 @@ def reduce_batch(terms: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
     return total / count if mode == "inner" else total
 
 
+# Dropout's uniform draws have 24 bits, as torch.rand's float32 ones.
+DROPOUT_BITS = 24
+
+
+def _mul32_(h: torch.Tensor, c: int, tmp: torch.Tensor) -> None:
+    """h <- h * c mod 2^32, in place, for int64 0 <= h < 2^32 and 0 <= c < 2^32: the
+    product split at c's 16 bits so no int64 product overflows."""
+    torch.mul(h, c >> 16, out=tmp)
+    tmp.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    h.mul_(c & 0xFFFF).add_(tmp).bitwise_and_(0xFFFFFFFF)
+
+
+def _mix32_(h: torch.Tensor, tmp: torch.Tensor) -> None:
+    """h <- lowbias32(h), in place: C. Wellons' 32-bit integer hash, a bijection of
+    [0, 2^32) in which every input bit flips every output bit with probability ~1/2."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=tmp))
+        _mul32_(h, mult, tmp)
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=tmp))
+
+
+def dropout_seeds(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Two 32-bit seeds (2,) int64 for one dropout mask, from the run's generator: one
+    small draw per mask, whatever its size (docs/spec.md §2.5)."""
+    return torch.randint(0, 2**32, (2,), generator=generator, device=device)
+
+
+def dropout_scale(seeds: torch.Tensor, shape: tuple[int, ...], p: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Inverted dropout's factors (shape): keep / (1 - p), keep = 0 with probability p.
+    Entry k (row-major) keeps iff the top 24 bits of lowbias32(lowbias32((k + s0) mod 2^32)
+    XOR s1) are >= ceil(p 2^24): a counter-based draw, so it costs a few integer
+    operations an entry (fused into the step under torch.compile), and any device or
+    step path computes the same mask from the same seeds."""
+    n = 1
+    for size in shape:
+        n *= size
+    h = torch.arange(n, device=seeds.device)  # (n,) int64
+    tmp = torch.empty_like(h)
+    h.add_(seeds[0]).bitwise_and_(0xFFFFFFFF)
+    _mix32_(h, tmp)
+    h.bitwise_xor_(seeds[1])
+    _mix32_(h, tmp)
+    keep = h.bitwise_right_shift_(32 - DROPOUT_BITS) >= math.ceil(p * 2**DROPOUT_BITS)
+    return (keep.to(dtype) / (1.0 - p)).reshape(shape)
+
+
 def dropout_rows(t: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout of `t`'s entries at rate p, drawn from the run's own generator (so a
-    resumed run draws the same masks)."""
-    keep = torch.rand(t.shape, generator=generator, device=t.device) >= p
-    return t * keep.to(t.dtype) / (1.0 - p)
+    """Inverted dropout of `t`'s entries at rate p, its mask's seeds drawn from the run's
+    own generator (so a resumed run draws the same masks)."""
+    return t * dropout_scale(dropout_seeds(generator, t.device), tuple(t.shape), p, t.dtype)
 
 
 class AttRec(nn.Module):

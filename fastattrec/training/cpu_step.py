@@ -24,9 +24,10 @@ clipping are model.py's functions, the short-term attention is
 `fastattrec.kernels.structured.attend` with its backward; only the objectives' gradients
 at the scores (`score_grads`) and the chain rule through the scores are written here. It
 computes the objectives pair, bce, gbce and sampled-softmax with N negatives per sample
-(`HAND_WRITTEN_OBJECTIVES`), with or without dropout (its masks drawn as the model's
-`dropout_rows` draws them, from the same generator in the same order, so both steps train
-alike; a dropped window row is no table row, so dropout projects the gathered rows);
+(`HAND_WRITTEN_OBJECTIVES`), with or without dropout (the masks are the model's
+`dropout_rows` masks: their seeds drawn from the same generator in the same order, the
+masks computed from them inside the compiled code, so both steps train alike; a dropped
+window row is no table row, so dropout projects the gathered rows);
 softmax over all items and shared negatives train through autograd. tests/test_cpu_step.py
 checks the loss and every gradient against autograd of the plain reference model, for
 each objective, in both modes and both projection layouts, with dropout, padding,
@@ -45,7 +46,8 @@ from fastattrec.kernels.structured import attend, attend_backward
 from fastattrec.model import (
     AttRec,
     clip_parts,
-    dropout_rows,
+    dropout_scale,
+    dropout_seeds,
     logits_of,
     mean_reduced,
     pair_scores,
@@ -141,7 +143,7 @@ class ManualStep:
         self._buffers()
         m = self.model
         table = self.uses_table(idx.shape[0]) and m.cfg.dropout == 0
-        drop = self._dropout_scales(idx.shape[0])
+        drop = self._dropout_seeds()
         args = (m.user_emb, m.item_emb, m.item2_emb, m.proj, m.pos_enc, idx, users, windows,
                 pos, neg, valid, count, table, *drop)
         try:
@@ -171,31 +173,34 @@ class ManualStep:
         m.item2_emb.grad.zero_().index_add_(0, item_rows, de2)
         return loss
 
-    def _dropout_scales(self, b: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
-        """With dropout p: the inverted-dropout factors (keep / (1 - p)) of the users' rows
-        (B, d) and the window rows (B, L, d), drawn as AttRec.forward draws them (users
-        first, from the run's dropout generator); without, nothing."""
-        cfg = self.model.cfg
-        if cfg.dropout == 0:
+    def _dropout_seeds(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+        """With dropout: the seeds (2,) of the users' mask and of the window rows' mask,
+        drawn as AttRec.forward draws them (users first, from the run's dropout
+        generator); without, nothing."""
+        if self.model.cfg.dropout == 0:
             return ()
-        ones = self.model.user_emb.new_ones(())
-        gen = self.model.dropout_generator
-        return (dropout_rows(ones.expand(b, cfg.dim), cfg.dropout, gen),
-                dropout_rows(ones.expand(b, cfg.maxlen, cfg.dim), cfg.dropout, gen))
+        gen, dev = self.model.dropout_generator, self.model.user_emb.device
+        return dropout_seeds(gen, dev), dropout_seeds(gen, dev)
 
     def grads(self, user_emb: torch.Tensor, item_emb: torch.Tensor, item2_emb: torch.Tensor,
               proj: torch.Tensor, pos_enc: torch.Tensor, idx: torch.Tensor,
               users: torch.Tensor, windows: torch.Tensor, pos: torch.Tensor,
               neg: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
-              table: bool, drop_u: torch.Tensor | None = None,
-              drop_x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+              table: bool, seeds_u: torch.Tensor | None = None,
+              seeds_x: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Loss, the int64 rows looked up (users (B,), window slots (B·L,), candidates
         (B·K,)) and the gradients of those rows: du (B, d), dwin (B·L, 2d) through the table
         or (B·L, d) dX, de and de2 (B·K, d), and dw (d, d): P^T sum_b dH_b through the
-        table, else dW. With dropout, drop_u (B, d) and drop_x (B, L, d) scale the users'
-        and the window rows (not through the table). A pure function of its tensors."""
+        table, else dW. With dropout, the masks of seeds_u and seeds_x (2,) scale the
+        users' rows (B, d) and the window rows (B, L, d) (not through the table). A pure
+        function of its tensors."""
         cfg = self.model.cfg
         w, b = cfg.w, idx.shape[0]
+        drop_u = drop_x = None
+        if seeds_u is not None:
+            drop_u = dropout_scale(seeds_u, (b, proj.shape[0]), cfg.dropout, user_emb.dtype)
+            drop_x = dropout_scale(seeds_x, (b, windows.shape[1], proj.shape[0]),
+                                   cfg.dropout, user_emb.dtype)
         users, windows = users[idx].long(), windows[idx].long()  # (B,), (B, L)
         items = torch.cat([pos[idx, None], neg[idx].reshape(b, -1)], dim=1).long()  # (B, K)
         short, saved = self._attention(item_emb, proj, pos_enc, windows, table,
