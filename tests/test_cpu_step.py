@@ -192,13 +192,17 @@ def test_manual_step_trains_like_autograd_in_float32():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("table", [True, False])
-def test_compiled_step_matches_the_uncompiled_one(table):
-    """--compile on CPU fuses the step's arithmetic (Inductor C++): the same loss and
-    gradients to float32 rounding, and a warning plus the uncompiled step if the compiler
-    cannot run."""
+@pytest.mark.parametrize("table,dropout", [(True, 0.0), (False, 0.0), (False, 0.3)])
+def test_compiled_step_matches_the_uncompiled_one(table, dropout):
+    """--compile on CPU fuses the step's arithmetic (Inductor C++), dropout's masks
+    included: the same loss and gradients to float32 rounding, and a warning plus the
+    uncompiled step if the compiler cannot run."""
     a, b = make("inner", 3, 0.05).float(), make("inner", 3, 0.05).float()
     a.cfg.kernel = b.cfg.kernel = "structured"
+    if dropout:
+        for m in (a, b):
+            m.cfg.dropout = dropout
+            m.dropout_generator = torch.Generator().manual_seed(8)
     users, windows, pos, neg, valid, count = batch(7)
     valid, count = valid.float(), count.float()
     eager = ManualStep(a, table=table)(users, windows, pos, neg, valid, count)
