@@ -9,6 +9,7 @@ norm clipping are defined here once; the hand-written CPU step differentiates th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +179,13 @@ def dropout_scale(seeds: torch.Tensor, shape: tuple[int, ...], p: float,
     return (keep.to(dtype) / (1.0 - p)).reshape(shape)
 
 
-def dropout_rows(t: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+def dropout_rows(t: torch.Tensor, p: float, generator: torch.Generator | None,
+                 scale: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Inverted dropout of `t`'s entries at rate p, its mask's seeds drawn from the run's
-    own generator (so a resumed run draws the same masks)."""
-    return t * dropout_scale(dropout_seeds(generator, t.device), tuple(t.shape), p, t.dtype)
+    own generator (so a resumed run draws the same masks); `scale` computes the factors
+    (`dropout_scale`, or a torch.compile of it)."""
+    scale = scale or dropout_scale
+    return t * scale(dropout_seeds(generator, t.device), tuple(t.shape), p, t.dtype)
 
 
 class AttRec(nn.Module):
@@ -201,6 +205,7 @@ class AttRec(nn.Module):
         self.proj = nn.Parameter(torch.empty(d, d).uniform_(-0.05, 0.05, generator=generator))
         self.register_buffer("pos_enc", position_encoding(cfg.maxlen, d), persistent=False)
         self._batch_loss = batch_loss  # replaced by a compiled version on request
+        self._dropout_scale = dropout_scale  # (likewise)
         # item rows that are real items (the softmax objective's normaliser; padding row 0
         # excluded); `set_item_rows` narrows it to the dataset's
         mask = torch.ones(cfg.n_items, dtype=torch.bool)
@@ -213,10 +218,12 @@ class AttRec(nn.Module):
         """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
         training step is launch-bound; the first step pays the compilation)."""
         self._batch_loss = torch.compile(batch_loss, dynamic=False, fullgraph=True)
+        # dropout's masks too: eagerly they are ~45 separate operations, one launch each
+        self._dropout_scale = torch.compile(dropout_scale, dynamic=False, fullgraph=True)
 
     def uncompile_loss(self) -> None:
         """Back to the eager loss (after a compiler failure): the same arithmetic."""
-        self._batch_loss = batch_loss
+        self._batch_loss, self._dropout_scale = batch_loss, dropout_scale
 
     def loss_is_compiled(self) -> bool:
         return self._batch_loss is not batch_loss
@@ -329,8 +336,10 @@ class AttRec(nn.Module):
         e2 = F.embedding(items, self.item2_emb)
         x = F.embedding(windows, self.item_emb)  # (B, L, d)
         if self.cfg.dropout > 0:
-            u = dropout_rows(u, self.cfg.dropout, self.dropout_generator)
-            x = dropout_rows(x, self.cfg.dropout, self.dropout_generator)
+            u = dropout_rows(u, self.cfg.dropout, self.dropout_generator,
+                             self._dropout_scale)
+            x = dropout_rows(x, self.cfg.dropout, self.dropout_generator,
+                             self._dropout_scale)
         if valid is None:
             valid = torch.ones(users.shape[0], dtype=e.dtype, device=e.device)
         if count is None:

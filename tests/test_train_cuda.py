@@ -148,3 +148,16 @@ def test_one_scatter_graph_epoch_equals_the_default_step(data_dir, graph_steps, 
     assert la == pytest.approx(lb, rel=1e-4)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_dropout_masks_on_cuda_equal_the_cpu_ones():
+    """The hashed dropout mask (docs/spec.md §2.5) of the same seeds is the same on CUDA,
+    eagerly and compiled (as `compile_loss` runs it), as on the CPU."""
+    from fastattrec.model import dropout_scale
+
+    seeds = torch.tensor([2**32 - 3, 123456789])
+    want = dropout_scale(seeds, (256, 5, 100), 0.2, torch.float32)
+    eager = dropout_scale(seeds.to(CUDA), (256, 5, 100), 0.2, torch.float32)
+    compiled = torch.compile(dropout_scale, dynamic=False, fullgraph=True)(
+        seeds.to(CUDA), (256, 5, 100), 0.2, torch.float32)
+    assert torch.equal(eager.cpu(), want) and torch.equal(compiled.cpu(), want)
