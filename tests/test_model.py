@@ -111,13 +111,12 @@ def test_adam_weight_decay_equals_explicit_l2_gradient():
         assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_compiled_loss_matches_eager(dropout):
-    """--compile fuses the score-and-loss arithmetic (and dropout's masks) with
-    torch.compile on CUDA; the compiled functions must give the same loss and gradients
-    (checked here on CPU), with the same masks from the same generator state."""
+def test_compiled_loss_matches_eager():
+    """--compile fuses the score-and-loss arithmetic and dropout's masks with torch.compile
+    on CUDA; the compiled functions must give the same loss and gradients (checked here on
+    CPU), with the same masks from the same generator state."""
     m = make("inner").float()
-    m.cfg.dropout = dropout
+    m.cfg.dropout = 0.3
     args = (torch.tensor([1, 2, 3]), torch.tensor([[0, 1, 2], [3, 4, 5], [0, 0, 6]]),
             torch.tensor([7, 8, 9]), torch.tensor([10, 1, 2]), torch.tensor([1.0, 1.0, 0.0]),
             torch.tensor(2.0))
