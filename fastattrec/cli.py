@@ -372,11 +372,13 @@ def train(data_dir, run_dir, resume_dir, force, progress, config_file, **opts) -
     """
     from fastattrec.distributed import from_environment, shutdown
 
+    finished = False
     try:
         dist = from_environment(opts["device"])
         _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts, config_file)
+        finished = True
     finally:
-        shutdown()
+        shutdown(finished)
 
 
 def _train_cli(data_dir, run_dir, resume_dir, force, progress, dist, opts,

@@ -82,6 +82,10 @@ def from_environment(device: str) -> Distributed | None:
     return Distributed(rank, world, dev)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. After a run every process `finished`, first wait for all
+    of them, so that none tears its connections down while another still talks to it."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
