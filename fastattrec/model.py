@@ -160,13 +160,15 @@ def dropout_seeds(generator: torch.Generator | None, device: torch.device) -> to
 
 
 def dropout_scale(seeds: torch.Tensor, shape: tuple[int, ...], p: float,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, shard: int = 0) -> torch.Tensor:
     """Inverted dropout's factors (shape): keep / (1 - p), keep = 0 with probability p.
-    Entry k (row-major) keeps iff the top 24 bits of lowbias32(lowbias32((k + s0) mod 2^32)
+    Entry k (row-major, counted from shard * numel: process `shard`'s part of the global
+    batch's mask) keeps iff the top 24 bits of lowbias32(lowbias32((k + s0) mod 2^32)
     XOR s1) are >= ceil(p 2^24): a counter-based draw, about 40 integer operations an
     entry (fused into one loop under torch.compile), the same mask from the same seeds
-    on any device or step path."""
-    h = torch.arange(math.prod(shape), device=seeds.device)  # (n,) int64
+    on any device, step path or number of processes."""
+    n = math.prod(shape)
+    h = torch.arange(shard * n, (shard + 1) * n, device=seeds.device)  # (n,) int64
     tmp = torch.empty_like(h)
     h.add_(seeds[0]).bitwise_and_(0xFFFFFFFF)
     _mix32_(h, tmp)
@@ -177,12 +179,14 @@ def dropout_scale(seeds: torch.Tensor, shape: tuple[int, ...], p: float,
 
 
 def dropout_rows(t: torch.Tensor, p: float, generator: torch.Generator | None,
-                 scale: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                 scale: Callable[..., torch.Tensor] | None = None,
+                 shard: int = 0) -> torch.Tensor:
     """Inverted dropout of `t`'s entries at rate p, its mask's seeds drawn from the run's
     own generator (so a resumed run draws the same masks); `scale` computes the factors
-    (`dropout_scale`, or a torch.compile of it)."""
+    (`dropout_scale`, or a torch.compile of it); `shard`: this process's rank, whose
+    rows of the global batch `t` holds (every rank draws the same seeds)."""
     scale = scale or dropout_scale
-    return t * scale(dropout_seeds(generator, t.device), tuple(t.shape), p, t.dtype)
+    return t * scale(dropout_seeds(generator, t.device), tuple(t.shape), p, t.dtype, shard)
 
 
 class AttRec(nn.Module):
@@ -210,6 +214,7 @@ class AttRec(nn.Module):
         self.register_buffer("item_rows", mask, persistent=False)
         self.beta = self._beta_of(cfg.n_items - 1)  # gbce's power (1.0 for the others)
         self.dropout_generator: torch.Generator | None = None  # the run's, set by build
+        self.dropout_shard = 0  # this process's rank under torchrun, set by build
 
     def compile_loss(self) -> None:
         """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
@@ -334,9 +339,9 @@ class AttRec(nn.Module):
         x = F.embedding(windows, self.item_emb)  # (B, L, d)
         if self.cfg.dropout > 0:
             u = dropout_rows(u, self.cfg.dropout, self.dropout_generator,
-                             self._dropout_scale)
+                             self._dropout_scale, self.dropout_shard)
             x = dropout_rows(x, self.cfg.dropout, self.dropout_generator,
-                             self._dropout_scale)
+                             self._dropout_scale, self.dropout_shard)
         if valid is None:
             valid = torch.ones(users.shape[0], dtype=e.dtype, device=e.device)
         if count is None:

@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo) train to the same weights as one process with the
-same global batch, within float tolerance; rank 0 alone writes the run folder."""
+same global batch (dropout included), within float tolerance; rank 0 alone writes the run
+folder."""
 
 import subprocess
 import sys
@@ -15,13 +16,15 @@ from fastattrec.training import TrainConfig, train
 def test_two_processes_match_one(tmp_path):
     synthesize(tmp_path / "r.dat", 80, 300, 5000, seed=4)
     prepare(tmp_path / "r.dat", tmp_path / "data", PrepOptions(test_negatives=20))
+    # with dropout: each process masks its own rows of the global batch's mask
     opts = dict(epochs=2, dim=16, batch_size=200, eval_every=2, device="cpu",
-                negatives="resample")
+                negatives="resample", dropout=0.3)
     single = train(tmp_path / "data", tmp_path / "one", TrainConfig(**opts), log=print)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "-m", "fastattrec", "train", str(tmp_path / "data"), "-o", str(tmp_path / "two"),
            "--epochs", "2", "--dim", "16", "--batch-size", "200", "--eval-every", "2",
-           "--device", "cpu", "--negatives", "resample", "--no-progress", "--threads", "1"]
+           "--device", "cpu", "--negatives", "resample", "--dropout", "0.3", "--no-progress",
+           "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 processes" in out.stderr

@@ -23,18 +23,21 @@ def lowbias32(x: np.ndarray) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("seeds,p", [((0, 0), 0.2), ((2**32 - 1, 123456789), 0.5),
-                                     ((987654321, 2**31 + 7), 0.05)])
-def test_mask_is_the_documented_hash(seeds, p):
+@pytest.mark.parametrize("seeds,p,shard", [((0, 0), 0.2, 0), ((2**32 - 1, 123456789), 0.5, 0),
+                                           ((987654321, 2**31 + 7), 0.05, 0),
+                                           ((2**32 - 50, 99), 0.3, 1)])
+def test_mask_is_the_documented_hash(seeds, p, shard):
     """Entry k keeps iff the top 24 bits of lowbias32(lowbias32((k + s0) mod 2^32) XOR s1)
-    reach ceil(p 2^24), and kept entries are scaled by 1 / (1 - p)."""
+    reach ceil(p 2^24), and kept entries are scaled by 1 / (1 - p); process `shard`'s
+    entries are numbered after those of the shards before it."""
     shape = (7, 3, 5)
-    k = np.arange(math.prod(shape), dtype=np.uint64)
+    n = math.prod(shape)
+    k = np.arange(shard * n, (shard + 1) * n, dtype=np.uint64)
     start = ((k + np.uint64(seeds[0])) % np.uint64(2**32)).astype(np.uint32)
     h = lowbias32(lowbias32(start) ^ np.uint32(seeds[1]))
     keep = (h >> np.uint32(8)) >= math.ceil(p * 2**24)
     want = torch.from_numpy(keep.reshape(shape) / (1.0 - p))
-    got = dropout_scale(torch.tensor(seeds), shape, p, torch.float64)
+    got = dropout_scale(torch.tensor(seeds), shape, p, torch.float64, shard)
     assert got.shape == shape
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 

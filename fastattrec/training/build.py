@@ -50,6 +50,8 @@ def build(cfg: TrainConfig, data: DeviceData, device: torch.device, kernel: str,
     if cfg.dropout > 0:  # (only then: older checkpoints hold the two above)
         gens["dropout"] = torch.Generator(device=device).manual_seed((cfg.seed + 3) % 2**63)
         model.dropout_generator = gens["dropout"]
+        # every rank draws the same seeds and masks its own rows of the global batch
+        model.dropout_shard = distributed.rank if distributed else 0
     shard = (distributed.rank, distributed.world) if distributed else (0, 1)
     samples = Samples(data, cfg.maxlen, cfg.batch_size, shard, cfg.n_negatives,
                       shared=cfg.negatives == "shared")
