@@ -51,11 +51,14 @@ class KerasAdam(torch.optim.Adam):
         self._moments: list | None = None  # per group: state dicts, exp_avgs, exp_avg_sqs, steps
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for g in self.param_groups:  # this optimiser's own path, whatever wrote the state
+        # this optimiser's own path, whatever wrote the state; set before loading, as torch
+        # places the saved step counts by these options (a CPU run resumed in a CUDA graph
+        # needs them on the GPU)
+        own = {key: self.defaults[key] for key in ("capturable", "fused", "foreach")}
+        super().load_state_dict({**state_dict, "param_groups": [
+            {**g, **own} for g in state_dict["param_groups"]]})
+        for g in self.param_groups:
             g["eps"] = self.keras_eps
-            for key in ("capturable", "fused", "foreach"):
-                g[key] = self.defaults[key]
         self._t = None
         self._moments = None
 

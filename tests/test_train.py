@@ -190,6 +190,37 @@ def test_compiled_cpu_step_resumes_bit_identically(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_saved_on_cuda_resumes_on_the_cpu(data_dir, tmp_path):
+    """A checkpoint written on CUDA (Philox generator states of 16 bytes, a capturable
+    optimiser) resumes on the CPU: a note says the random streams are re-seeded, and two
+    resumes of it train to the same weights."""
+    cfg = TrainConfig(**{**SMALL, "epochs": 2, "negatives": "resample", "dropout": 0.2})
+    train(data_dir, tmp_path / "run", cfg, log=print)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert set(ck["rng"]) == {"shuffle", "negatives", "dropout"}
+    for i, name in enumerate(ck["rng"]):  # what torch.cuda's generator saves: seed, offset
+        ck["rng"][name] = torch.tensor([7 + i, 0, 0, 0, 0, 0, 0, 0, 4 * i, 0, 0, 0, 0, 0, 0, 0],
+                                       dtype=torch.uint8)
+    for g in ck["optimizer"]["param_groups"]:
+        g["capturable"] = True  # (the CUDA-graph step's Adam)
+    weights = []
+    for copy in ("a", "b"):
+        (tmp_path / copy).mkdir()
+        for f in (tmp_path / "run").iterdir():
+            (tmp_path / copy / f.name).write_bytes(f.read_bytes())
+        torch.save(ck, tmp_path / copy / "checkpoint.pt")
+        r = cli("train", "--resume", tmp_path / copy, "--epochs", "3", "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        assert "saved on another kind of device" in r.output
+        after = torch.load(tmp_path / copy / "checkpoint.pt", weights_only=True)
+        assert after["epoch"] == 3
+        weights.append(after["model"])
+    for k in ck["model"]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+        assert bool(torch.isfinite(weights[0][k]).all()), k
+    assert not torch.equal(weights[0]["item_emb"], ck["model"]["item_emb"])
+
+
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     import io
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -402,20 +403,39 @@ def claim_run(run_dir: Path, data_dir: Path | None, resume: bool, force: bool,
 
 
 def restore(ckpt: dict | None, model: torch.nn.Module, opt: torch.optim.Optimizer,
-            gens: dict[str, torch.Generator]) -> RunState:
-    """Resume: weights, optimiser state and generator states from the checkpoint."""
+            gens: dict[str, torch.Generator],
+            log: Callable[[str], None] | None = None) -> RunState:
+    """Resume: weights, optimiser state and generator states from the checkpoint. A run
+    resumed on another kind of device (§3.7: allowed, not exact) re-seeds the generators
+    whose saved state that device's generator cannot take, said once through `log`."""
     if ckpt is None:
         return RunState(history=[], best={"metric": -math.inf, "epoch": 0}, stale=0, epoch=0)
     try:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        for name, g in gens.items():
-            g.set_state(ckpt["rng"][name])
+        opt.load_state_dict(ckpt["optimizer"])  # (KerasAdam keeps its own device options)
+        reseeded = [name for name, g in gens.items() if not _set_state(g, ckpt["rng"][name])]
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = first_error_line(e, 160)
         raise UserError(f"the checkpoint does not fit this run's model ({first}); start the "
                         f"run again with --force.") from None
+    if reseeded and log is not None:
+        log(f"note: the checkpoint's random generators ({', '.join(reseeded)}) were saved on "
+            f"another kind of device; they continue from seeds derived from their saved "
+            f"states, so the rest of the run is reproducible but not the run an "
+            f"uninterrupted one on the first device would have been.")
     return RunState(ckpt["history"], ckpt["best"], ckpt["stale"], ckpt["epoch"])
+
+
+def _set_state(g: torch.Generator, state: torch.Tensor) -> bool:
+    """Restore `g` from `state`, True; or, where `state` is another kind of generator's
+    (the CPU's Mersenne Twister state and CUDA's Philox seed and offset differ in size),
+    seed `g` from a hash of it, False: deterministic, a different stream."""
+    if state.numel() == g.get_state().numel():
+        g.set_state(state)
+        return True
+    digest = hashlib.sha256(state.to(torch.uint8).numpy().tobytes()).digest()
+    g.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return False
 
 
 def write_config(run_dir: Path, cfg: TrainConfig, mcfg: AttRecConfig, meta: dict, fp: str,

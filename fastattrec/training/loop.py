@@ -93,7 +93,7 @@ def _train_in(run_dir: Path, data_dir: Path, cfg: TrainConfig, ckpt: dict | None
         raise UserError(f"--n-negatives {cfg.n_negatives} is not less than the {n_items:,} "
                         f"items of {data_dir}; give --n-negatives {n_items - 1} or fewer.")
     b, kernel, choice = build_choosing(cfg, data, device, saved, distributed, log)
-    state = ck.restore(ckpt, b.model, b.opt, b.gens)
+    state = ck.restore(ckpt, b.model, b.opt, b.gens, log)
     if replace:
         removed = ck.clear_run(run_dir)
         if removed:
