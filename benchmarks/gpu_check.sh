@@ -109,7 +109,7 @@ else
               tests/test_position_terms.py tests/test_step_prologue.py
               tests/test_step_tail.py tests/test_optim.py tests/test_epoch_batches.py)
 fi
-run 120 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${STEP_TESTS[@]}" 2>&1 \
+run 150 $PY -P -m pytest -q -p no:cacheprovider --maxfail=10 "${STEP_TESTS[@]}" 2>&1 \
   | tee "$WORK/step_tests.txt" | grep -v DEBUG | tail -25
 note "training-step tests: $(grep -E '(passed|failed|error)' "$WORK/step_tests.txt" | tail -1)"
 

@@ -55,12 +55,27 @@ class KerasAdam(torch.optim.Adam):
         # places the saved step counts by these options (a CPU run resumed in a CUDA graph
         # needs them on the GPU)
         own = {key: self.defaults[key] for key in ("capturable", "fused", "foreach")}
+        before = {p: dict(st) for p, st in self.state.items()}
         super().load_state_dict({**state_dict, "param_groups": [
             {**g, **own} for g in state_dict["param_groups"]]})
         for g in self.param_groups:
             g["eps"] = self.keras_eps
+        self._keep_tensors(before)
         self._t = None
         self._moments = None
+
+    @torch.no_grad()
+    def _keep_tensors(self, before: dict) -> None:
+        """Loaded state goes into the state tensors that existed before the load (same
+        shape, dtype and device), in place: a CUDA graph captured before a resume
+        replays with the resumed moments and step count, not with the tensors the load
+        would have replaced."""
+        for p, st in self.state.items():
+            for k, v in st.items():
+                old = before.get(p, {}).get(k)
+                if (torch.is_tensor(old) and torch.is_tensor(v) and old.shape == v.shape
+                        and old.dtype == v.dtype and old.device == v.device):
+                    st[k] = old.copy_(v)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

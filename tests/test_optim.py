@@ -174,6 +174,44 @@ def test_resume_mid_run_is_exact(capturable):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["fused-eps", "device-tensors"])
+def test_loading_fills_the_existing_state_tensors(capturable):
+    """A load writes into the state tensors the optimiser already had (what a CUDA graph
+    captured before a resume holds), and the run goes on by the Keras rule."""
+    p0, q0, gp, gq = problem(seed=4)
+    p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    q = torch.nn.Parameter(torch.from_numpy(q0.copy()))
+    groups = [{"params": [p], "weight_decay": 2e-6}, {"params": [q], "weight_decay": 0.0}]
+    saved = KerasAdam(groups, lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable,
+                      fused=True)
+    for a, b in zip(gp[:5], gq[:5], strict=True):
+        p.grad, q.grad = torch.from_numpy(a), torch.from_numpy(b)
+        saved.step()
+    state = saved.state_dict()
+    p_at_5 = p.detach().clone()
+    # a new optimiser that has taken one warm-up step from other values (as before capture)
+    p2 = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    q2 = torch.nn.Parameter(torch.from_numpy(q0.copy()))
+    opt = KerasAdam([{"params": [p2], "weight_decay": 2e-6}, {"params": [q2], "weight_decay": 0.0}],
+                    lr=LR, betas=(B1, B2), eps=EPS, capturable=capturable, fused=True)
+    p2.grad, q2.grad = torch.ones_like(p2), torch.ones_like(q2)
+    opt.step()
+    held = {k: v for k, v in opt.state[p2].items()}  # what a captured graph would hold
+    opt.load_state_dict(state)
+    for k, v in opt.state[p2].items():
+        assert v is held[k], k
+    assert float(held["step"]) == 5.0
+    np.testing.assert_array_equal(held["exp_avg"].numpy(),
+                                  saved.state[p]["exp_avg"].numpy())
+    with torch.no_grad():
+        p2.copy_(p_at_5)
+    for a in gp[5:]:
+        p2.grad, q2.grad = torch.from_numpy(a), torch.zeros_like(q2)
+        opt.step()
+    np.testing.assert_allclose(p2.detach().numpy(), keras_adam_numpy(p0, gp, 2e-6),
+                               rtol=2e-6, atol=1e-9)
+
+
 def test_paths_share_state_layout():
     """A checkpoint of one path resumes in the other (CUDA graph run resumed on CPU)."""
     p0, q0, gp, gq = problem(seed=2)
