@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastattrec.compiled import compile_for_run
 from fastattrec.config import MODES, OBJECTIVES, AttRecConfig
 from fastattrec.kernels import position_encoding, short_term_attention
 
@@ -219,9 +220,9 @@ class AttRec(nn.Module):
     def compile_loss(self) -> None:
         """Fuse the score-and-loss arithmetic with torch.compile (used on CUDA, where the
         training step is launch-bound; the first step pays the compilation)."""
-        self._batch_loss = torch.compile(batch_loss, dynamic=False, fullgraph=True)
+        self._batch_loss = compile_for_run(batch_loss, dynamic=False, fullgraph=True)
         # dropout's masks too: eagerly they are ~45 separate operations, one launch each
-        self._dropout_scale = torch.compile(dropout_scale, dynamic=False, fullgraph=True)
+        self._dropout_scale = compile_for_run(dropout_scale, dynamic=False, fullgraph=True)
 
     def uncompile_loss(self) -> None:
         """Back to the eager loss (after a compiler failure): the same arithmetic."""

@@ -41,6 +41,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from fastattrec.compiled import compile_for_run
 from fastattrec.errors import first_error_line
 from fastattrec.kernels.structured import attend, attend_backward
 from fastattrec.model import (
@@ -112,7 +113,7 @@ class ManualStep:
         self._eager_grads = self.grads
         self.compiled = compile  # until a compiler failure turns it off
         if compile:
-            self.grads = torch.compile(self.grads, dynamic=False)
+            self.grads = compile_for_run(self.grads, dynamic=False)
 
     def _buffers(self) -> None:
         for p in self.model.parameters():  # (again, if someone set them to None)
