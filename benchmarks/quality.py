@@ -39,6 +39,8 @@ CONFIGS: dict[str, dict] = {
         objective="sampled-softmax", n_negatives=16, negatives="resample", dropout=0.2),
     "bce, 16 negatives, dropout 0.2": dict(objective="bce", n_negatives=16,
                                            negatives="resample", dropout=0.2),
+    "sampled softmax, 64 negatives, dropout 0.2, w 0.4": dict(
+        objective="sampled-softmax", n_negatives=64, negatives="resample", dropout=0.2, w=0.4),
     "sampled softmax, 64 shared": dict(objective="sampled-softmax", n_negatives=64,
                                        negatives="shared"),
     "bce, 16 negatives": dict(objective="bce", n_negatives=16, negatives="resample"),

@@ -144,6 +144,7 @@ def tune(data_dir: Path, out_dir: Path, base: dict[str, Any], *, trials: int,
         from fastattrec.training.loop import Diverged
 
         params = suggest(trial)
+        log(f"trial {trial.number}: " + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
         run_dir = out_dir / TRIALS / f"{trial.number:04d}"
         trial.set_user_attr("run", str(run_dir.relative_to(out_dir)))
         t = time.monotonic()
@@ -166,14 +167,18 @@ def tune(data_dir: Path, out_dir: Path, base: dict[str, Any], *, trials: int,
                 if x.value is not None and x.number != trial.number]
         mark = "  (best so far)" if not prev or value > max(prev) else ""
         log(f"trial {trial.number}: val NDCG@{base.get('k', 10)}(full) {value:.4f} at epoch "
-            f"{best['epoch']} of {hist.height}, {time.monotonic() - t:.0f} s{mark}\n  "
-            + " ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+            f"{best['epoch']} of {hist.height}, {time.monotonic() - t:.0f} s{mark}")
         return value
 
     def save_table(study: Any, trial: Any) -> None:
         write_table(study, out_dir, optuna, base, data_dir)
 
     timeout = None if budget_s is None else max(0.0, budget_s - (time.monotonic() - t0))
+    log(f"tuning {quoted(data_dir)} in {quoted(out_dir)}: up to {left} more "
+        f"trial{'s' if left != 1 else ''}"
+        + (f" ({done} finished already)" if done else "")
+        + (f", none started after {budget_s / 60:.0f} min" if budget_s is not None else "")
+        + f"; each trains a run in {quoted(out_dir / TRIALS)}")
     try:
         study.optimize(objective, n_trials=left, timeout=timeout, callbacks=[save_table],
                        catch=())

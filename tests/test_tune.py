@@ -86,6 +86,8 @@ def test_resume_draws_new_points_and_closes_interrupted_trials(searched, data):
             "--device", "cpu")  # a resumed search may name its device again
     assert r.exit_code == 0, r.output
     assert "trial 3 was interrupted; it is recorded as failed" in r.output
+    assert "up to 1 more trial (3 finished already)" in r.output  # what it is about to do
+    assert "trial 4: objective=" in r.output  # a trial's options, said as it starts
     table = pl.read_csv(out / "trials.csv")
     assert table["state"].to_list() == ["complete"] * 3 + ["fail", "complete"]
     points = [tuple(row[k] for k in SPACE) for row in table.filter(
