@@ -27,6 +27,10 @@ Outputs (PNG, about 30-60 KB each):
                               goes
 - quality_ablation.png        full-ranking NDCG@10 of each training configuration on real
                               ML-100K and on synthetic data of its shape
+- preset_choice.png           validation NDCG@10 against validation sampled HR@10 of the
+                              configurations the quality preset was chosen from
+- tune_ml100k.png             validation NDCG@10 of each trial of a `fastattrec tune` search
+                              on real ML-100K, by objective, with the best so far
 - bench_train_<name>.png, bench_kernel_<name>[_L<L>_d<d>].png   for fresh inputs
 """
 
@@ -408,6 +412,36 @@ def long_windows(results: Path, out: Path) -> Path:
                        out / "long_windows.png")
 
 
+def tune_trials(results: Path, out: Path) -> Path:
+    """Validation NDCG@10 of each trial of a `fastattrec tune` search in the order they
+    ran, one colour per objective, with the best found so far: how the search spends its
+    budget (random start, then the sampler's guesses)."""
+    plt = pyplot()
+    rows = [r for r in read_rows(results / "tune_ml100k.csv") if r["state"] == "complete"]
+    colours = {"pair": COLOURS["notebook"], "bce": COLOURS["eager"],
+               "sampled-softmax": COLOURS["fastattrec"], "gbce": COLOURS["structured"],
+               "softmax": COLOURS["compile"]}
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for objective, colour in colours.items():
+        mine = [r for r in rows if r["objective"] == objective]
+        if mine:
+            ax.scatter([int(r["trial"]) for r in mine], [num(r["val_ndcg"]) for r in mine],
+                       color=colour, s=18, label=objective, zorder=3)
+    best, xs, ys = float("-inf"), [], []
+    for r in sorted(rows, key=lambda r: int(r["trial"])):
+        best = max(best, num(r["val_ndcg"]))
+        xs.append(int(r["trial"]))
+        ys.append(best)
+    ax.step(xs, ys, where="post", color=COLOURS["floor"], linewidth=0.8, label="best so far")
+    ax.set_xlabel("trial (the first 10 drawn at random)")
+    ax.set_ylabel("validation NDCG@10, full ranking")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"fastattrec tune on real ML-100K: {len(rows)} trials", fontsize=9)
+    r0 = rows[0]
+    return finish(fig, f"Source: docs/results/tune_ml100k.csv ({r0['machine']}, one core, "
+                       f"{r0['date']})", out / "tune_ml100k.png")
+
+
 # --------------------------------------------------------------------------------------
 # Figures from fresh benchmark output
 # --------------------------------------------------------------------------------------
@@ -506,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         quality_ablation(args.results, args.out),
         long_windows(args.results, args.out),
         preset_choice(args.results, args.out),
+        tune_trials(args.results, args.out),
     ]
     for p in args.bench_train:
         written.append(bench_train_figure(p, args.out))

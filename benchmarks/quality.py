@@ -41,9 +41,12 @@ CONFIGS: dict[str, dict] = {
                                            negatives="resample", dropout=0.2),
     "sampled softmax, 64 negatives, dropout 0.2, w 0.4": dict(
         objective="sampled-softmax", n_negatives=64, negatives="resample", dropout=0.2, w=0.4),
-    "tune trial 25: sampled softmax, 39 negatives, w 0.6": dict(
+    "sampled softmax, 39 negatives, w 0.6": dict(
         objective="sampled-softmax", n_negatives=39, negatives="resample", w=0.6,
         embed_reg=3.46e-7),
+    "sampled softmax, 23 negatives, w 0.9": dict(
+        objective="sampled-softmax", n_negatives=23, negatives="resample", w=0.9,
+        embed_reg=1.18e-6),
     "sampled softmax, 64 shared": dict(objective="sampled-softmax", n_negatives=64,
                                        negatives="shared"),
     "bce, 16 negatives": dict(objective="bce", n_negatives=16, negatives="resample"),
